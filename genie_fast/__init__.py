@@ -1,0 +1,22 @@
+"""genie_fast: GENIE higher-order diffusion sampling (Dockhorn, Vahdat, Kreis, NeurIPS 2022), fast.
+
+    x0, nfe = genie_fast.sample(n=64, nfe=10)                   # the bundled default model
+    x0, nfe = genie_fast.sample(eps_model, noise=z, solver="dpmpp_2m", nfe=20)
+"""
+from . import _ext  # noqa: F401  (loads the compiled ops, or warns once and falls back)
+from .schedule import VPSchedule, DiscreteVPSchedule, time_grid, coeff_table
+
+__version__ = "0.1.0"
+
+_LAZY = {"sample": ".sampling", "SOLVERS": ".solvers"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'genie_fast' has no attribute {name!r}")
+
+
+__all__ = ["sample", "SOLVERS", "VPSchedule", "DiscreteVPSchedule", "time_grid", "coeff_table"]

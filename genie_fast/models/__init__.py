@@ -1,0 +1,19 @@
+"""Eps models: the exact-score Gaussian mixture, the U-Net score network and the GENIE head."""
+import importlib
+
+_LAZY = {
+    "GaussianMixture": ".gmm",
+    "UNet": ".unet",
+    "GenieHead": ".head",
+    "GenieModel": ".head",
+    "load_default": ".default",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'genie_fast.models' has no attribute {name!r}")
+
+
+__all__ = list(_LAZY)
