@@ -1,0 +1,225 @@
+"""DDPM++-style U-Net score network (eps prediction) for continuous VP time.
+
+Follows the shape of the ScoreSDE DDPM++ network (Song et al. 2021) that GENIE distils from:
+positional time embedding of ``999 * t`` -> MLP, residual blocks with GroupNorm + SiLU and a
+time-embedding bias, skip connections rescaled by 1/sqrt(2), self-attention at chosen
+resolutions, and a GroupNorm -> SiLU -> conv3x3 output. ``forward(x, t, return_features=True)``
+also returns what the GENIE head needs: the last feature map before the output norm and the time
+embedding.
+
+Named configs (``CONFIGS``):
+
+* ``ddpmpp_deep_cifar10``: nf 128, ch_mult (1, 2, 2, 2), 8 blocks per level, attention at 16,
+  3x32x32, the ScoreSDE "DDPM++ deep cont." CIFAR-10 shape. 108,417,667 parameters
+  (dropout 0.1 as in ScoreSDE; used with random weights for GPU timings).
+* ``fmnist_small``: the shipped Fashion-MNIST default, 1x32x32 (see ``genie_fast/assets``).
+* ``tiny``: for tests.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+    """Architecture of a :class:`UNet`. All fields are JSON-serialisable."""
+
+    in_channels: int = 1
+    image_size: int = 32
+    nf: int = 32
+    ch_mult: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 1
+    attn_resolutions: tuple[int, ...] = (8,)
+    dropout: float = 0.0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "UNetConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown UNetConfig fields: {sorted(unknown)}")
+        d = dict(d)
+        for k in ("ch_mult", "attn_resolutions"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+CONFIGS: dict[str, UNetConfig] = {
+    "ddpmpp_deep_cifar10": UNetConfig(in_channels=3, image_size=32, nf=128, ch_mult=(1, 2, 2, 2),
+                                      num_res_blocks=8, attn_resolutions=(16,), dropout=0.1),
+    "fmnist_small": UNetConfig(in_channels=1, image_size=32, nf=32, ch_mult=(1, 2, 2),
+                               num_res_blocks=1, attn_resolutions=(8,), dropout=0.0),
+    "tiny": UNetConfig(in_channels=1, image_size=8, nf=8, ch_mult=(1, 2), num_res_blocks=1,
+                       attn_resolutions=(4,), dropout=0.0),
+}
+
+
+def _groups(ch: int) -> int:
+    # 32 groups as in DDPM++, fewer for narrow layers so each group keeps >= 4 channels.
+    g = min(32, max(1, ch // 4))
+    while ch % g:
+        g -= 1
+    return g
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of ``999 * t`` (ScoreSDE convention). t: (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = (999.0 * t.float())[:, None] * freqs[None]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class ResBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, temb_dim: int, dropout: float):
+        super().__init__()
+        self.norm0 = nn.GroupNorm(_groups(in_ch), in_ch, eps=1e-6)
+        self.conv0 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.dense = nn.Linear(temb_dim, out_ch)
+        self.norm1 = nn.GroupNorm(_groups(out_ch), out_ch, eps=1e-6)
+        self.dropout = nn.Dropout(dropout)
+        self.conv1 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        nn.init.zeros_(self.conv1.weight)  # each block starts as the identity (DDPM++ init_scale=0)
+        nn.init.zeros_(self.conv1.bias)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.conv0(F.silu(self.norm0(x)))
+        h = h + self.dense(F.silu(temb))[:, :, None, None]
+        h = self.conv1(self.dropout(F.silu(self.norm1(h))))
+        return (self.skip(x) + h) / math.sqrt(2.0)
+
+
+class AttnBlock(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(_groups(ch), ch, eps=1e-6)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = nn.Conv2d(ch, ch, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).unbind(1)
+        h = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        h = self.proj(h.transpose(1, 2).reshape(B, C, H, W))
+        return (x + h) / math.sqrt(2.0)
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class UNet(nn.Module):
+    """eps_theta(x, t): x (B, C, H, W), t (B,) continuous VP time in [1e-3, 1] -> eps (B, C, H, W)."""
+
+    def __init__(self, config: UNetConfig | str = "fmnist_small"):
+        super().__init__()
+        if isinstance(config, str):
+            if config not in CONFIGS:
+                raise ValueError(f"unknown UNet config {config!r}; known: {sorted(CONFIGS)}")
+            config = CONFIGS[config]
+        self.config = config
+        c = config
+        nf = c.nf
+        self.temb_dim = 4 * nf
+        self.feature_channels = nf
+        self.temb = nn.Sequential(nn.Linear(nf, self.temb_dim), nn.SiLU(), nn.Linear(self.temb_dim, self.temb_dim))
+        self.conv_in = nn.Conv2d(c.in_channels, nf, 3, padding=1)
+
+        # Encoder: record the channel count of every tensor pushed on the skip stack.
+        self.down = nn.ModuleList()
+        skip_ch = [nf]
+        ch, res = nf, c.image_size
+        for level, mult in enumerate(c.ch_mult):
+            for _ in range(c.num_res_blocks):
+                blocks = nn.ModuleList([ResBlock(ch, nf * mult, self.temb_dim, c.dropout)])
+                ch = nf * mult
+                if res in c.attn_resolutions:
+                    blocks.append(AttnBlock(ch))
+                self.down.append(blocks)
+                skip_ch.append(ch)
+            if level != len(c.ch_mult) - 1:
+                self.down.append(nn.ModuleList([Downsample(ch)]))
+                res //= 2
+                skip_ch.append(ch)
+
+        self.mid = nn.ModuleList([ResBlock(ch, ch, self.temb_dim, c.dropout), AttnBlock(ch),
+                                  ResBlock(ch, ch, self.temb_dim, c.dropout)])
+
+        # Decoder: num_res_blocks + 1 blocks per level, each consuming one skip.
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(c.ch_mult))):
+            for _ in range(c.num_res_blocks + 1):
+                blocks = nn.ModuleList([ResBlock(ch + skip_ch.pop(), nf * mult, self.temb_dim, c.dropout)])
+                ch = nf * mult
+                if res in c.attn_resolutions:
+                    blocks.append(AttnBlock(ch))
+                self.up.append(blocks)
+            if level != 0:
+                self.up.append(nn.ModuleList([Upsample(ch)]))
+                res *= 2
+        assert not skip_ch and ch == nf
+
+        self.norm_out = nn.GroupNorm(_groups(nf), nf, eps=1e-6)
+        self.conv_out = nn.Conv2d(nf, c.in_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    @staticmethod
+    def _run(blocks: nn.ModuleList, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        for b in blocks:
+            h = b(h, temb) if isinstance(b, ResBlock) else b(h)
+        return h
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, return_features: bool = False):
+        """Returns eps, or (eps, features (B, nf, H, W), temb (B, 4 nf)) with return_features."""
+        if t.dim() == 0:
+            t = t.expand(x.shape[0])
+        temb = self.temb(timestep_embedding(t, self.config.nf).to(x.dtype))
+        h = self.conv_in(x)
+        skips = [h]
+        for blocks in self.down:
+            h = self._run(blocks, h, temb)
+            skips.append(h)
+        h = self._run(self.mid, h, temb)
+        for blocks in self.up:
+            if isinstance(blocks[0], ResBlock):
+                h = torch.cat([h, skips.pop()], dim=1)
+            h = self._run(blocks, h, temb)
+        features = h
+        eps = self.conv_out(F.silu(self.norm_out(h)))
+        if return_features:
+            return eps, features, temb
+        return eps
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
