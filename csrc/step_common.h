@@ -6,7 +6,8 @@ namespace genie_fast {
 
 // Columns of schedule.coeff_table; keep in sync with genie_fast/schedule.py COEFF_COLUMNS.
 enum Col : int64_t {
-  kT = 0, kTNext, kGamma, kGammaNext, kH, kHalfH2, kW1, kW2, kW3, kScale, kInvScaleNext, kNumCols
+  kT = 0, kTNext, kGamma, kGammaNext, kH, kHalfH2, kW1, kW2, kW3, kScale, kInvScaleNext,
+  kDpmR, kDpmA, kDpmB, kNumCols
 };
 
 inline void check_state_and_eps(const at::Tensor& x_bar, const at::Tensor& eps) {
