@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Creates ./.venv with a CPU torch and builds genie_fast (with its C++ extension) into it.
+# On a machine with a CUDA torch already installed, skip this and run
+#   pip install --no-build-isolation -e .
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=${GENIE_FAST_VENV:-.venv}
+PY=${PYTHON:-python3}
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP="$VENV/bin/python -m pip"
+$PIP install -q --upgrade pip
+# torch pinned: an unpinned torch would pull a multi-GB CUDA build.
+$PIP install -q "torch==2.13.0" "triton==3.6.0"
+# the build runs without isolation (it must see torch), so its tools are installed here
+$PIP install -q numpy pytest safetensors tqdm nvtx matplotlib setuptools wheel "cmake>=3.26" ninja
+$PIP install -q --no-build-isolation --no-deps -e .
+"$VENV/bin/python" -c "import genie_fast, genie_fast._ext as e; print('genie_fast', genie_fast.__version__, '| C++ ops:', e._C is not None)"
