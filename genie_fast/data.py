@@ -45,7 +45,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     data = np.frombuffer(raw, dtype=np.uint8, offset=offset)
     if data.size != int(np.prod(shape)):
         raise ValueError(f"{path}: expected {int(np.prod(shape))} values, found {data.size}")
-    return data.reshape(shape)
+    return data.reshape(shape).copy()  # writable, detached from the file buffer
 
 
 def _find(root: Path, stem: str) -> Path:

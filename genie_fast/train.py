@@ -53,6 +53,10 @@ def load_checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+def _jsonable_args(args) -> dict:
+    return {k: v for k, v in vars(args).items() if k not in ("func", "command")}
+
+
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = p or argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/fmnist", help="run directory (checkpoint, log)")
@@ -106,10 +110,10 @@ def train(args) -> Path:
     batches = infinite_batches(x_train, args.batch, gen)
 
     meta = {"config": config.to_dict(), "schedule": {"beta_min": schedule.beta_min, "beta_d": schedule.beta_d,
-            "t_end": schedule.t_end}, "args": vars(args), "params": count_parameters(model)}
+            "t_end": schedule.t_end}, "args": _jsonable_args(args), "params": count_parameters(model)}
     (out / "run.json").write_text(json.dumps(meta, indent=2))
     log = open(out / "log.txt", "a")
-    log.write(f"# start step={step} params={meta['params']} args={json.dumps(vars(args))}\n")
+    log.write(f"# start step={step} params={meta['params']} args={json.dumps(_jsonable_args(args))}\n")
 
     def checkpoint():
         save_checkpoint(ckpt_path, {"config": config.to_dict(), "model": model.state_dict(),

@@ -74,8 +74,9 @@ def _groups(ch: int) -> int:
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of ``999 * t`` (ScoreSDE convention). t: (B,) -> (B, dim)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = (999.0 * t.float())[:, None] * freqs[None]
+    dtype = torch.float64 if t.dtype == torch.float64 else torch.float32  # fp16 times lose too much
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=dtype) / half)
+    args = (999.0 * t.to(dtype))[:, None] * freqs[None]
     emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
     if dim % 2:
         emb = F.pad(emb, (0, 1))

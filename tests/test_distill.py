@@ -1,0 +1,138 @@
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from genie_fast.distill import head_loss, jvp_deps, ode_tangents
+from genie_fast.models.head import GenieModel
+from genie_fast.models.unet import UNet
+from genie_fast.schedule import VPSchedule
+
+
+def _random_unet(seed=0, std=0.2):
+    m = UNet("tiny").double().eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * std)
+    return m
+
+
+def _rel(a, b):
+    return ((a - b).flatten(1).norm(dim=1) / b.flatten(1).norm(dim=1)).max().item()
+
+
+@pytest.mark.parametrize("t", [[1e-3, 0.05, 0.3], [0.6, 0.9, 1.0]])
+def test_jvp_target_matches_central_difference_along_ode(t):
+    """d eps/d gamma from the JVP vs. central differences along the tangent of the ODE."""
+    unet, s = _random_unet(), VPSchedule()
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor(t, dtype=torch.float64)
+    eps, deps = jvp_deps(unet, x, t, s)
+    dx, _ = ode_tangents(eps, x, t, s)
+    gamma = s.gamma(t)
+    errs = []
+    for rel_step in (1e-3, 1e-4):
+        d = rel_step * gamma
+        d4 = d[:, None, None, None]
+        fd = (unet(x + d4 * dx, s.t_of_gamma(gamma + d)) - unet(x - d4 * dx, s.t_of_gamma(gamma - d))) / (2 * d4)
+        errs.append(_rel(fd, deps))
+    # central differences converge as step^2: the error must shrink ~100x and end small
+    assert errs[1] < 1e-4
+    assert errs[1] < errs[0] / 30 or errs[0] < 1e-7
+
+
+def test_jvp_target_matches_derivative_of_solved_trajectory():
+    """Solve the ODE d x_bar/d gamma = eps (RK4, small steps) either side; differentiate eps along it."""
+    unet, s = _random_unet(seed=3), VPSchedule()
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([0.2, 0.7], dtype=torch.float64)
+    gamma = s.gamma(t)
+    _, deps = jvp_deps(unet, x, t, s)
+
+    def f(xb, g):  # d x_bar / d gamma
+        g4 = g[:, None, None, None]
+        return unet(xb / torch.sqrt(1 + g4 * g4), s.t_of_gamma(g))
+
+    def eps_after(delta, n=4):
+        xb, g = x * torch.sqrt(1 + gamma[:, None, None, None] ** 2), gamma.clone()
+        h = delta / n
+        for _ in range(n):
+            h4 = h[:, None, None, None]
+            k1 = f(xb, g)
+            k2 = f(xb + h4 / 2 * k1, g + h / 2)
+            k3 = f(xb + h4 / 2 * k2, g + h / 2)
+            k4 = f(xb + h4 * k3, g + h)
+            xb, g = xb + h4 / 6 * (k1 + 2 * k2 + 2 * k3 + k4), g + h
+        return f(xb, g)
+
+    errs = []
+    for rel_step in (1e-4, 1e-5):
+        d = rel_step * gamma
+        fd = (eps_after(d) - eps_after(-d)) / (2 * d[:, None, None, None])
+        errs.append(_rel(fd, deps))
+    # second-order convergence of the central difference towards the JVP
+    assert errs[1] < 1e-5 and errs[1] < errs[0] / 30
+
+
+def test_tangent_is_ode_velocity():
+    s = VPSchedule()
+    x, eps, t = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4), torch.tensor([0.1, 0.8])
+    dx, dt = ode_tangents(eps, x, t, s)
+    g = s.gamma(t)[:, None, None, None]
+    # x = x_bar / sqrt(1+g^2) with d x_bar/d gamma = eps
+    torch.testing.assert_close(dx, eps / torch.sqrt(1 + g**2) - x * g / (1 + g**2))
+    torch.testing.assert_close(dt, s.dt_dgamma(s.gamma(t)))
+
+
+def test_head_loss_decreases():
+    torch.manual_seed(0)
+    unet = _random_unet(std=0.1).float()
+    model = GenieModel(unet)
+    for p in unet.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.Adam(model.head.parameters(), lr=3e-3)
+    x = torch.randn(8, 1, 8, 8)
+    t = torch.linspace(0.05, 1.0, 8)
+    first = None
+    for _ in range(40):
+        loss, rel = head_loss(model, x, t)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first
+    assert all(p.grad is None for p in unet.parameters())
+
+
+def _write_idx(path, arr):
+    header = bytes([0, 0, 0x08, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.astype(np.uint8).tobytes())
+
+
+def test_train_distill_export_end_to_end(tmp_path):
+    from genie_fast.cli import main
+    from genie_fast.models.default import load_model
+
+    rng = np.random.default_rng(0)
+    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (16, 28, 28)))
+    _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, (16,)))
+    common = ["--data-root", str(tmp_path), "--batch", "4", "--threads", "1", "--log-every", "1"]
+    assert main(["train", "--config", "tiny", "--out", str(tmp_path / "tr"), "--steps", "2", *common]) == 0
+    assert main(["train", "--out", str(tmp_path / "tr"), "--steps", "3", "--resume", *common]) == 0
+    log = (tmp_path / "tr" / "log.txt").read_text()
+    assert "step 3 loss" in log and "# start step=2" in log
+    assert main(["distill", "--unet-ckpt", str(tmp_path / "tr" / "ckpt.pt"), "--out", str(tmp_path / "di"),
+                 "--steps", "2", *common]) == 0
+    assert "rel_err" in (tmp_path / "di" / "log.txt").read_text()
+    assert main(["export", "--unet-ckpt", str(tmp_path / "tr" / "ckpt.pt"), "--head-ckpt",
+                 str(tmp_path / "di" / "ckpt.pt"), "--out", str(tmp_path / "m"), "--provenance", '{"a": 1}']) == 0
+    m = load_model(tmp_path / "m")
+    assert m.provenance == {"a": 1}
+    eps, deps = m.eps_and_deps(torch.randn(1, 1, 32, 32), torch.tensor([0.5]))
+    assert torch.isfinite(deps).all()
+    assert main(["train", "--out", str(tmp_path / "tr"), "--data-root", str(tmp_path / "none"),
+                 "--steps", "4", "--resume"]) == 2
