@@ -1,0 +1,130 @@
+"""genie_fast.sample: budgets, seeds, defaults and argument errors."""
+import pytest
+import torch
+
+import genie_fast
+from genie_fast import models
+from genie_fast.models import GaussianMixture
+from genie_fast.sampling import make_noise
+from genie_fast.schedule import DiscreteVPSchedule, VPSchedule, time_grid
+from genie_fast.solvers import NFE_PER_STEP, SOLVERS, nfe_of, steps_for_nfe
+
+SHAPE = (1, 4, 4)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def gmm():
+    return GaussianMixture.random(3, SHAPE, seed=0)
+
+
+def _kw(name, model):
+    return {"head": lambda x, t, eps: model.exact_deps(x, t)} if name == "genie" else {}
+
+
+@pytest.mark.parametrize("name", list(SOLVERS))
+def test_a_sample_does_not_depend_on_its_batch(gmm, name):
+    a, _ = genie_fast.sample(gmm, n=3, seed=5, solver=name, nfe=6, **_kw(name, gmm))
+    b, _ = genie_fast.sample(gmm, n=6, seed=2, solver=name, nfe=6, **_kw(name, gmm))
+    # sample i is drawn from seed + i: a[k] is b[k + 3]
+    torch.testing.assert_close(a, b[3:], rtol=0, atol=0)
+    assert not torch.allclose(b[0], b[1])
+
+
+def test_noise_is_per_sample():
+    torch.testing.assert_close(make_noise(2, (3, 5), seed=7), make_noise(5, (3, 5), seed=6)[1:3], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", list(SOLVERS))
+@pytest.mark.parametrize("afs", [False, True])
+@pytest.mark.parametrize("denoise", [False, True])
+def test_nfe_budget_is_spent_not_exceeded(gmm, name, afs, denoise):
+    for budget in range(3, 13):
+        steps = steps_for_nfe(name, budget, afs, denoise)
+        if steps == 0:
+            with pytest.raises(ValueError, match="too small"):
+                genie_fast.sample(gmm, n=1, solver=name, nfe=budget, afs=afs, denoise=denoise, **_kw(name, gmm))
+            continue
+        _, nfe = genie_fast.sample(gmm, n=1, solver=name, nfe=budget, afs=afs, denoise=denoise, **_kw(name, gmm))
+        assert nfe == nfe_of(name, steps, afs, denoise) <= budget
+        assert budget - nfe < NFE_PER_STEP[name]  # one more step would not have fit
+
+
+def test_sample_is_the_solver_on_the_same_grid(gmm):
+    noise = make_noise(4, SHAPE, seed=1, dtype=torch.float64)
+    got, nfe = genie_fast.sample(gmm, noise=noise, solver="heun", nfe=10, grid="logsnr", afs=True)
+    want, nfe_direct = SOLVERS["heun"](gmm, noise, time_grid(gmm.schedule, 5, "logsnr"), gmm.schedule, afs=True)
+    assert nfe == nfe_direct == 9
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert got.dtype == torch.float64
+
+
+def test_explicit_grid(gmm):
+    ts = [1.0, 0.5, 0.1, 0.01, 0.001]
+    out, nfe = genie_fast.sample(gmm, n=2, solver="dpmpp_3m", nfe=None, grid=ts)
+    assert nfe == 4 and out.shape == (2, *SHAPE)
+    with pytest.raises(ValueError, match="needs 8 NFE"):
+        genie_fast.sample(gmm, n=2, solver="heun", nfe=7, grid=ts)
+    with pytest.raises(ValueError, match="strictly"):
+        genie_fast.sample(gmm, n=2, solver="ddim", grid=[1.0, 0.5, 0.7])
+
+
+def test_uses_the_models_schedule_and_shape():
+    sched = DiscreteVPSchedule.cosine()
+    m = GaussianMixture.random(2, (2, 3, 3), seed=1, schedule=sched)
+    out, _ = genie_fast.sample(m, n=2, solver="dpmpp_2m", nfe=8, seed=4)
+    noise = make_noise(2, (2, 3, 3), seed=4)
+    want, _ = SOLVERS["dpmpp_2m"](m, noise, time_grid(sched, 8), sched)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
+def test_plain_callable_needs_a_shape_and_gets_vp():
+    calls = []
+
+    def eps(x, t):
+        calls.append(t)
+        return 0.5 * x
+
+    with pytest.raises(ValueError, match="shape="):
+        genie_fast.sample(eps, n=2, solver="ddim", nfe=4)
+    out, nfe = genie_fast.sample(eps, n=2, shape=(3, 2, 2), solver="ddim", nfe=4, dtype=torch.float64)
+    assert out.shape == (2, 3, 2, 2) and out.dtype == torch.float64 and nfe == 4
+    assert calls[0].shape == (2,) and float(calls[0][0]) == VPSchedule().t_start == 1.0
+
+
+def test_default_model_hook(monkeypatch, gmm):
+    monkeypatch.setattr(models, "load_default", lambda: gmm, raising=False)
+    out, nfe = genie_fast.sample(n=2, solver="ddim", nfe=5)
+    assert out.shape == (2, *SHAPE) and nfe == 5
+
+
+def test_bad_arguments_are_clear_errors(gmm):
+    with pytest.raises(ValueError, match="unknown solver 'euler'"):
+        genie_fast.sample(gmm, n=1, solver="euler")
+    with pytest.raises(ValueError, match="nfe=2 is too small for genie_exact"):
+        genie_fast.sample(gmm, n=1, solver="genie_exact", nfe=2)
+    with pytest.raises(ValueError, match="noise must have shape"):
+        genie_fast.sample(gmm, noise=torch.zeros(2, 1, 5, 5), solver="ddim")
+    with pytest.raises(ValueError, match="disagrees"):
+        genie_fast.sample(gmm, noise=torch.zeros(2, *SHAPE), n=3, solver="ddim")
+    with pytest.raises(ValueError, match="positive number of samples"):
+        genie_fast.sample(gmm, solver="ddim")
+    with pytest.raises(ValueError, match="positive number of samples"):
+        genie_fast.sample(gmm, n=0, solver="ddim")
+    with pytest.raises(ValueError, match="integer budget"):
+        genie_fast.sample(gmm, n=1, solver="ddim", nfe=2.5)
+    with pytest.raises(TypeError, match="grid must be"):
+        genie_fast.sample(gmm, n=1, solver="ddim", grid=3)
+    with pytest.raises(ValueError, match="unknown time grid"):
+        genie_fast.sample(gmm, n=1, solver="ddim", grid="cubic")
+    with pytest.raises(TypeError, match="callable"):
+        genie_fast.sample(42, n=1, shape=SHAPE)
+    with pytest.raises(TypeError, match="genie needs d eps/d gamma"):
+        genie_fast.sample(gmm, n=1, solver="genie")
