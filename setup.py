@@ -52,6 +52,14 @@ class CMakeBuild(build_ext):
             if nvcc.exists():
                 args += [f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DCUDAToolkit_ROOT={cuda_home}",
                          f"-DCUDA_TOOLKIT_ROOT_DIR={cuda_home}"]
+            # Torch's CMake config links nvrtc; a compiler-only toolkit lacks it, but the pip
+            # CUDA torch ships it (nvidia/<cuXX>/lib): point CMake there instead of NOTFOUND.
+            if not list((Path(cuda_home) / "lib64").glob("libnvrtc.so*")):
+                site = Path(torch.__file__).resolve().parent.parent
+                found = sorted(site.glob("nvidia/*/lib/libnvrtc.so*")) + sorted(
+                    site.glob("nvidia/cuda_nvrtc/lib/libnvrtc.so*"))
+                if found:
+                    args.append(f"-DCUDA_nvrtc_LIBRARY={found[0]}")
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
         cmake_bin = str(Path(cmake.CMAKE_BIN_DIR) / "cmake")
         subprocess.run([cmake_bin, *args], check=True)

@@ -23,19 +23,65 @@ except ImportError as e:  # pragma: no cover - depends on the build
     )
 
 
-def has_op(name: str) -> bool:
-    """True when torch.ops.genie_fast.<name> is registered (by the C++ extension)."""
-    return _C is not None and hasattr(torch.ops.genie_fast, name)
+def has_op(name: str, device_type: str | None = None) -> bool:
+    """True when torch.ops.genie_fast.<name> is registered by the C++ extension, and, when
+    device_type ("cpu", "cuda") is given, has a kernel for that device."""
+    if _C is None or not hasattr(torch.ops.genie_fast, name):
+        return False
+    if device_type is None:
+        return True
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"genie_fast::{name}", key)
+
+
+def _contiguous_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    return torch.empty(t.shape, dtype=dtype or t.dtype, device=t.device)
 
 
 def _register_fakes():
     if _C is None:
         return
+    fake = torch.library.register_fake
 
-    @torch.library.register_fake("genie_fast::genie_step")
+    # Functional ops: fresh contiguous outputs, state dtype for x_bar/x0, network dtype for x.
+    @fake("genie_fast::genie_step")
     def _genie_step_fake(x_bar, eps, head_out, coeffs):
-        return torch.empty_like(x_bar, memory_format=torch.contiguous_format), torch.empty_like(
-            eps, memory_format=torch.contiguous_format)
+        return _contiguous_like(x_bar), _contiguous_like(eps)
+
+    @fake("genie_fast::ddim_step")
+    def _ddim_step_fake(x_bar, eps, coeffs):
+        return _contiguous_like(x_bar), _contiguous_like(eps)
+
+    @fake("genie_fast::denoise_step")
+    def _denoise_step_fake(x_bar, eps, coeffs):
+        return _contiguous_like(x_bar)
+
+    @fake("genie_fast::dpmpp_2m_step")
+    def _dpmpp_2m_step_fake(x_bar, eps, x0_prev, coeffs):
+        return _contiguous_like(x_bar), _contiguous_like(eps), _contiguous_like(x_bar)
+
+    @fake("genie_fast::schedule_table")
+    def _schedule_table_fake(ts, beta_min, beta_d):
+        from .schedule import COEFF_COLUMNS
+
+        return ts.new_empty((ts.shape[0] - 1, len(COEFF_COLUMNS)), dtype=torch.float64)
+
+    # `_out` ops write into their arguments and return nothing.
+    @fake("genie_fast::genie_step_out")
+    def _genie_step_out_fake(x_bar, eps, head_out, coeffs, x_bar_next, x_next):
+        return None
+
+    @fake("genie_fast::ddim_step_out")
+    def _ddim_step_out_fake(x_bar, eps, coeffs, x_bar_next, x_next):
+        return None
+
+    @fake("genie_fast::denoise_step_out")
+    def _denoise_step_out_fake(x_bar, eps, coeffs, x0):
+        return None
+
+    @fake("genie_fast::dpmpp_2m_step_out")
+    def _dpmpp_2m_step_out_fake(x_bar, eps, x0_prev, coeffs, x_bar_next, x_next, x0):
+        return None
 
 
 _register_fakes()
