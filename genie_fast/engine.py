@@ -329,8 +329,12 @@ class SamplingEngine:
         head = getattr(net, "head", None)
         hooks = []
         if isinstance(head, nn.Module):  # a "head" range nested in "network" (GenieModel)
-            hooks = [head.register_forward_pre_hook(lambda *a: push("head")),
-                     head.register_forward_hook(lambda *a: pop())]
+            def open_head(*args):  # hooks must return None (anything else replaces inputs/outputs)
+                push("head")
+
+            def close_head(*args):
+                pop()
+            hooks = [head.register_forward_pre_hook(open_head), head.register_forward_hook(close_head)]
         try:
             return self._loop(net, x_T, key, prog, stages=True)
         finally:
