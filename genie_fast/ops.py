@@ -1,9 +1,24 @@
 """The single place that picks an implementation for each fused op.
 
 Every op has a plain PyTorch reference (`<op>_ref`, the readable math, against which every
-kernel is tested) and compiled versions registered as `torch.ops.genie_fast.<op>`
-(C++ on the CPU; Triton and CUDA on the GPU). Solvers call the un-suffixed function with a
-`backend` ("auto" | "torch" | "cpp" | "triton" | "cuda").
+kernel is tested) and fused versions: `torch.ops.genie_fast.<op>` (C++ on the CPU, CUDA on
+the GPU; csrc/) and a Triton kernel (kernels/<op>.py). Solvers call the un-suffixed function
+with a `backend`:
+    "torch"   the reference (any device)
+    "cpp"     the C++ CPU kernel (CPU tensors)
+    "cuda"    the CUDA kernel (CUDA tensors; the extension built with its .cu sources)
+    "triton"  the Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)
+    "auto"    the fastest that works on the tensors' device: cuda > triton > torch on a GPU,
+              cpp (else torch) on the CPU.
+A backend that was asked for by name and cannot run raises an error saying why.
+
+The step ops take `out=`: preallocated contiguous outputs (a tuple in the order of the
+returned tensors), which may be the inputs themselves (x_bar updated in place): every element
+is read before it is written. A CUDA graph engine can so keep fixed buffers.
+
+`taylor_step` (explicit d eps/d gamma, used by genie_exact) stays a reference on every
+backend: its step is one elementwise pass next to a forward-mode JVP through the network
+(about two network evaluations), so a fused kernel would not be measurable.
 
 Coefficients are read from a row of `schedule.coeff_table` (columns in
 `schedule.COEFF_COLUMNS`), so a step never needs a host scalar or a host-device sync.
@@ -12,13 +27,16 @@ network input x are in the network's dtype.
 """
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 
 from ._ext import has_op
-from .schedule import COL
+from .schedule import COL, VPSchedule, coeff_table
 
 __all__ = [
-    "BACKENDS", "head_combine_ref",
+    "BACKENDS", "head_combine_ref", "available_backends", "schedule_table",
     "taylor_step_ref", "genie_step_ref", "ddim_step_ref", "denoise_step_ref", "dpmpp_2m_step_ref",
     "taylor_step", "genie_step", "ddim_step", "denoise_step", "dpmpp_2m_step",
 ]
@@ -111,58 +129,186 @@ def _check_step_args(x_bar, eps, coeffs, head_out=None):
         raise ValueError(f"coeffs must be one row of coeff_table ({len(COL)} values), got shape {tuple(coeffs.shape)}")
 
 
-def _pick(op: str, device: torch.device, backend: str) -> str:
+@functools.lru_cache(maxsize=None)
+def _triton_error(device_type: str) -> str | None:
+    """Why Triton cannot run on this device type, or None when it can."""
+    if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "Triton runs on CPU tensors only under TRITON_INTERPRET=1 (set before genie_fast.kernels is imported)"
+    if device_type not in ("cpu", "cuda"):
+        return f"Triton kernels here target CUDA devices, not {device_type}"
+    try:
+        from . import kernels  # noqa: F401  (kernels/, installed as genie_fast.kernels)
+    except ImportError as e:
+        return f"Triton kernels cannot be imported ({e})"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _pick_cached(op: str, device_type: str, backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     if backend == "auto":
-        if device.type == "cpu" and has_op(op):
-            return "cpp"
-        return "torch"
+        if device_type == "cuda":
+            if has_op(op, "cuda"):
+                return "cuda"
+            return "triton" if _triton_error("cuda") is None else "torch"
+        return "cpp" if device_type == "cpu" and has_op(op, "cpu") else "torch"
     if backend == "cpp":
-        if device.type != "cpu":
-            raise ValueError(f"backend 'cpp' runs on the CPU, but the tensors are on {device}")
-        if not has_op(op):
-            raise RuntimeError(f"backend 'cpp' asked for, but genie_fast._C (op {op}) is not built")
-    if backend in ("triton", "cuda"):
-        raise NotImplementedError(f"backend {backend!r} for {op} is not available yet")
+        if device_type != "cpu":
+            raise ValueError(f"backend 'cpp' runs on the CPU, but the tensors are on {device_type}")
+        if not has_op(op, "cpu"):
+            raise RuntimeError(f"backend 'cpp' asked for, but genie_fast._C (op {op}) is not built; "
+                               "rebuild with `pip install --no-build-isolation -e .`")
+    if backend == "cuda":
+        if device_type != "cuda":
+            raise ValueError(f"backend 'cuda' runs on CUDA tensors, but the tensors are on {device_type}")
+        if not has_op(op, "cuda"):
+            raise RuntimeError(f"backend 'cuda' asked for, but genie_fast._C has no CUDA kernel for {op}: "
+                               "build it with a CUDA torch and nvcc (GENIE_FAST_CUDA=ON)")
+    if backend == "triton":
+        why = _triton_error(device_type)
+        if why is not None:
+            raise RuntimeError(f"backend 'triton' for {op} is unavailable: {why}")
     return backend
 
 
+def _pick(op: str, device: torch.device, backend: str) -> str:
+    """The backend that runs `op` on `device` (cached: one dict lookup per step)."""
+    return _pick_cached(op, device.type, backend)
+
+
+def available_backends(op: str, device) -> list[str]:
+    """The named backends that can run `op` on `device` (for tests and benchmarks)."""
+    device = torch.device(device)
+    found = []
+    for b in ("torch", "cpp", "cuda", "triton"):
+        try:
+            _pick(op, device, b)
+            found.append(b)
+        except (ValueError, RuntimeError):
+            pass
+    return found
+
+
+def _triton():
+    from . import kernels  # imported lazily: TRITON_INTERPRET must be set before the kernels exist
+    return kernels
+
+
+def _copy_out(results, out):
+    """The torch backend with out=: compute, then copy (inputs may alias the outputs)."""
+    if out is None:
+        return results
+    single = isinstance(results, torch.Tensor)
+    results = (results,) if single else results
+    out = (out,) if isinstance(out, torch.Tensor) else tuple(out)
+    if len(out) != len(results):
+        raise ValueError(f"out must hold {len(results)} tensors, got {len(out)}")
+    for r, o in zip(results, out):
+        if o.shape != r.shape or o.dtype != r.dtype or o.device != r.device:
+            raise ValueError(f"output must be {tuple(r.shape)} {r.dtype} on {r.device}, got "
+                             f"{tuple(o.shape)} {o.dtype} on {o.device}")
+        o.copy_(r)
+    return out[0] if single else out
+
+
+def _outs(out, n):
+    out = (out,) if isinstance(out, torch.Tensor) else tuple(out)
+    if len(out) != n:
+        raise ValueError(f"out must hold {n} tensors, got {len(out)}")
+    return out
+
+
 def taylor_step(x_bar, eps, deps, coeffs, backend: str = "auto"):
-    """Taylor step with an explicit d eps/d gamma (exact JVP or a deps callable)."""
+    """Taylor step with an explicit d eps/d gamma (exact JVP or a deps callable).
+
+    Not fused (see the module docstring): every backend runs the reference.
+    """
     _check_step_args(x_bar, eps, coeffs)
     if deps is not None and deps.shape != x_bar.shape:
         raise ValueError(f"deps {tuple(deps.shape)} must have the shape of x_bar {tuple(x_bar.shape)}")
-    _pick("taylor_step", x_bar.device, backend)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     return taylor_step_ref(x_bar, eps, deps, coeffs)
 
 
-def genie_step(x_bar, eps, head_out, coeffs, backend: str = "auto"):
+def genie_step(x_bar, eps, head_out, coeffs, backend: str = "auto", out=None):
     """Fused GENIE step; see `genie_step_ref`. Returns (x_bar_next, x_next)."""
     _check_step_args(x_bar, eps, coeffs, head_out)
-    if _pick("genie_step", x_bar.device, backend) == "cpp":
+    b = _pick("genie_step", x_bar.device, backend)
+    if b == "torch":
+        return _copy_out(genie_step_ref(x_bar, eps, head_out, coeffs), out)
+    if b == "triton":
+        return _triton().genie_step(x_bar, eps, head_out, coeffs, *(_outs(out, 2) if out is not None else ()))
+    if out is None:
         return torch.ops.genie_fast.genie_step(x_bar, eps, head_out, coeffs)
-    return genie_step_ref(x_bar, eps, head_out, coeffs)
+    out = _outs(out, 2)
+    torch.ops.genie_fast.genie_step_out(x_bar, eps, head_out, coeffs, *out)
+    return out
 
 
-def ddim_step(x_bar, eps, coeffs, backend: str = "auto"):
+def ddim_step(x_bar, eps, coeffs, backend: str = "auto", out=None):
     """DDIM / AFS step; see `ddim_step_ref`. Returns (x_bar_next, x_next)."""
     _check_step_args(x_bar, eps, coeffs)
-    _pick("ddim_step", x_bar.device, backend)
-    return ddim_step_ref(x_bar, eps, coeffs)
+    b = _pick("ddim_step", x_bar.device, backend)
+    if b == "torch":
+        return _copy_out(ddim_step_ref(x_bar, eps, coeffs), out)
+    if b == "triton":
+        return _triton().ddim_step(x_bar, eps, coeffs, *(_outs(out, 2) if out is not None else ()))
+    if out is None:
+        return torch.ops.genie_fast.ddim_step(x_bar, eps, coeffs)
+    out = _outs(out, 2)
+    torch.ops.genie_fast.ddim_step_out(x_bar, eps, coeffs, *out)
+    return out
 
 
-def denoise_step(x_bar, eps, coeffs, backend: str = "auto"):
+def denoise_step(x_bar, eps, coeffs, backend: str = "auto", out=None):
     """Final denoising step; see `denoise_step_ref`. Returns x0."""
     _check_step_args(x_bar, eps, coeffs)
-    _pick("denoise_step", x_bar.device, backend)
-    return denoise_step_ref(x_bar, eps, coeffs)
+    b = _pick("denoise_step", x_bar.device, backend)
+    if b == "torch":
+        return _copy_out(denoise_step_ref(x_bar, eps, coeffs), out)
+    if b == "triton":
+        return _triton().denoise_step(x_bar, eps, coeffs, *(_outs(out, 1) if out is not None else ()))
+    if out is None:
+        return torch.ops.genie_fast.denoise_step(x_bar, eps, coeffs)
+    (x0,) = _outs(out, 1)
+    torch.ops.genie_fast.denoise_step_out(x_bar, eps, coeffs, x0)
+    return x0
 
 
-def dpmpp_2m_step(x_bar, eps, x0_prev, coeffs, backend: str = "auto"):
+def dpmpp_2m_step(x_bar, eps, x0_prev, coeffs, backend: str = "auto", out=None):
     """DPM-Solver++(2M) step; see `dpmpp_2m_step_ref`. Returns (x_bar_next, x_next, x0)."""
     _check_step_args(x_bar, eps, coeffs)
     if x0_prev.shape != x_bar.shape:
         raise ValueError(f"x0_prev {tuple(x0_prev.shape)} must have the shape of x_bar {tuple(x_bar.shape)}")
-    _pick("dpmpp_2m_step", x_bar.device, backend)
-    return dpmpp_2m_step_ref(x_bar, eps, x0_prev, coeffs)
+    b = _pick("dpmpp_2m_step", x_bar.device, backend)
+    if b == "torch":
+        return _copy_out(dpmpp_2m_step_ref(x_bar, eps, x0_prev, coeffs), out)
+    if b == "triton":
+        return _triton().dpmpp_2m_step(x_bar, eps, x0_prev, coeffs, *(_outs(out, 3) if out is not None else ()))
+    if out is None:
+        return torch.ops.genie_fast.dpmpp_2m_step(x_bar, eps, x0_prev, coeffs)
+    out = _outs(out, 3)
+    torch.ops.genie_fast.dpmpp_2m_step_out(x_bar, eps, x0_prev, coeffs, *out)
+    return out
+
+
+def schedule_table(schedule, ts: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """`coeff_table(schedule, ts)` computed on ts's device: (N, len(COEFF_COLUMNS)) float64.
+
+    For a VPSchedule the fused kernels evaluate its closed forms on the device from the grid
+    ts (a device tensor of N + 1 times), with no host round trip. Other schedules (e.g.
+    DiscreteVPSchedule, whose alpha is a host table) get the host table copied to the device,
+    which reads ts back to the host once; do this before a sampling loop, never inside one.
+    """
+    if not isinstance(ts, torch.Tensor):
+        raise TypeError(f"ts must be a tensor of times on the sampling device, got {type(ts).__name__}")
+    if ts.dim() != 1 or ts.numel() < 2:
+        raise ValueError(f"ts must be a 1-D grid of at least two times, got shape {tuple(ts.shape)}")
+    b = _pick("schedule_table", ts.device, backend)
+    if b == "torch" or type(schedule) is not VPSchedule:
+        return coeff_table(schedule, ts).to(ts.device)
+    if b == "triton":
+        return _triton().schedule_table(ts, schedule.beta_min, schedule.beta_d)
+    return torch.ops.genie_fast.schedule_table(ts, schedule.beta_min, schedule.beta_d)

@@ -1,0 +1,54 @@
+"""Shared pieces of the Triton step launchers: coefficient columns, output checks, grid."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from genie_fast.schedule import COL
+
+BLOCK = 1024
+
+# Column indices of schedule.coeff_table, as compile-time constants for the kernels.
+C_GAMMA = tl.constexpr(COL["gamma"])
+C_GAMMA_NEXT = tl.constexpr(COL["gamma_next"])
+C_H = tl.constexpr(COL["h"])
+C_HALF_H2 = tl.constexpr(COL["half_h2"])
+C_W1 = tl.constexpr(COL["w1"])
+C_W2 = tl.constexpr(COL["w2"])
+C_W3 = tl.constexpr(COL["w3"])
+C_INV_SCALE_NEXT = tl.constexpr(COL["inv_scale_next"])
+C_DPM_R = tl.constexpr(COL["dpm_r"])
+C_DPM_A = tl.constexpr(COL["dpm_a"])
+C_DPM_B = tl.constexpr(COL["dpm_b"])
+
+
+def grid(n: int):
+    return (triton.cdiv(n, BLOCK),)
+
+
+def out_or_new(out: torch.Tensor | None, like: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    """The preallocated output, checked, or a fresh contiguous one."""
+    if out is None:
+        return torch.empty(like.shape, dtype=dtype, device=like.device)
+    if out.shape != like.shape or out.dtype != dtype or out.device != like.device:
+        raise ValueError(f"output {name} must be {tuple(like.shape)} {dtype} on {like.device}, "
+                         f"got {tuple(out.shape)} {out.dtype} on {out.device}")
+    if not out.is_contiguous():
+        raise ValueError(f"output {name} must be contiguous (row-major); channels_last or strided outputs "
+                         "are not supported")
+    return out
+
+
+def check_dtypes(x_bar: torch.Tensor, eps: torch.Tensor, coeffs: torch.Tensor):
+    if x_bar.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"the ODE state x_bar must be float32 or float64, got {x_bar.dtype}")
+    if eps.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise TypeError(f"network outputs must be float32, float16, bfloat16 or float64, got {eps.dtype}")
+    if x_bar.dtype == torch.float64 and eps.dtype != torch.float64:
+        raise TypeError(f"a float64 state needs float64 network outputs, got eps {eps.dtype}")
+    if coeffs.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"coeffs must be float32 or float64, got {coeffs.dtype}")
+    if coeffs.device != x_bar.device or eps.device != x_bar.device:
+        raise ValueError(f"x_bar ({x_bar.device}), eps ({eps.device}) and coeffs ({coeffs.device}) must be on "
+                         "one device (move the coefficient table to the sampling device)")

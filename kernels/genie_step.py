@@ -1,0 +1,53 @@
+"""Triton genie_step: combine the head's [h1|h2|h3] at gamma_n, take the GENIE Taylor step on
+x_bar (float32 state) and write the next network input, in one pass. See ops.genie_step_ref."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (BLOCK, C_H, C_HALF_H2, C_INV_SCALE_NEXT, C_W1, C_W2, C_W3, check_dtypes, grid,
+                      out_or_new)
+
+
+@triton.jit
+def _genie_step_kernel(xb_ptr, eps_ptr, head_ptr, c_ptr, c_stride, xb_out_ptr, x_out_ptr, n, per_sample,
+                       BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    xb = tl.load(xb_ptr + offs, mask=mask)
+    op_t = xb.dtype  # float32 math for a float32 state, float64 for float64
+    h = tl.load(c_ptr + C_H * c_stride).to(op_t)
+    half_h2 = tl.load(c_ptr + C_HALF_H2 * c_stride).to(op_t)
+    w1 = tl.load(c_ptr + C_W1 * c_stride).to(op_t)
+    w2 = tl.load(c_ptr + C_W2 * c_stride).to(op_t)
+    w3 = tl.load(c_ptr + C_W3 * c_stride).to(op_t)
+    inv_scale_next = tl.load(c_ptr + C_INV_SCALE_NEXT * c_stride).to(op_t)
+    e = tl.load(eps_ptr + offs, mask=mask).to(op_t)
+    # h1 of sample b starts at 3b*CHW: flat index i = b*CHW + k maps to i + 2b*CHW
+    h1_offs = offs + 2 * (offs // per_sample) * per_sample
+    h1 = tl.load(head_ptr + h1_offs, mask=mask).to(op_t)
+    h2 = tl.load(head_ptr + h1_offs + per_sample, mask=mask).to(op_t)
+    h3 = tl.load(head_ptr + h1_offs + 2 * per_sample, mask=mask).to(op_t)
+    deps = w1 * h1 + w2 * h2 + w3 * h3
+    v = (xb + h * e) + half_h2 * deps
+    tl.store(xb_out_ptr + offs, v, mask=mask)
+    tl.store(x_out_ptr + offs, (v * inv_scale_next).to(x_out_ptr.dtype.element_ty), mask=mask)
+
+
+def genie_step(x_bar: torch.Tensor, eps: torch.Tensor, head_out: torch.Tensor, coeffs: torch.Tensor,
+               x_bar_next: torch.Tensor | None = None, x_next: torch.Tensor | None = None):
+    """Returns (x_bar_next, x_next); preallocated contiguous outputs may be given (and may be the
+    inputs: each element is read before it is written). Strided inputs are copied contiguous."""
+    check_dtypes(x_bar, eps, coeffs)
+    if head_out.dtype != eps.dtype:
+        raise TypeError(f"head output dtype {head_out.dtype} differs from eps dtype {eps.dtype}")
+    x_bar_next = out_or_new(x_bar_next, x_bar, x_bar.dtype, "x_bar_next")
+    x_next = out_or_new(x_next, x_bar, eps.dtype, "x_next")
+    n = x_bar.numel()
+    if n == 0:
+        return x_bar_next, x_next
+    x_bar, eps, head_out = x_bar.contiguous(), eps.contiguous(), head_out.contiguous()
+    _genie_step_kernel[grid(n)](x_bar, eps, head_out, coeffs, coeffs.stride(0), x_bar_next, x_next, n,
+                                n // x_bar.shape[0], BLOCK=BLOCK)
+    return x_bar_next, x_next
