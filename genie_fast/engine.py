@@ -224,9 +224,8 @@ class SamplingEngine:
         if net is None:
             if self._sources is None:
                 self._sync_weights()
-            model = self.model
-            net = copy.deepcopy(model).to(device=self.device, dtype=dtype).eval().requires_grad_(False)
-            if len(self._source_tensors(net)) != len(self._source_tensors(model)):
+            net = _converted_copy(self.model, self.device, dtype)
+            if len(self._source_tensors(net)) != len(self._source_tensors(self.model)):
                 raise RuntimeError("copying the model changed its set of parameters and buffers")
             self._nets[dtype] = net
         return net
@@ -433,6 +432,22 @@ class SamplingEngine:
         self.stats["captures"] += 1
         self.stats["capture_ms_total"] += round(entry.capture_s * 1e3)
         return entry
+
+
+def _converted_copy(model: nn.Module, device, dtype) -> nn.Module:
+    """deepcopy of `model` whose floating parameters and buffers are converted tensor by tensor
+    (no full-precision intermediate copy on the device), in eval mode, without gradients."""
+    memo = {}
+    with torch.no_grad():
+        for p in model.parameters():
+            if id(p) not in memo:
+                memo[id(p)] = nn.Parameter(p.detach().to(device=device, dtype=dtype if p.is_floating_point()
+                                                         else p.dtype, copy=True), requires_grad=False)
+        for b in model.buffers():
+            if id(b) not in memo:
+                memo[id(b)] = b.detach().to(device=device, dtype=dtype if b.is_floating_point() else b.dtype,
+                                            copy=True)
+    return copy.deepcopy(model, memo).eval()
 
 
 def _no_range(name):
