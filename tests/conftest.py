@@ -1,0 +1,24 @@
+"""Shared pytest setup.
+
+Without a GPU the Triton kernels run on CPU tensors in Triton's interpreter: TRITON_INTERPRET
+must be set before any @triton.jit function is defined, i.e. before genie_fast.kernels is
+imported, so it is set here, before any test module is collected. Tests marked `cuda` skip
+cleanly without a GPU.
+"""
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
