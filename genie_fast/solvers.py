@@ -161,7 +161,8 @@ def genie(model, x, ts, schedule, *, afs=False, denoise=False, backend="auto", h
         x_bar_{n+1} = x_bar_n + h eps_n + h^2 / 2 * (d eps / d gamma)_n,
 
     with d eps/d gamma from the distilled head: model.eps_and_head (raw [h1|h2|h3], combined in
-    the fused op), model.eps_and_deps, or head(x, t, eps) -> deps. 1 NFE per step (the paper's
+    the fused op), model.eps_and_deps, or head(x, t, eps) -> deps (t: the model time the network
+    received, eps: its output). 1 NFE per step (the paper's
     accounting: the head costs a few percent of a network evaluation).
     """
     evaluate, kind = _genie_eval(model, head)
@@ -228,9 +229,9 @@ def dpm_solver_2(model, x, ts, schedule, *, afs=False, denoise=False, backend="a
     run = _Run(model, x, ts, schedule, afs, backend)
     g = run.gammas
     t_mid = schedule.t_of_gamma(torch.sqrt(g[:-1] * g[1:]))
-    # coefficient rows of the half steps t_n -> t_mid_n: rows 0, 2, 4, ... of the interleaved grid
-    half = coeff_table(schedule, torch.stack([run.ts[:-1], t_mid], 1).flatten().tolist()
-                       + [float(run.ts[-1])])[0::2].to(x.device)
+    # coefficient rows of the half steps t_n -> t_mid_n: the even rows of the interleaved grid
+    interleaved = torch.cat([torch.stack([run.ts[:-1], t_mid], 1).flatten(), run.ts[-1:]])
+    half = coeff_table(schedule, interleaved)[0::2].to(x.device)
     t_mid = run.device_vector(t_mid)
     x_bar, x_n = run.x_bar, x
     for n in range(run.num_steps):
@@ -326,7 +327,8 @@ def unipc(model, x, ts, schedule, *, afs=False, denoise=False, backend="auto", o
         raise ValueError(f"unipc order must be 1, 2 or 3, got {order}")
     run = _Run(model, x, ts, schedule, afs, backend)
     lam, N = _lambdas(run), run.num_steps
-    pred, corr = [], []  # per step: (r, I_0, weights of the history D_j) and corrector weights
+    # per step, on the host: predictor (r, I_0, a_j), corrector weights (a_j, a_new), the r_j of the D_j
+    pred, corr, r_rows = [], [], []
     for n in range(N):
         h = lam[n + 1] - lam[n]
         p = min(order, n + 1)  # model values available: x0_n and p - 1 earlier ones
@@ -343,10 +345,8 @@ def unipc(model, x, ts, schedule, *, afs=False, denoise=False, backend="auto", o
         a_corr = [-0.5 * b_h] if p == 1 else _solve_weights(r_hist + [1.0], g).tolist()
         pred.append([math.exp(-h), ints[0]] + a_pred + [0.0] * (order - 1 - len(a_pred)))
         corr.append(a_corr + [0.0] * (order - len(a_corr)))
-    r_table = [[(lam[n - j] - lam[n]) / (lam[n + 1] - lam[n]) if n - j >= 0 else 1.0
-                for j in range(1, order)] for n in range(N)]
-    pred_c, corr_c = run.device_vector(pred).to(run.state_dtype), run.device_vector(corr).to(run.state_dtype)
-    r_c = run.device_vector(r_table).to(run.state_dtype) if order > 1 else None
+        r_rows.append(r_hist + [1.0] * (order - p))
+    pred_c, corr_c, r_c = (run.device_vector(rows).to(run.state_dtype) for rows in (pred, corr, r_rows))
     x_bar, x_n = run.x_bar, x
     m0 = run.x0_pred(x_bar, run.eps(x_n, 0), 0)
     history = []  # earlier data predictions, most recent first

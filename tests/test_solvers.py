@@ -74,6 +74,15 @@ def test_order_of_convergence(problems, problem, name):
     assert errs[-1] < 1e-2
 
 
+@pytest.mark.parametrize("order,band", [(1, (1.7, 2.3)), (3, (3.5, 4.5))])
+def test_unipc_corrector_raises_the_order_by_one(problems, order, band):
+    model, x, exact = problems["mixture"]
+    errs = [_rmse(SOLVERS["unipc"](model, x, time_grid(model.schedule, n), model.schedule, order=order)[0], exact)
+            for n in (32, 64, 128)]
+    slopes = [math.log2(errs[i] / errs[i + 1]) for i in range(2)]
+    assert all(band[0] <= s <= band[1] for s in slopes), (slopes, errs)
+
+
 @pytest.mark.parametrize("name", list(SOLVERS))
 def test_float32_agrees_with_float64(problems, name):
     model, x, _ = problems["mixture"]
