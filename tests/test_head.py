@@ -29,6 +29,7 @@ def test_head_shapes_and_combination(model):
     eps, head_out = model.eps_and_head(x, t)
     assert eps.shape == x.shape and head_out.shape == (3, 3, 8, 8)
     assert torch.equal(eps, model(x, t))
+    assert model.image_shape == (1, 8, 8)
     eps2, deps = model.eps_and_deps(x, t)
     gamma = VPSchedule().gamma(t)[:, None, None, None]
     assert torch.equal(eps2, eps)

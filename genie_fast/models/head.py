@@ -76,6 +76,7 @@ class GenieModel(nn.Module):
     * ``forward(x, t) -> eps``
     * ``eps_and_head(x, t) -> (eps, head_out)``, head_out raw (B, 3C, H, W) for fused kernels
     * ``eps_and_deps(x, t) -> (eps, d eps / d gamma)``
+    * ``image_shape``: (C, H, W); ``schedule``: the VPSchedule of training and distillation
 
     x: (B, C, H, W); t: (B,) continuous VP times in [t_end, 1]. The head sees the network's own
     eps prediction and its detached features, exactly as in training (``genie_fast.distill``).
@@ -86,6 +87,12 @@ class GenieModel(nn.Module):
         self.unet = unet
         self.head = head if head is not None else GenieHead(HeadConfig.for_unet(unet))
         self.schedule = schedule if schedule is not None else VPSchedule()
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images the network was trained on (used by genie_fast.sample)."""
+        c = self.unet.config
+        return (c.in_channels, c.image_size, c.image_size)
 
     @staticmethod
     def _as_batch_t(x: torch.Tensor, t) -> torch.Tensor:
