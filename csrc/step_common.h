@@ -226,6 +226,27 @@ inline void check_schedule_args(const at::Tensor& ts, double beta_min, double be
 
 }  // namespace genie_fast
 
+// --------------------------------------------------------------------------- CPU ISA variants
+// The extension is built for the baseline x86-64 ISA (SSE2), while ATen's own CPU kernels pick
+// AVX2/AVX-512 at run time. The CPU step loops are therefore compiled twice, for the baseline and
+// for AVX2+FMA, and the AVX2 copy runs where the CPU has it (checked once).
+#if !defined(__CUDACC__) && defined(__x86_64__) && defined(__GNUC__)
+#define GF_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define GF_ALWAYS_INLINE __attribute__((always_inline)) inline
+namespace genie_fast {
+inline bool cpu_has_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+}  // namespace genie_fast
+#else
+#define GF_TARGET_AVX2
+#define GF_ALWAYS_INLINE inline
+namespace genie_fast {
+inline bool cpu_has_avx2() { return false; }
+}  // namespace genie_fast
+#endif
+
 namespace genie_fast {
 
 // Calls f(state_t{}, net_t{}) for the supported dtype pairs: a float32 state with any network
