@@ -341,7 +341,13 @@ class SamplingEngine:
                 h.remove()
 
     def _capture(self, net, key: GraphKey, prog: _Program, x_T: torch.Tensor) -> _Entry:
-        """Warm up on a side stream, then capture the loop into the shared pool."""
+        """Warm up on a side stream, then capture the loop into the shared pool.
+
+        The first warm-up run absorbs one-time work (handles, lazy init, autotuning, which may
+        sync); the last runs under `torch.cuda.set_sync_debug_mode("error")`, so a model that
+        syncs host and device is found before any capture starts. Errors of the model itself
+        propagate; what makes a model uncapturable raises `_Uncapturable`.
+        """
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
             self._stream = torch.cuda.Stream(device=self.device)
@@ -350,14 +356,20 @@ class SamplingEngine:
         s = self._stream
         s.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(s), nvtx_range("warmup"):
-            for _ in range(self.warmup):  # errors here are the model's own: they propagate
-                self._loop(net, x_in, key, prog, stages=False)
+            for i in range(self.warmup):
+                if i == self.warmup - 1 and self.warmup > 1:
+                    with _sync_check():
+                        self._loop(net, x_in, key, prog, stages=False)
+                else:
+                    self._loop(net, x_in, key, prog, stages=False)
         torch.cuda.current_stream(self.device).wait_stream(s)
         graph = torch.cuda.CUDAGraph()
         t0 = time.perf_counter()
-        with nvtx_range("capture"):
-            with torch.cuda.graph(graph, pool=self._pool, stream=s):
+        try:
+            with nvtx_range("capture"), torch.cuda.graph(graph, pool=self._pool, stream=s):
                 out = self._loop(net, x_in, key, prog, stages=False)
+        except Exception as err:
+            raise _Uncapturable(f"capture failed: {type(err).__name__}: {err}") from err
         torch.cuda.synchronize(self.device)
         return _Entry(graph=graph, x_in=x_in, out=out, tables=(prog.rows, prog.t_net),
                       capture_s=time.perf_counter() - t0)
@@ -366,8 +378,8 @@ class SamplingEngine:
         if not self._warned:
             self._warned = True
             warnings.warn(f"genie_fast engine: {type(net).__name__} could not be captured into a CUDA graph "
-                          f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
-                          "this engine runs such runs eagerly", RuntimeWarning, stacklevel=3)
+                          f"({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
+                          "this engine runs such runs eagerly", RuntimeWarning, stacklevel=4)
 
     # ------------------------------------------------------------------ public entry
     @torch.no_grad()
@@ -416,7 +428,7 @@ class SamplingEngine:
         prog = _Program(key, self.device)
         try:
             entry = self._capture(net, key, prog, x_T)
-        except Exception as err:  # capture refused: the model does something a graph cannot hold
+        except _Uncapturable as err:  # the model does something a graph cannot hold
             try:
                 torch.cuda.synchronize(self.device)
             except Exception:  # pragma: no cover - the error stays with the device
@@ -432,6 +444,24 @@ class SamplingEngine:
         self.stats["captures"] += 1
         self.stats["capture_ms_total"] += round(entry.capture_s * 1e3)
         return entry
+
+
+class _Uncapturable(RuntimeError):
+    """The loop syncs host and device, or CUDA refused its capture: run it eagerly instead."""
+
+
+class _sync_check:
+    """Raise `_Uncapturable` if the code inside makes a synchronizing CUDA call."""
+
+    def __enter__(self):
+        self._old = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+
+    def __exit__(self, exc_type, exc, tb):
+        torch.cuda.set_sync_debug_mode(self._old)
+        if exc is not None and "synchroniz" in str(exc):
+            raise _Uncapturable(f"it syncs host and device ({str(exc).splitlines()[0]})") from exc
+        return False
 
 
 def _converted_copy(model: nn.Module, device, dtype) -> nn.Module:

@@ -379,7 +379,7 @@ def test_lru_cache_recaptures_on_key_change(monkeypatch):
 
 def test_capture_failure_falls_back_once(monkeypatch):
     def failing_capture(self, net, key, prog, x_T):
-        raise RuntimeError("operation not permitted when stream is capturing")
+        raise engine_mod._Uncapturable("capture failed: operation not permitted when stream is capturing")
 
     monkeypatch.setattr(SamplingEngine, "_capture", failing_capture)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
