@@ -13,9 +13,9 @@ weights; timing only) and on the shipped default model when present:
 
 Each time is the median of whole-sample times taken with CUDA events after warm-up (capture and
 compile times are reported apart), with min / max / interquartile spread. overhead = T_d / T_floor
-- 1. Memory: peak of torch.cuda.max_memory_allocated above the start (weights included) and the
-growth of memory_reserved (which holds the engine's graph pool), for b and d, each measured from a
-fresh model copy. Rows go to JSON keyed by GPU name and library versions; a short table ends the
+- 1. Memory: peak of torch.cuda.max_memory_allocated above the start (weights included; the
+graph pool's live blocks are allocations too) and of max_memory_reserved (which also holds the
+pool's cached segments), for b and d, each measured from a fresh model copy. Rows go to JSON keyed by GPU name and library versions; a short table ends the
 output. Work runs in priority order under --budget-s; what the budget leaves out is listed.
 
     python bench/bench_sample.py                      # GPU: the full plan within --budget-s
@@ -234,7 +234,7 @@ def memory_probe(out: dict, prefix: str):
     yield
     torch.cuda.synchronize()
     out[f"{prefix}_peak_alloc_mib"] = (torch.cuda.max_memory_allocated() - a0) / 2**20
-    out[f"{prefix}_reserved_mib"] = (torch.cuda.memory_reserved() - r0) / 2**20
+    out[f"{prefix}_peak_reserved_mib"] = (torch.cuda.max_memory_reserved() - r0) / 2**20
 
 
 # --------------------------------------------------------------------------- driver
@@ -371,14 +371,17 @@ class Bench:
         old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
         try:
             torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-            ref, _ = SamplingEngine(model32, device=dev, dtype=torch.float32, use_graphs=False).sample(z, nfe=nfe)
+            solver = self.args.solver
+            ref, _ = SamplingEngine(model32, device=dev, dtype=torch.float32, use_graphs=False).sample(
+                z, solver=solver, nfe=nfe)
             for dt in (low, torch.bfloat16) if low != torch.bfloat16 else (low,):
-                x, _ = SamplingEngine(model32, device=dev, dtype=dt).sample(z, nfe=nfe)
+                x, _ = SamplingEngine(model32, device=dev, dtype=dt).sample(z, solver=solver, nfe=nfe)
                 err = float((x.double() - ref.double()).norm() / ref.double().norm())
-                self.rows.append({**self.env, "model": name, "nfe": nfe, "batch": batch, "variant": "precision",
+                self.rows.append({**self.env, "model": name, "solver": solver, "nfe": nfe, "batch": batch,
+                                  "variant": "precision",
                                   "dtype": str(dt).replace("torch.", ""), "rel_l2_vs_fp32": err,
                                   "graph": CUDA})
-                self.log(f"  precision {name} nfe={nfe} B={batch} {dt}: rel L2 vs fp32 (TF32 off) = {err:.2e}")
+                self.log(f"  precision {name} {solver} nfe={nfe} B={batch} {dt}: rel L2 vs fp32 (TF32 off) = {err:.2e}")
         except Exception as e:
             self.log(f"  precision {name}: ERROR {type(e).__name__}: {e}")
         finally:
@@ -424,9 +427,10 @@ def table(rows: list[dict]) -> str:
         if r.get("variant") == "precision":
             continue
         by.setdefault((r["model"], r["nfe"], r["batch"]), {})[r["variant"]] = r
-    head = (f"{'model':>8} {'nfe':>3} {'B':>4} | {'a fp32':>9} {'b fp16':>9} {'c_ro':>9} {'c_ma':>9} "
-            f"{'d engine':>9} {'floor':>9} | {'d/a':>6} {'d/b':>6} {'d/c':>6} {'ovh%':>6} {'mem d/b':>7}")
-    lines = ["times: median ms per whole sample (CUDA events); speedup = T_x / T_d; ovh = T_d/T_floor - 1",
+    head = (f"{'model':>8} {'nfe':>3} {'B':>4} | {'a fp32':>9} {'b half':>9} {'c_ro':>9} {'c_ma':>9} "
+            f"{'d engine':>9} {'floor':>9} | {'d/a':>6} {'d/b':>6} {'d/c':>6} {'ovh%':>6} {'alloc':>7} {'reserv':>7}")
+    lines = ["times: median ms per whole sample (CUDA events); speedup = T_x / T_d; ovh = T_d/T_floor - 1; "
+             "alloc, reserv = peak memory of d over b",
              head, "-" * len(head)]
 
     def med(d, v):
@@ -440,11 +444,12 @@ def table(rows: list[dict]) -> str:
         tc = min([t for t in (tr, tm) if t is not None], default=None)
         sp = lambda t: (t / td) if (t is not None and td) else None  # noqa: E731
         ovh = (td / tf - 1) * 100 if (td and tf) else None
-        mb = (d.get("b") or {}).get("b_peak_alloc_mib")
-        md = (d.get("d") or {}).get("d_peak_alloc_mib")
-        mr = md / mb if (mb and md) else None
+        def ratio(field):
+            mb, md = (d.get("b") or {}).get("b_" + field), (d.get("d") or {}).get("d_" + field)
+            return md / mb if (mb and md) else None
+        mr, rr = ratio("peak_alloc_mib"), ratio("peak_reserved_mib")
         lines.append(f"{model:>8} {nfe:>3} {b:>4} | {f(ta)} {f(tb)} {f(tr)} {f(tm)} {f(td)} {f(tf)} | "
-                     f"{f(sp(ta), 6, 2)} {f(sp(tb), 6, 2)} {f(sp(tc), 6, 2)} {f(ovh, 6, 1)} {f(mr, 7, 2)}")
+                     f"{f(sp(ta), 6, 2)} {f(sp(tb), 6, 2)} {f(sp(tc), 6, 2)} {f(ovh, 6, 1)} {f(mr, 7, 2)} {f(rr, 7, 2)}")
     return "\n".join(lines)
 
 
@@ -470,11 +475,14 @@ def main(argv=None):
                         "size on the deep U-Net); by default its convolutions stay on ATen/cuDNN")
     p.add_argument("--json", default=None, help="where the JSON rows go (default: print only)")
     p.add_argument("--smoke", action="store_true", help="CPU: tiny model, eager paths only, seconds")
+    p.add_argument("--precision-only", action="store_true",
+                   help="only the precision rows (engine in --dtype and bf16 against fp32), CPU or GPU, "
+                        "at the first NFE and the largest batch up to 16")
     a = p.parse_args(argv)
     if any(b < 1 for b in a.batch) or any(n < 1 for n in a.nfe):
         p.error("batches and NFEs must be positive")
 
-    if not CUDA and not a.smoke:
+    if not CUDA and not a.smoke and not a.precision_only:
         print("bench_sample: no CUDA GPU here, so no latency benchmark (run with --smoke for a CPU smoke "
               "run of every code path, eager only)")
         return 0
@@ -500,7 +508,7 @@ def main(argv=None):
     models = load_models(a.models, bench.log)
     for name, m in models.items():
         bench.precision(name, m, a.nfe[0], min(16, max(a.batch)), dev, low)
-    for name, nfe, batch, variants in bench.plan(list(models)):
+    for name, nfe, batch, variants in ([] if a.precision_only else bench.plan(list(models))):
         case = Case(name, models[name], a.solver, nfe, batch, dev, low)
         case.outputs = bench.outputs.setdefault((name, nfe, batch), {})  # shared with later items
         bench.run_case(case, variants)

@@ -503,6 +503,10 @@ def _is_weakrefable(obj) -> bool:
         return False
 
 
+def _has_float_weights(model) -> bool:
+    return isinstance(model, nn.Module) and any(p.is_floating_point() for p in model.parameters())
+
+
 def _image_shape(model) -> tuple:
     if getattr(model, "image_shape", None) is not None:
         return tuple(model.image_shape)
@@ -519,6 +523,8 @@ _ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 def engine_for(model, device=None, backend: str = "auto") -> SamplingEngine:
     """The cached engine of `model` on `device` (created on first use, dropped with the model)."""
     device = torch.device(device if device is not None else "cuda")
+    if not _is_weakrefable(model):  # cannot be cached without keeping it alive: a fresh engine
+        return SamplingEngine(model, device=device, backend=backend)
     per_model = _ENGINES.setdefault(model, {})
     key = (str(device), backend)
     eng = per_model.get(key)
@@ -540,7 +546,10 @@ def sample_on_device(model, noise, ts, schedule, *, solver="genie", afs=False, d
     """The hook `genie_fast.sample` calls on a CUDA device: graph-captured, fp16 by default
     (or the noise's dtype when it is fp16/bf16). Returns (x0 float32, nfe)."""
     eng = engine_for(model, noise.device, backend)
-    if dtype is None and noise.dtype in (torch.float16, torch.bfloat16):
-        dtype = noise.dtype
+    if dtype is None:
+        if noise.dtype in (torch.float16, torch.bfloat16):
+            dtype = noise.dtype
+        elif not _has_float_weights(model):  # analytic models and plain functions: no half weights to run
+            dtype = torch.float32
     return eng.sample(noise, solver=solver, nfe=None, grid=ts, afs=afs, denoise=denoise, dtype=dtype,
                       schedule=schedule)
