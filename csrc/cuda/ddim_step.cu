@@ -10,28 +10,28 @@ namespace genie_fast {
 namespace cuda {
 namespace {
 
-template <typename state_t, typename net_t, typename coef_t, int VEC>
-__global__ void ddim_step_kernel(const state_t* xb, const net_t* e, const coef_t* c, int64_t cs, state_t* xb_out,
-                                 net_t* x_out, int64_t n) {
+template <typename state_t, typename net_t>
+__global__ void ddim_step_kernel(const state_t* xb, const net_t* e, CoeffRow c, state_t* xb_out, net_t* x_out,
+                                 int64_t n, bool vec) {
   using op_t = state_t;
-  const StepCoeffs<op_t> k = load_coeffs<op_t>(c, cs);
-  const int64_t n_vec = n / VEC;
+  const StepCoeffs<op_t> k = load_coeffs<op_t>(c);
+  const int64_t n_vec = vec ? n / kVec : 0;
   for (int64_t v = global_thread(); v < n_vec; v += grid_threads()) {
-    const int64_t i = v * VEC;
-    const auto xv = load_vec<VEC>(xb + i);
-    const auto ev = load_vec<VEC>(e + i);
-    Vec<state_t, VEC> out_state;
-    Vec<net_t, VEC> out_net;
+    const int64_t i = v * kVec;
+    const auto xv = load_vec<kVec>(xb + i);
+    const auto ev = load_vec<kVec>(e + i);
+    Vec<state_t, kVec> out_state;
+    Vec<net_t, kVec> out_net;
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) {
+    for (int j = 0; j < kVec; ++j) {
       const op_t val = ddim_x_bar_next<op_t>(op_t(xv.v[j]), op_t(ev.v[j]), k);
       out_state.v[j] = state_t(val);
       out_net.v[j] = net_t(val * k.inv_scale_next);
     }
-    store_vec<VEC>(xb_out + i, out_state);
-    store_vec<VEC>(x_out + i, out_net);
+    store_vec<kVec>(xb_out + i, out_state);
+    store_vec<kVec>(x_out + i, out_net);
   }
-  for (int64_t i = n_vec * VEC + global_thread(); i < n; i += grid_threads()) {
+  for (int64_t i = n_vec * kVec + global_thread(); i < n; i += grid_threads()) {
     const op_t val = ddim_x_bar_next<op_t>(op_t(xb[i]), op_t(e[i]), k);
     xb_out[i] = state_t(val);
     x_out[i] = net_t(val * k.inv_scale_next);
@@ -49,22 +49,14 @@ void ddim_step_out_cuda(const at::Tensor& x_bar_in, const at::Tensor& eps_in, co
   dispatch_state_net(x_bar, eps, "ddim_step_cuda", [&](auto s, auto nt) {
     using state_t = decltype(s);
     using net_t = decltype(nt);
-    dispatch_coeffs(coeffs, [&](auto ct) {
-      using coef_t = decltype(ct);
-      const state_t* xb = x_bar.data_ptr<state_t>();
-      const net_t* e = eps.data_ptr<net_t>();
-      state_t* xo = x_bar_next.data_ptr<state_t>();
-      net_t* no = x_next.data_ptr<net_t>();
-      const coef_t* c = coeffs.data_ptr<coef_t>();
-      if (vec_aligned(xb) && vec_aligned(e) && vec_aligned(xo) && vec_aligned(no)) {
-        ddim_step_kernel<state_t, net_t, coef_t, kVec><<<num_blocks(n / kVec), kThreads, 0, stream>>>(
-            xb, e, c, coeffs.stride(0), xo, no, n);
-      } else {
-        ddim_step_kernel<state_t, net_t, coef_t, 1><<<num_blocks(n), kThreads, 0, stream>>>(
-            xb, e, c, coeffs.stride(0), xo, no, n);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    const state_t* xb = x_bar.data_ptr<state_t>();
+    const net_t* e = eps.data_ptr<net_t>();
+    state_t* xo = x_bar_next.data_ptr<state_t>();
+    net_t* no = x_next.data_ptr<net_t>();
+    const bool vec = vec_aligned(xb) && vec_aligned(e) && vec_aligned(xo) && vec_aligned(no);
+    ddim_step_kernel<state_t, net_t><<<num_blocks(vec ? n / kVec : n), kThreads, 0, stream>>>(
+        xb, e, coeff_row(coeffs), xo, no, n, vec);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 

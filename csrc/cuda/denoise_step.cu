@@ -7,22 +7,22 @@ namespace genie_fast {
 namespace cuda {
 namespace {
 
-template <typename state_t, typename net_t, typename coef_t, int VEC>
-__global__ void denoise_step_kernel(const state_t* xb, const net_t* e, const coef_t* c, int64_t cs, state_t* x0,
-                                    int64_t n) {
+template <typename state_t, typename net_t>
+__global__ void denoise_step_kernel(const state_t* xb, const net_t* e, CoeffRow c, state_t* x0, int64_t n,
+                                    bool vec) {
   using op_t = state_t;
-  const StepCoeffs<op_t> k = load_coeffs<op_t>(c, cs);
-  const int64_t n_vec = n / VEC;
+  const StepCoeffs<op_t> k = load_coeffs<op_t>(c);
+  const int64_t n_vec = vec ? n / kVec : 0;
   for (int64_t v = global_thread(); v < n_vec; v += grid_threads()) {
-    const int64_t i = v * VEC;
-    const auto xv = load_vec<VEC>(xb + i);
-    const auto ev = load_vec<VEC>(e + i);
-    Vec<state_t, VEC> out;
+    const int64_t i = v * kVec;
+    const auto xv = load_vec<kVec>(xb + i);
+    const auto ev = load_vec<kVec>(e + i);
+    Vec<state_t, kVec> out;
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) out.v[j] = state_t(denoise_x0<op_t>(op_t(xv.v[j]), op_t(ev.v[j]), k));
-    store_vec<VEC>(x0 + i, out);
+    for (int j = 0; j < kVec; ++j) out.v[j] = state_t(denoise_x0<op_t>(op_t(xv.v[j]), op_t(ev.v[j]), k));
+    store_vec<kVec>(x0 + i, out);
   }
-  for (int64_t i = n_vec * VEC + global_thread(); i < n; i += grid_threads()) {
+  for (int64_t i = n_vec * kVec + global_thread(); i < n; i += grid_threads()) {
     x0[i] = state_t(denoise_x0<op_t>(op_t(xb[i]), op_t(e[i]), k));
   }
 }
@@ -38,21 +38,13 @@ void denoise_step_out_cuda(const at::Tensor& x_bar_in, const at::Tensor& eps_in,
   dispatch_state_net(x_bar, eps, "denoise_step_cuda", [&](auto s, auto nt) {
     using state_t = decltype(s);
     using net_t = decltype(nt);
-    dispatch_coeffs(coeffs, [&](auto ct) {
-      using coef_t = decltype(ct);
-      const state_t* xb = x_bar.data_ptr<state_t>();
-      const net_t* e = eps.data_ptr<net_t>();
-      state_t* xo = x0.data_ptr<state_t>();
-      const coef_t* c = coeffs.data_ptr<coef_t>();
-      if (vec_aligned(xb) && vec_aligned(e) && vec_aligned(xo)) {
-        denoise_step_kernel<state_t, net_t, coef_t, kVec><<<num_blocks(n / kVec), kThreads, 0, stream>>>(
-            xb, e, c, coeffs.stride(0), xo, n);
-      } else {
-        denoise_step_kernel<state_t, net_t, coef_t, 1><<<num_blocks(n), kThreads, 0, stream>>>(
-            xb, e, c, coeffs.stride(0), xo, n);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    const state_t* xb = x_bar.data_ptr<state_t>();
+    const net_t* e = eps.data_ptr<net_t>();
+    state_t* xo = x0.data_ptr<state_t>();
+    const bool vec = vec_aligned(xb) && vec_aligned(e) && vec_aligned(xo);
+    denoise_step_kernel<state_t, net_t><<<num_blocks(vec ? n / kVec : n), kThreads, 0, stream>>>(
+        xb, e, coeff_row(coeffs), xo, n, vec);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 

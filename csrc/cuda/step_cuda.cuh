@@ -17,7 +17,9 @@ namespace genie_fast {
 namespace cuda {
 
 constexpr int kThreads = 256;
-constexpr int kVec = 4;  // 4 elements per thread: 16-byte loads of a float32 state
+// 4 elements per thread: 16-byte loads of a float32 state. A kernel takes the vector path when
+// every pointer is aligned for it (checked on the host), else its scalar loop covers everything.
+constexpr int kVec = 4;
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Vec {
@@ -52,14 +54,22 @@ inline int num_blocks(int64_t work_items) {
   return int(std::max<int64_t>(1, std::min(want, max_blocks)));
 }
 
-// Calls f(coef_t{}) for the coefficient table's dtype (float32 or float64).
-template <typename F>
-void dispatch_coeffs(const at::Tensor& coeffs, F&& f) {
-  if (coeffs.scalar_type() == at::kDouble) {
-    f(double{});
-  } else {
-    f(float{});
-  }
+// The coefficient row as the kernels take it: a float32 or float64 pointer chosen at run time
+// (one uniform branch per thread; it halves the kernel instantiations and the compile time).
+struct CoeffRow {
+  const void* ptr;
+  bool is_double;
+  int64_t stride;
+};
+
+inline CoeffRow coeff_row(const at::Tensor& coeffs) {
+  return {coeffs.data_ptr(), coeffs.scalar_type() == at::kDouble, coeffs.stride(0)};
+}
+
+template <typename op_t>
+__device__ __forceinline__ StepCoeffs<op_t> load_coeffs(const CoeffRow& c) {
+  return c.is_double ? genie_fast::load_coeffs<op_t>(static_cast<const double*>(c.ptr), c.stride)
+                     : genie_fast::load_coeffs<op_t>(static_cast<const float*>(c.ptr), c.stride);
 }
 
 __device__ __forceinline__ int64_t global_thread() { return int64_t(blockIdx.x) * blockDim.x + threadIdx.x; }
