@@ -153,7 +153,11 @@ class Case:
     # (a) and (b): the reference solver, eager, PyTorch update
     def eager_loop(self, model, dtype):
         x = self.noise.to(dtype)
-        return lambda: SOLVERS[self.solver](model, x, self.ts, self.schedule, backend="torch")
+
+        @torch.no_grad()
+        def run():
+            return SOLVERS[self.solver](model, x, self.ts, self.schedule, backend="torch")
+        return run
 
 
 def floor_graph(model_low, case: Case):
