@@ -28,6 +28,10 @@ declare -A STATUS
 left() { echo $(( TOTAL_S - (SECONDS - START) )); }
 step() {  # step NAME LIMIT_S CMD...: run with a time limit, log to $OUT/NAME.log, keep the status
     local name=$1 limit=$2; shift 2
+    local cap=$(( $(left) - 20 ))          # never run past the total (the benchmark still needs >= 60 s)
+    [ "$name" != bench ] && cap=$(( cap - 60 ))
+    [ "$cap" -lt 20 ] && cap=20
+    [ "$limit" -gt "$cap" ] && limit=$cap
     echo "=== $name (limit ${limit}s, $(left)s of ${TOTAL_S}s left) ==="
     timeout --signal=INT --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
     local rc=${PIPESTATUS[0]}

@@ -16,23 +16,28 @@ What runs where
     fused step.
   * On CUDA the whole NFE loop (every network and head call, every fused step, every coefficient
     lookup, the final denoising) is captured into ONE CUDA graph per `GraphKey` (batch, image
-    shape, dtype, solver, grid, AFS, denoising, backend, device). Before capture the loop runs
-    `warmup` times on a side stream (cuDNN/cuBLAS handles, Triton JIT and autotuning happen there).
+    shape, dtype, solver, grid, AFS, denoising, schedule, backend, device). Before capture the loop
+    runs `warmup` times on a side stream (cuDNN/cuBLAS handles, Triton JIT and autotuning happen
+    there; the last warm-up run is checked for host syncs).
     Static buffers: the noise input x_T (float32) and the graph's output x0 (float32), both owned by
     the cache entry; everything in between lives in one memory pool shared by all graphs of the
-    engine, so a forward's activations are reused step after step and across graphs.
+    engine, so a forward's activations are reused step after step and across graphs. Sharing is
+    safe because replays are serialised on the caller's stream and each replay's output is cloned
+    before the next: use one engine from one stream at a time.
   * Key rule: any change of the key is a cache miss, which captures a new graph (never a stale
     one); the cache keeps the `max_graphs` most recently used graphs and drops the oldest. Weights:
     the engine copies the model's weights once per dtype; before every call it compares the source
-    tensors' version counters and identities, copies changed weights in place (same addresses, so
-    the captured graphs stay valid) and, if the set of tensors itself changed, drops every copy
-    and every graph.
+    tensors' version counters (in-place updates: optimizer steps, `load_state_dict`) and copies the
+    changed ones in place (same addresses, so the captured graphs stay valid). After replacing
+    parameter objects, call `refresh()`.
   * Noise is drawn outside the graph (float32, from a CPU generator seeded with `seed`: the same
     x_T as the CPU path for that seed) and copied into the static input; replay is deterministic.
   * No host-device sync inside the loop: coefficients live in a device table indexed at capture
     time, network times in a device tensor; nothing reads a device value on the host.
-  * A model that cannot be captured (host syncs, CPU tensors, data-dependent control flow) runs
-    eagerly instead, with one warning per engine naming the reason.
+  * A model that cannot be captured (host syncs such as `.item()` or a pageable host-to-device
+    copy, or anything CUDA refuses during capture) runs eagerly instead, with one warning per engine
+    naming the reason. (Data-dependent Python control flow cannot be detected: a graph replays the
+    path taken at capture.)
   * On the CPU the same API runs the same loop eagerly with the C++ step ops.
 
 NVTX (see `genie_fast.profiling`): ``sample`` around each call; eager: ``step`` per step with
@@ -129,8 +134,8 @@ class SamplingEngine:
 
     model: a `GenieModel` (``eps_and_head``) or any eps model ``model(x, t) -> eps`` (``ddim``,
     ``dpmpp_2m``); an ``nn.Module`` is copied to `device` in each dtype used, a plain callable is
-    called as is. device: default CUDA when available. dtype: default fp16 on CUDA, fp32 on the
-    CPU. use_graphs: default True on CUDA (False on the CPU, where graphs do not exist).
+    called as is. device: default CUDA when available. dtype: default fp16 on CUDA for a module
+    with floating-point parameters, else fp32 (analytic models, plain functions, the CPU). use_graphs: default True on CUDA (False on the CPU, where graphs do not exist).
     max_graphs: how many captured graphs the LRU cache keeps. warmup: eager runs before capture.
     """
 
@@ -145,8 +150,9 @@ class SamplingEngine:
             raise RuntimeError("device 'cuda' asked for, but torch sees no CUDA GPU")
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.dtype = _as_dtype(dtype if dtype is not None else
-                               (torch.float16 if self.device.type == "cuda" else torch.float32))
+        if dtype is None:  # half precision is for networks on a GPU; analytic models stay float32
+            dtype = torch.float16 if self.device.type == "cuda" and _has_float_weights(model) else torch.float32
+        self.dtype = _as_dtype(dtype)
         if backend not in ops.BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {ops.BACKENDS}")
         self.backend = backend
@@ -546,10 +552,7 @@ def sample_on_device(model, noise, ts, schedule, *, solver="genie", afs=False, d
     """The hook `genie_fast.sample` calls on a CUDA device: graph-captured, fp16 by default
     (or the noise's dtype when it is fp16/bf16). Returns (x0 float32, nfe)."""
     eng = engine_for(model, noise.device, backend)
-    if dtype is None:
-        if noise.dtype in (torch.float16, torch.bfloat16):
-            dtype = noise.dtype
-        elif not _has_float_weights(model):  # analytic models and plain functions: no half weights to run
-            dtype = torch.float32
+    if dtype is None and noise.dtype in (torch.float16, torch.bfloat16):
+        dtype = noise.dtype
     return eng.sample(noise, solver=solver, nfe=None, grid=ts, afs=afs, denoise=denoise, dtype=dtype,
                       schedule=schedule)
