@@ -555,3 +555,60 @@ def test_cuda_public_sample_uses_engine():
     eng = engine_mod.engine_for(model, torch.device("cuda", torch.cuda.current_device()))
     assert eng.stats["captures"] == 1 and eng.stats["replays"] == 1 and nfe == 4
     assert x_gpu.is_cuda and rel_err(x_gpu.cpu(), x_cpu) < FP16_REL_BOUND
+
+
+def test_capture_code_path_with_stand_in_cuda(monkeypatch):
+    """Runs the real `_capture` (side-stream warm-up, sync-checked last warm-up, capture into the
+    shared pool) on the CPU with torch.cuda's graph API replaced by stand-ins that record the calls.
+    The stand-in graph cannot replay, so only the first call's result (computed during 'capture')
+    is compared; the GPU tests check replays."""
+    import contextlib
+
+    calls = []
+
+    class Graph:
+        def replay(self):
+            calls.append("replay")
+
+    @contextlib.contextmanager
+    def graph(g, pool=None, stream=None, **kw):
+        calls.append(("capture", pool, stream))
+        yield
+
+    @contextlib.contextmanager
+    def stream_ctx(s):
+        calls.append(("stream", s))
+        yield
+
+    class Stream:
+        def __init__(self, device=None):
+            calls.append("new_stream")
+
+        def wait_stream(self, other):
+            calls.append("wait_stream")
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: ("pool", 1))
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", stream_ctx)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: modes.append(mode))
+
+    model = random_model()
+    eng = SamplingEngine(model, device="cpu", warmup=2)
+    eng.use_graphs = True
+    z = noise_for(model, batch=2)
+    x, nfe = eng.sample(z, solver="genie", nfe=4)
+    ref, _ = SamplingEngine(model, device="cpu").sample(z, solver="genie", nfe=4)
+    assert torch.equal(x, ref) and nfe == 4
+    assert modes == ["error", 0]                      # the last warm-up run is sync-checked, then restored
+    captures = [c for c in calls if isinstance(c, tuple) and c[0] == "capture"]
+    assert len(captures) == 1 and captures[0][1] == ("pool", 1) and calls.count("replay") == 1
+    eng.sample(z, solver="genie", nfe=5)             # a second key: same pool and side stream
+    captures = [c for c in calls if isinstance(c, tuple) and c[0] == "capture"]
+    assert len(captures) == 2 and captures[1][1:] == captures[0][1:] and calls.count("new_stream") >= 1
+    assert eng.stats["captures"] == 2 and len(eng._graphs) == 2
