@@ -332,6 +332,8 @@ class Bench:
                     results[v] = self.measure(
                         case, "d", lambda: (lambda: eng.sample(case.noise, solver=case.solver, nfe=case.nfe)),
                         need[v])
+                if results[v] is not None:  # the graph capture alone (setup_s also holds weight copy, warm-up)
+                    results[v].update(capture_ms=eng.stats["capture_ms_total"], engine=eng.cache_info())
                 del eng
             elif v == "floor":
                 m16 = _converted_copy(model32, dev, low)
