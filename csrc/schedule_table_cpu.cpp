@@ -1,5 +1,6 @@
 // schedule_table on the CPU: schedule.coeff_table of a VPSchedule for a grid of times, one row
 // per step, float64 (the same closed forms as the host table, shared with the CUDA kernel).
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

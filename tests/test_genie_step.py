@@ -109,6 +109,22 @@ def test_unknown_or_unavailable_backend():
         ops.genie_step(*args, c, backend="cudnn")
     with pytest.raises(ValueError, match="runs on CUDA tensors"):
         ops.genie_step(*args, c, backend="cuda")
+    assert ops._pick("genie_step", torch.device("cpu"), "auto") == "cpp"
+
+
+def test_triton_on_cpu_without_interpreter_is_refused():
+    """Without TRITON_INTERPRET=1, backend="triton" on CPU tensors fails with a clear reason."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import torch, genie_fast.ops as o\n"
+            "a = torch.zeros(1, 1, 2, 2)\n"
+            "try:\n o.ddim_step(a, a, torch.zeros(14), backend='triton')\n"
+            "except RuntimeError as e:\n print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "TRITON_INTERPRET=1" in out.stdout, out.stdout + out.stderr
 
 
 # --------------------------------------------------------------------------- on a GPU
