@@ -15,8 +15,9 @@ Each time is the median of whole-sample times taken with CUDA events after warm-
 compile times are reported apart), with min / max / interquartile spread. overhead = T_d / T_floor
 - 1. Memory: peak of torch.cuda.max_memory_allocated above the start (weights included; the
 graph pool's live blocks are allocations too) and of max_memory_reserved (which also holds the
-pool's cached segments), for b and d, each measured from a fresh model copy. Rows go to JSON keyed by GPU name and library versions; a short table ends the
-output. Work runs in priority order under --budget-s; what the budget leaves out is listed.
+pool's cached segments), for b and d, each measured from a fresh model copy. Rows go to JSON
+keyed by GPU name and library versions; a short table ends the output. Work runs in priority
+order under --budget-s; what the budget leaves out is listed.
 
     python bench/bench_sample.py                      # GPU: the full plan within --budget-s
     python bench/bench_sample.py --smoke              # CPU: a tiny eager-only run of every path
@@ -25,10 +26,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import gc
 import json
-import math
 import os
 import platform
 import statistics
@@ -455,7 +454,8 @@ def table(rows: list[dict]) -> str:
             return md / mb if (mb and md) else None
         mr, rr = ratio("peak_alloc_mib"), ratio("peak_reserved_mib")
         lines.append(f"{model:>8} {nfe:>3} {b:>4} | {f(ta)} {f(tb)} {f(tr)} {f(tm)} {f(td)} {f(tf)} | "
-                     f"{f(sp(ta), 6, 2)} {f(sp(tb), 6, 2)} {f(sp(tc), 6, 2)} {f(ovh, 6, 1)} {f(mr, 7, 2)} {f(rr, 7, 2)}")
+                     f"{f(sp(ta), 6, 2)} {f(sp(tb), 6, 2)} {f(sp(tc), 6, 2)} {f(ovh, 6, 1)} "
+                     f"{f(mr, 7, 2)} {f(rr, 7, 2)}")
     return "\n".join(lines)
 
 

@@ -135,7 +135,8 @@ class SamplingEngine:
     model: a `GenieModel` (``eps_and_head``) or any eps model ``model(x, t) -> eps`` (``ddim``,
     ``dpmpp_2m``); an ``nn.Module`` is copied to `device` in each dtype used, a plain callable is
     called as is. device: default CUDA when available. dtype: default fp16 on CUDA for a module
-    with floating-point parameters, else fp32 (analytic models, plain functions, the CPU). use_graphs: default True on CUDA (False on the CPU, where graphs do not exist).
+    with floating-point parameters, else fp32 (analytic models, plain functions, the CPU).
+    use_graphs: default True on CUDA (False on the CPU, where graphs do not exist).
     max_graphs: how many captured graphs the LRU cache keeps. warmup: eager runs before capture.
     """
 

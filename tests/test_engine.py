@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from genie_fast import engine as engine_mod
-from genie_fast.engine import GraphKey, SamplingEngine, _Entry, draw_noise
+from genie_fast.engine import SamplingEngine, _Entry, draw_noise
 from genie_fast.models.head import GenieModel
 from genie_fast.models.unet import UNet
 from genie_fast.ops import head_combine_ref
