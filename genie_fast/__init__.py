@@ -8,7 +8,7 @@ from .schedule import VPSchedule, DiscreteVPSchedule, time_grid, coeff_table
 
 __version__ = "0.1.0"
 
-_LAZY = {"sample": ".sampling", "SOLVERS": ".solvers"}
+_LAZY = {"sample": ".sampling", "SOLVERS": ".solvers", "SamplingEngine": ".engine"}
 
 
 def __getattr__(name):
@@ -19,4 +19,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'genie_fast' has no attribute {name!r}")
 
 
-__all__ = ["sample", "SOLVERS", "VPSchedule", "DiscreteVPSchedule", "time_grid", "coeff_table"]
+__all__ = ["sample", "SOLVERS", "SamplingEngine", "VPSchedule", "DiscreteVPSchedule", "time_grid", "coeff_table"]
