@@ -95,7 +95,8 @@ def write_rows(op: str, rows: list[dict], out: Path | None):
 
 def parse_args(doc: str):
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, nargs="+", default=[1], help="CPU: torch.set_num_threads values (this machine: 2 cores, one busy)")
+    p.add_argument("--threads", type=int, nargs="+", default=[1],
+                   help="CPU: torch.set_num_threads values (the dev machine: 2 cores, one busy)")
     p.add_argument("--shape", type=int, nargs="+", default=[64, 3, 32, 32], help="CPU shape (B C H W)")
     p.add_argument("--gpu-batch", type=int, default=256, help="GPU batch (C H W = 3 32 32)")
     p.add_argument("--iters", type=int, default=20)
@@ -125,9 +126,10 @@ def run(op: str, doc: str, make, eager, fused, fused_out, bytes_moved):
         print(f"[cpu, {threads} thread(s), {tuple(args_ns.shape)} fp32] " + ", ".join(
             f"{k} median {v['median_us']:.1f} us (IQR {v['q1_us']:.1f}-{v['q3_us']:.1f}, min {v['min_us']:.1f})"
             for k, v in res.items()))
-        print(f"  fused/eager speedup: functional {e['median_us'] / res['cpp']['median_us']:.2f}x median,"
-              f" {e['min_us'] / res['cpp']['min_us']:.2f}x min; out= {e['median_us'] / res['cpp_out']['median_us']:.2f}x"
-              f" median, {e['min_us'] / res['cpp_out']['min_us']:.2f}x min")
+        f, o = res["cpp"], res["cpp_out"]
+        print(f"  fused/eager speedup: functional {e['median_us'] / f['median_us']:.2f}x median,"
+              f" {e['min_us'] / f['min_us']:.2f}x min; out= {e['median_us'] / o['median_us']:.2f}x"
+              f" median, {e['min_us'] / o['min_us']:.2f}x min")
     # ------------------------------------------------------------------ GPU: bandwidth vs copy
     if not torch.cuda.is_available():
         print("no CUDA device: GPU bandwidth part skipped")
@@ -159,7 +161,8 @@ def run(op: str, doc: str, make, eager, fused, fused_out, bytes_moved):
                              "fraction_of_copy_same_bytes": gbs / copy_gbs, "copy_1GiB_GBps": peak_gbs, **env})
                 if name != "copy_same_bytes":
                     line.append(f"  {name}: {r['median_us']:.1f} us, {gbs:.0f} GB/s = "
-                                f"{100 * gbs / copy_gbs:.0f}% of copy (same bytes), {100 * gbs / peak_gbs:.0f}% of 1 GiB copy")
+                                f"{100 * gbs / copy_gbs:.0f}% of copy (same bytes), "
+                                f"{100 * gbs / peak_gbs:.0f}% of 1 GiB copy")
             print("\n".join(line))
     if not args_ns.no_write:
         write_rows(op, rows, args_ns.out)
