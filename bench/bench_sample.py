@@ -373,24 +373,22 @@ class Bench:
             return
         g = torch.Generator().manual_seed(99)
         z = torch.randn((batch, *image_shape(model32)), generator=g).to(dev)
-        old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
         try:
-            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-            solver = self.args.solver
-            ref, _ = SamplingEngine(model32, device=dev, dtype=torch.float32, use_graphs=False).sample(
-                z, solver=solver, nfe=nfe)
-            for dt in (low, torch.bfloat16) if low != torch.bfloat16 else (low,):
-                x, _ = SamplingEngine(model32, device=dev, dtype=dt).sample(z, solver=solver, nfe=nfe)
-                err = float((x.double() - ref.double()).norm() / ref.double().norm())
-                self.rows.append({**self.env, "model": name, "solver": solver, "nfe": nfe, "batch": batch,
-                                  "variant": "precision",
-                                  "dtype": str(dt).replace("torch.", ""), "rel_l2_vs_fp32": err,
-                                  "graph": CUDA})
-                self.log(f"  precision {name} {solver} nfe={nfe} B={batch} {dt}: rel L2 vs fp32 (TF32 off) = {err:.2e}")
+            with engine_mod.no_tf32():
+                solver = self.args.solver
+                ref, _ = SamplingEngine(model32, device=dev, dtype=torch.float32, use_graphs=False).sample(
+                    z, solver=solver, nfe=nfe)
+                for dt in (low, torch.bfloat16) if low != torch.bfloat16 else (low,):
+                    x, _ = SamplingEngine(model32, device=dev, dtype=dt).sample(z, solver=solver, nfe=nfe)
+                    err = float((x.double() - ref.double()).norm() / ref.double().norm())
+                    self.rows.append({**self.env, "model": name, "solver": solver, "nfe": nfe, "batch": batch,
+                                      "variant": "precision", "dtype": str(dt).replace("torch.", ""),
+                                      "rel_l2_vs_fp32": err, "graph": CUDA})
+                    self.log(f"  precision {name} {solver} nfe={nfe} B={batch} {dt}: "
+                             f"rel L2 vs fp32 (TF32 off) = {err:.2e}")
         except Exception as e:
             self.log(f"  precision {name}: ERROR {type(e).__name__}: {e}")
         finally:
-            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
             gc.collect()
             if CUDA:
                 torch.cuda.empty_cache()

@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_sample import image_shape, load_models  # noqa: E402
 
-from genie_fast.engine import SamplingEngine  # noqa: E402
+from genie_fast.engine import SamplingEngine, no_tf32  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 # The bounds of tests/test_engine.py (measured on the CPU; see bench/RESULTS.md "Sampling engine").
@@ -85,10 +85,8 @@ def run_check(model, args, dev) -> int:
         return 0
     shape = image_shape(model)
     z = torch.randn((args.batch, *shape), generator=torch.Generator().manual_seed(5)).to(dev)
-    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     failures = 0
-    try:
+    with no_tf32():
         kw = dict(solver=args.solver, nfe=args.nfe)
         ref, _ = SamplingEngine(model, device=dev, dtype="fp32", use_graphs=False).sample(z, **kw)
         g32, _ = SamplingEngine(model, device=dev, dtype="fp32").sample(z, **kw)
@@ -107,8 +105,6 @@ def run_check(model, args, dev) -> int:
             print(json.dumps({"check": name, "model": args.model, "batch": args.batch, "nfe": args.nfe,
                               "solver": args.solver, "rel_l2": err, "bound": bound, "ok": ok}))
         print(json.dumps({"check": "engine cache", **g16_eng.cache_info()}))
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
     return 1 if failures else 0
 
 

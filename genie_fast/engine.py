@@ -46,6 +46,7 @@ NVTX (see `genie_fast.profiling`): ``sample`` around each call; eager: ``step`` 
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import dataclasses
 import time
@@ -61,7 +62,7 @@ from .schedule import COL, VPSchedule, coeff_table, time_grid
 from .solvers import SOLVERS, nfe_of, steps_for_nfe
 
 __all__ = ["SamplingEngine", "GraphKey", "ENGINE_SOLVERS", "DTYPES", "draw_noise", "engine_for",
-           "sample_on_device"]
+           "sample_on_device", "no_tf32"]
 
 ENGINE_SOLVERS = ("genie", "ddim", "dpmpp_2m")
 DTYPES = {"fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
@@ -78,6 +79,30 @@ def _as_dtype(dtype) -> torch.dtype:
         raise ValueError(f"the engine runs the network in float16, bfloat16 or float32, got {dtype} "
                          "(use the reference solvers in genie_fast.solvers for float64)")
     return dtype
+
+
+@contextlib.contextmanager
+def no_tf32():
+    """True float32 convolutions inside (for fp32 references): cuDNN's TF32, on by default in
+    PyTorch, is switched off and restored after. cuBLAS matmuls are left alone (no TF32 unless the
+    user asked for it). Uses the legacy flag, which keeps torch's conv/rnn precision flags
+    consistent; where the user set them apart with the new `fp32_precision` API, that API."""
+    cudnn = torch.backends.cudnn
+    try:
+        old = cudnn.allow_tf32
+    except RuntimeError:  # the new API was used to set conv and rnn apart: stay with it
+        old_conv = cudnn.conv.fp32_precision
+        cudnn.conv.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            cudnn.conv.fp32_precision = old_conv
+        return
+    cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32 = old
 
 
 def draw_noise(n: int, shape, seed: int = 0, device=None) -> torch.Tensor:

@@ -419,11 +419,19 @@ def test_default_model_engine_matches_reference():
 
 @pytest.fixture
 def no_tf32():
-    """True float32 references: TF32 off for the test, restored after."""
-    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+    """True float32 references: cuDNN's TF32 off for the test, restored after."""
+    with engine_mod.no_tf32():
+        yield
+
+
+def test_no_tf32_restores_flags():
+    b = torch.backends
+    before = (b.cudnn.fp32_precision, b.cudnn.conv.fp32_precision, b.cudnn.rnn.fp32_precision,
+              b.cuda.matmul.fp32_precision)
+    with engine_mod.no_tf32():
+        assert b.cudnn.conv.fp32_precision != "tf32"
+    assert (b.cudnn.fp32_precision, b.cudnn.conv.fp32_precision, b.cudnn.rnn.fp32_precision,
+            b.cuda.matmul.fp32_precision) == before
 
 
 @pytest.mark.cuda
