@@ -36,6 +36,8 @@ SOLVER_GRIDS = {
     "ddim": ["quadratic"],
     "genie": ["quadratic", "logsnr"],
     "genie_exact": ["quadratic"],
+    "genie+afs": ["quadratic", "logsnr"],  # the paper's setting: analytical first step
+    "genie_exact+afs": ["quadratic"],
     "dpm_solver_2": ["logsnr"],
     "dpmpp_2m": ["logsnr"],
     "dpmpp_3m": ["logsnr"],
@@ -271,8 +273,10 @@ def main(argv=None):
                 if (solver, grid, nfe) in done:
                     continue
                 t0 = time.time()
+                name, _, flag = solver.partition("+")
                 try:
-                    x0, used = genie_fast.sample(model=model, noise=noise, solver=solver, nfe=nfe, grid=grid)
+                    x0, used = genie_fast.sample(model=model, noise=noise, solver=name, nfe=nfe, grid=grid,
+                                                 afs=flag == "afs")
                 except Exception as e:  # a solver missing or refusing this NFE is recorded, not fatal
                     print(f"{solver}/{grid}/nfe={nfe}: skipped ({type(e).__name__}: {e})")
                     rows.append({"solver": solver, "grid": grid, "nfe_requested": nfe, "error": str(e)})
