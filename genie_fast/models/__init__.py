@@ -6,7 +6,12 @@ _LAZY = {
     "UNet": ".unet",
     "GenieHead": ".head",
     "GenieModel": ".head",
+    "HeadConfig": ".head",
+    "UNetConfig": ".unet",
+    "CONFIGS": ".unet",
     "load_default": ".default",
+    "load_model": ".default",
+    "save_model": ".default",
 }
 
 
