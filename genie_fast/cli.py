@@ -64,7 +64,9 @@ def _cmd_sample(args):
 
     torch.set_num_threads(args.threads) if args.threads else None
     model = load_model(args.model) if args.model else None
-    x0, nfe = genie_fast.sample(model=model, n=args.n, solver=args.solver, nfe=args.nfe, seed=args.seed)
+    x0, nfe = genie_fast.sample(model=model, n=args.n, solver=args.solver, nfe=args.nfe, seed=args.seed,
+                                grid=args.grid, afs=args.afs, denoise=args.denoise, backend=args.backend,
+                                device=args.device)
     out = save_grid(x0, args.out)
     print(f"wrote {out} ({args.n} samples, solver {args.solver}, {nfe} NFE)")
 
@@ -89,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--nfe", type=int, default=10)
     sa.add_argument("--solver", default="genie")
     sa.add_argument("--seed", type=int, default=0)
+    # logSNR grid + AFS: the best GENIE setting measured on the bundled model (bench/RESULTS.md)
+    sa.add_argument("--grid", default="logsnr", help="uniform | quadratic | logsnr | edm (default: logsnr)")
+    sa.add_argument("--afs", action=argparse.BooleanOptionalAction, default=True,
+                    help="analytical first step (saves one NFE; default on)")
+    sa.add_argument("--denoise", action="store_true", help="final denoising step (+1 NFE)")
+    sa.add_argument("--backend", default="auto", help="auto | torch | cpp | triton | cuda")
+    sa.add_argument("--device", default=None, help="e.g. cuda (default: the model's device)")
     sa.add_argument("--model", default=None, help="model stem (default: bundled Fashion-MNIST model)")
     sa.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     sa.add_argument("--out", default="grid.png")
