@@ -215,3 +215,85 @@ def check_cuda_graph(spec: StepOp, backend, shape=(4, 3, 16, 16)):
         want = spec.results(call(spec.name, backend, *args, tab[n]))
         for o, w in zip(out, want):
             torch.testing.assert_close(o, w, rtol=0, atol=0)
+
+
+FUSED_CPU_BACKENDS = ("cpp", "triton")
+FUSED_CUDA_BACKENDS = ("cuda", "triton")
+
+
+class StepOpTests:
+    """The checks every step op gets; a test file subclasses it with `SPEC = StepOp(...)`
+    and adds the op's own tests (its formula's pitfalls, argument errors) beside it."""
+
+    SPEC: StepOp
+
+    def _need(self, backend):
+        if backend not in cpu_backends(self.SPEC.name):
+            pytest.skip(f"backend {backend!r} cannot run {self.SPEC.name} on the CPU here")
+
+    def test_cpp_backend_is_built(self):
+        assert "cpp" in cpu_backends(self.SPEC.name), (
+            f"genie_fast._C lacks {self.SPEC.name}: rebuild with `pip install --no-build-isolation -e .`")
+
+    @pytest.mark.parametrize("backend", FUSED_CPU_BACKENDS)
+    @pytest.mark.parametrize("net_dtype", NET_DTYPES)
+    @pytest.mark.parametrize("shape", SMALL_SHAPES)
+    @pytest.mark.parametrize("row", ["first", "late"])
+    def test_matches_reference(self, backend, net_dtype, shape, row):
+        self._need(backend)
+        check_against_reference(self.SPEC, backend, "cpu", shape, net_dtype, row, use_out=False)
+
+    @pytest.mark.parametrize("backend", FUSED_CPU_BACKENDS)
+    @pytest.mark.parametrize("net_dtype", NET_DTYPES)
+    def test_poisoned_out(self, backend, net_dtype):
+        self._need(backend)
+        check_against_reference(self.SPEC, backend, "cpu", (3, 3, 5, 7), net_dtype, "late", use_out=True)
+
+    @pytest.mark.parametrize("net_dtype", NET_DTYPES)
+    def test_large_cpp(self, net_dtype):
+        check_against_reference(self.SPEC, "cpp", "cpu", LARGE_SHAPE, net_dtype, "late", use_out=True)
+
+    @pytest.mark.parametrize("backend", FUSED_CPU_BACKENDS)
+    def test_float64(self, backend):
+        self._need(backend)
+        check_float64(self.SPEC, backend, "cpu", (2, 3, 5, 7))
+
+    @pytest.mark.parametrize("backend", FUSED_CPU_BACKENDS)
+    def test_inplace(self, backend):
+        self._need(backend)
+        check_inplace(self.SPEC, backend, "cpu", (2, 3, 5, 7), torch.float16)
+
+    @pytest.mark.parametrize("backend", FUSED_CPU_BACKENDS)
+    def test_layouts(self, backend):
+        self._need(backend)
+        check_layouts(self.SPEC, backend, "cpu", (2, 3, 5, 7), torch.bfloat16)
+
+    @pytest.mark.parametrize("backend", FUSED_CPU_BACKENDS)
+    def test_refuses_strided_out(self, backend):
+        self._need(backend)
+        check_refuses_strided_out(self.SPEC, backend, "cpu")
+
+    def test_opcheck(self):
+        check_opcheck(self.SPEC, "cpu")
+
+    @cuda
+    @pytest.mark.parametrize("backend", FUSED_CUDA_BACKENDS)
+    @pytest.mark.parametrize("net_dtype", NET_DTYPES)
+    @pytest.mark.parametrize("shape", SMALL_SHAPES + ((256, 3, 32, 32),))
+    @pytest.mark.parametrize("use_out", [False, True])
+    def test_cuda_matches_reference(self, backend, net_dtype, shape, use_out):
+        check_against_reference(self.SPEC, backend, "cuda", shape, net_dtype, "first", use_out)
+
+    @cuda
+    @pytest.mark.parametrize("backend", FUSED_CUDA_BACKENDS)
+    def test_cuda_misc(self, backend):
+        check_float64(self.SPEC, backend, "cuda", (2, 3, 5, 7))
+        check_inplace(self.SPEC, backend, "cuda", (2, 3, 5, 7), torch.float16)
+        check_layouts(self.SPEC, backend, "cuda", (2, 3, 5, 7), torch.bfloat16)
+        check_refuses_strided_out(self.SPEC, backend, "cuda")
+        check_cuda_graph(self.SPEC, backend)
+
+    @cuda
+    def test_cuda_opcheck_and_auto(self):
+        check_opcheck(self.SPEC, "cuda")
+        assert ops._pick(self.SPEC.name, torch.device("cuda"), "auto") == "cuda"

@@ -4,9 +4,7 @@ import pytest
 import torch
 
 from genie_fast import ops
-from _fused_checks import (LARGE_SHAPE, NET_DTYPES, SMALL_SHAPES, StepOp, check_against_reference,
-                           check_cuda_graph, check_float64, check_inplace, check_layouts, check_opcheck,
-                           check_refuses_strided_out, coeff_rows, cpu_backends, cuda, randn)
+from _fused_checks import StepOpTests, StepOp, coeff_rows, cpu_backends, randn
 
 
 def _make(shape, net_dtype, device):
@@ -21,51 +19,10 @@ SPEC = StepOp("genie_step", ops.genie_step_ref, _make,
 CPU = cpu_backends("genie_step")
 
 
-def test_cpp_backend_is_built():
-    assert "cpp" in CPU, "genie_fast._C lacks genie_step: rebuild with `pip install --no-build-isolation -e .`"
+class TestGenieStep(StepOpTests):
+    """The generic step-op checks (see _fused_checks.StepOpTests)."""
 
-
-@pytest.mark.parametrize("backend", CPU)
-@pytest.mark.parametrize("net_dtype", NET_DTYPES)
-@pytest.mark.parametrize("shape", SMALL_SHAPES)
-@pytest.mark.parametrize("row", ["first", "late"])
-def test_matches_reference(backend, net_dtype, shape, row):
-    check_against_reference(SPEC, backend, "cpu", shape, net_dtype, row, use_out=False)
-
-
-@pytest.mark.parametrize("backend", CPU)
-@pytest.mark.parametrize("net_dtype", NET_DTYPES)
-def test_poisoned_out(backend, net_dtype):
-    check_against_reference(SPEC, backend, "cpu", (3, 3, 5, 7), net_dtype, "late", use_out=True)
-
-
-@pytest.mark.parametrize("net_dtype", NET_DTYPES)
-def test_large_cpp(net_dtype):
-    check_against_reference(SPEC, "cpp", "cpu", LARGE_SHAPE, net_dtype, "late", use_out=True)
-
-
-@pytest.mark.parametrize("backend", CPU)
-def test_float64(backend):
-    check_float64(SPEC, backend, "cpu", (2, 3, 5, 7))
-
-
-@pytest.mark.parametrize("backend", CPU)
-def test_inplace(backend):
-    check_inplace(SPEC, backend, "cpu", (2, 3, 5, 7), torch.float16)
-
-
-@pytest.mark.parametrize("backend", CPU)
-def test_layouts(backend):
-    check_layouts(SPEC, backend, "cpu", (2, 3, 5, 7), torch.bfloat16)
-
-
-@pytest.mark.parametrize("backend", CPU)
-def test_refuses_strided_out(backend):
-    check_refuses_strided_out(SPEC, backend, "cpu")
-
-
-def test_opcheck():
-    check_opcheck(SPEC, "cpu")
+    SPEC = SPEC
 
 
 def test_wrong_coefficient_is_caught():
@@ -128,30 +85,3 @@ def test_triton_on_cpu_without_interpreter_is_refused():
 
 
 # --------------------------------------------------------------------------- on a GPU
-
-CUDA_BACKENDS = ["cuda", "triton"]
-
-
-@cuda
-@pytest.mark.parametrize("backend", CUDA_BACKENDS)
-@pytest.mark.parametrize("net_dtype", NET_DTYPES)
-@pytest.mark.parametrize("shape", SMALL_SHAPES + ((256, 3, 32, 32),))
-@pytest.mark.parametrize("use_out", [False, True])
-def test_cuda_matches_reference(backend, net_dtype, shape, use_out):
-    check_against_reference(SPEC, backend, "cuda", shape, net_dtype, "first", use_out)
-
-
-@cuda
-@pytest.mark.parametrize("backend", CUDA_BACKENDS)
-def test_cuda_misc(backend):
-    check_float64(SPEC, backend, "cuda", (2, 3, 5, 7))
-    check_inplace(SPEC, backend, "cuda", (2, 3, 5, 7), torch.float16)
-    check_layouts(SPEC, backend, "cuda", (2, 3, 5, 7), torch.bfloat16)
-    check_refuses_strided_out(SPEC, backend, "cuda")
-    check_cuda_graph(SPEC, backend)
-
-
-@cuda
-def test_cuda_opcheck_and_auto():
-    check_opcheck(SPEC, "cuda")
-    assert ops._pick("genie_step", torch.device("cuda"), "auto") == "cuda"
