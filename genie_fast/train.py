@@ -73,7 +73,23 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-root", default=None)
     p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt")
+    p.add_argument("--init-from", default=None, metavar="CKPT",
+                   help="start a fresh run from the EMA weights of another training checkpoint of the "
+                        "same architecture (its time input may differ: the time MLP then re-learns)")
     return p
+
+
+def init_from_checkpoint(model: UNet, path: str | os.PathLike) -> int:
+    """Load the EMA weights of training checkpoint ``path`` into ``model``; returns its step."""
+    state = load_checkpoint(Path(path))
+    theirs = {k: v.shape for k, v in state["ema"].items()}
+    ours = {k: v.shape for k, v in model.state_dict().items()}
+    if theirs != ours:
+        diff = sorted(set(theirs.items()) ^ set(ours.items()))[:4]
+        raise ValueError(f"--init-from {path}: its U-Net ({state['config']}) has other parameters than "
+                         f"this config ({model.config.to_dict()}); first differences: {diff}")
+    model.load_state_dict(state["ema"])
+    return int(state["step"])
 
 
 def train(args) -> Path:
@@ -97,6 +113,9 @@ def train(args) -> Path:
         torch.manual_seed(args.seed)
         config = CONFIGS[args.config]
         model = UNet(config)
+        if args.init_from:
+            src_step = init_from_checkpoint(model, args.init_from)
+            print(f"initialised from the EMA weights of {args.init_from} (step {src_step})")
         ema = copy.deepcopy(model)
         step, wall, state = 0, 0.0, None
     ema.eval()

@@ -136,3 +136,28 @@ def test_train_distill_export_end_to_end(tmp_path):
     assert torch.isfinite(deps).all()
     assert main(["train", "--out", str(tmp_path / "tr"), "--data-root", str(tmp_path / "none"),
                  "--steps", "4", "--resume"]) == 2
+
+
+def test_train_init_from(tmp_path, capsys):
+    from genie_fast.cli import main
+    from genie_fast.train import load_checkpoint
+
+    rng = np.random.default_rng(1)
+    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (8, 28, 28)))
+    _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, (8,)))
+    common = ["--data-root", str(tmp_path), "--batch", "4", "--threads", "1", "--lr", "0"]
+    assert main(["train", "--config", "tiny", "--out", str(tmp_path / "a"), "--steps", "1", *common,
+                 "--lr", "1e-2"]) == 0
+    src = load_checkpoint(tmp_path / "a" / "ckpt.pt")
+    # Same architecture: the EMA weights carry over (lr 0 keeps them), the step restarts.
+    tiny_b = tmp_path / "b"
+    assert main(["train", "--config", "tiny", "--out", str(tiny_b), "--steps", "1", *common,
+                 "--init-from", str(tmp_path / "a" / "ckpt.pt")]) == 0
+    dst = load_checkpoint(tiny_b / "ckpt.pt")
+    assert dst["step"] == 1
+    assert all(torch.equal(dst["model"][k], v) for k, v in src["ema"].items())
+    assert "initialised from" in capsys.readouterr().out
+    # Another architecture is refused with a message that names the mismatch.
+    assert main(["train", "--config", "fmnist_small", "--out", str(tmp_path / "c"), "--steps", "1", *common,
+                 "--init-from", str(tmp_path / "a" / "ckpt.pt")]) == 2
+    assert "other parameters than this config" in capsys.readouterr().err

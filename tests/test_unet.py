@@ -1,7 +1,10 @@
+import dataclasses
+
 import pytest
 import torch
 
-from genie_fast.models.unet import CONFIGS, UNet, UNetConfig, count_parameters, timestep_embedding
+from genie_fast.models.unet import CONFIGS, UNet, UNetConfig, count_parameters, log_gamma_vp, time_embedding, timestep_embedding
+from genie_fast.schedule import VPSchedule
 
 
 def _randomize(model, std=0.1, seed=0):
@@ -51,6 +54,28 @@ def test_time_conditioning_uses_999t():
     m = _randomize(UNet("tiny")).eval()
     x = torch.randn(1, 1, 8, 8)
     assert not torch.allclose(m(x, torch.tensor([0.1])), m(x, torch.tensor([0.2])))
+
+
+def test_log_gamma_time_input():
+    t = torch.tensor([1e-3, 0.01, 0.3, 1.0], dtype=torch.float64)
+    assert torch.allclose(log_gamma_vp(t), VPSchedule().gamma(t).log(), rtol=1e-12)
+    assert CONFIGS["fmnist_small_lg"].time_input == "log_gamma"
+    cfg = dataclasses.replace(CONFIGS["tiny"], time_input="log_gamma")
+    a, b = UNet(CONFIGS["tiny"]), UNet(cfg)
+    b.load_state_dict(_randomize(a).state_dict())  # same parameters, other time features
+    x, tt = torch.randn(2, 1, 8, 8), torch.tensor([0.05, 0.7])
+    assert not torch.allclose(a(x, tt), b(x, tt))
+    # The point of it: at t = 0.3 the features move with t at the speed of log gamma (~5 per unit t),
+    # ScoreSDE's at up to 999 per unit t.
+    t3 = torch.tensor([0.3])
+    speed = {k: torch.func.jvp(lambda s: time_embedding(s, 32, k), (t3,), (torch.ones(1),))[1].abs().max()
+             for k in ("999t", "log_gamma")}
+    assert speed["log_gamma"] < 6 and speed["999t"] > 500
+    with pytest.raises(ValueError, match="unknown time_input"):
+        UNetConfig(time_input="t")
+    old = CONFIGS["fmnist_small"].to_dict()
+    old.pop("time_input")  # files written before the field existed load as ScoreSDE's 999 t
+    assert UNetConfig.from_dict(old).time_input == "999t"
 
 
 def test_gradients_flow_everywhere():

@@ -1,7 +1,7 @@
 """DDPM++-style U-Net score network (eps prediction) for continuous VP time.
 
 Follows the shape of the ScoreSDE DDPM++ network (Song et al. 2021) that GENIE distils from:
-positional time embedding of ``999 * t`` -> MLP, residual blocks with GroupNorm + SiLU and a
+positional time embedding (of ``999 * t`` as ScoreSDE, or of log gamma_t) -> MLP, residual blocks with GroupNorm + SiLU and a
 time-embedding bias, skip connections rescaled by 1/sqrt(2), self-attention at chosen
 resolutions, and a GroupNorm -> SiLU -> conv3x3 output. ``forward(x, t, return_features=True)``
 also returns what the GENIE head needs: the last feature map before the output norm and the time
@@ -10,9 +10,20 @@ embedding.
 Named configs (``CONFIGS``):
 
 * ``ddpmpp_deep_cifar10``: nf 128, ch_mult (1, 2, 2, 2), 8 blocks per level, attention at 16,
-  3x32x32, the ScoreSDE "DDPM++ deep cont." CIFAR-10 shape. 108,417,667 parameters
+  3x32x32, the ScoreSDE "DDPM++ deep cont." CIFAR-10 shape. 104,570,627 parameters
   (dropout 0.1 as in ScoreSDE; used with random weights for GPU timings).
-* ``fmnist_small``: the shipped Fashion-MNIST default, 1x32x32 (see ``genie_fast/assets``).
+* ``fmnist_small``: Fashion-MNIST, 1x32x32, ScoreSDE time input ``999 * t``.
+* ``fmnist_small_lg``: the same network with the smooth ``log_gamma`` time input (see below).
+
+Time input (``UNetConfig.time_input``):
+
+* ``"999t"``: sinusoidal embedding of ``999 * t`` (ScoreSDE). Its fastest feature has a period of
+  2 pi / 999 = 0.0063 in t; a network that has not learned to cancel it is wavy in t at that scale,
+  so its exact d eps/dt (what GENIE's Taylor step and head distillation use) says little about how
+  eps changes over a solver step (``bench/diag_time_roughness.py`` measures this).
+* ``"log_gamma"``: sinusoidal embedding of log gamma_t (gamma = sigma / alpha of the default linear
+  VP schedule), frequencies 1 down to 1/100 per unit of log gamma: the log-SNR axis the solvers
+  step along, with no feature faster than a period of 2 pi there.
 * ``tiny``: for tests.
 """
 from __future__ import annotations
@@ -23,6 +34,9 @@ import math
 import torch
 from torch import nn
 import torch.nn.functional as F
+
+
+TIME_INPUTS = ("999t", "log_gamma")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +50,11 @@ class UNetConfig:
     num_res_blocks: int = 1
     attn_resolutions: tuple[int, ...] = (8,)
     dropout: float = 0.0
+    time_input: str = "999t"
+
+    def __post_init__(self):
+        if self.time_input not in TIME_INPUTS:
+            raise ValueError(f"unknown time_input {self.time_input!r}; known: {sorted(TIME_INPUTS)}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -58,6 +77,9 @@ CONFIGS: dict[str, UNetConfig] = {
                                       num_res_blocks=8, attn_resolutions=(16,), dropout=0.1),
     "fmnist_small": UNetConfig(in_channels=1, image_size=32, nf=32, ch_mult=(1, 2, 2),
                                num_res_blocks=1, attn_resolutions=(8,), dropout=0.0),
+    "fmnist_small_lg": UNetConfig(in_channels=1, image_size=32, nf=32, ch_mult=(1, 2, 2),
+                                  num_res_blocks=1, attn_resolutions=(8,), dropout=0.0,
+                                  time_input="log_gamma"),
     "tiny": UNetConfig(in_channels=1, image_size=8, nf=8, ch_mult=(1, 2), num_res_blocks=1,
                        attn_resolutions=(4,), dropout=0.0),
 }
@@ -71,16 +93,36 @@ def _groups(ch: int) -> int:
     return g
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of ``999 * t`` (ScoreSDE convention). t: (B,) -> (B, dim)."""
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, scale: float = 999.0) -> torch.Tensor:
+    """Sinusoidal embedding of ``scale * t`` (ScoreSDE: 999 t), frequencies 1 .. 1/max_period.
+
+    t: (B,) -> (B, dim)."""
     half = dim // 2
     dtype = torch.float64 if t.dtype == torch.float64 else torch.float32  # fp16 times lose too much
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=dtype) / half)
-    args = (999.0 * t.to(dtype))[:, None] * freqs[None]
+    args = (scale * t.to(dtype))[:, None] * freqs[None]
     emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
     if dim % 2:
         emb = F.pad(emb, (0, 1))
     return emb
+
+
+# log gamma_t of the default linear VP schedule (beta_min 0.1, beta_d 19.9), as in genie_fast.schedule.
+_BETA_MIN, _BETA_D = 0.1, 19.9
+
+
+def log_gamma_vp(t: torch.Tensor) -> torch.Tensor:
+    """log(sigma_t / alpha_t) = 0.5 log(expm1(beta_min t + beta_d t^2 / 2)), accurate as t -> 0."""
+    dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+    t = t.to(dtype)
+    return 0.5 * torch.log(torch.expm1(_BETA_MIN * t + 0.5 * _BETA_D * t * t))
+
+
+def time_embedding(t: torch.Tensor, dim: int, time_input: str) -> torch.Tensor:
+    """The U-Net's time features for ``UNetConfig.time_input``."""
+    if time_input == "999t":
+        return timestep_embedding(t, dim)
+    return timestep_embedding(log_gamma_vp(t), dim, max_period=100.0, scale=1.0)
 
 
 class ResBlock(nn.Module):
@@ -204,7 +246,7 @@ class UNet(nn.Module):
         """Returns eps, or (eps, features (B, nf, H, W), temb (B, 4 nf)) with return_features."""
         if t.dim() == 0:
             t = t.expand(x.shape[0])
-        temb = self.temb(timestep_embedding(t, self.config.nf).to(x.dtype))
+        temb = self.temb(time_embedding(t, self.config.nf, self.config.time_input).to(x.dtype))
         h = self.conv_in(x)
         skips = [h]
         for blocks in self.down:
