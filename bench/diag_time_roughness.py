@@ -11,7 +11,8 @@ finite differences over growing half-widths:
   Delta = delta * dgamma/dt in gamma (the same span in t).
 
 A smooth network gives small numbers at every half-width up to a solver step (logSNR grid at 10
-NFE: steps of 0.003-0.2 in t); at delta = 1e-4 both columns check the JVP itself (~0).
+NFE: steps of 0.003-0.2 in t); at delta = 1e-4 both columns check the JVP itself (~0). "nan": the
+span would leave [t_end, 1].
 
     python bench/diag_time_roughness.py checkpoints/fmnist_train.pt runs/fmnist_lg/ckpt.pt
 """
@@ -46,6 +47,10 @@ def roughness(unet, schedule, x0: torch.Tensor, seed: int = 0) -> dict:
             _, total = torch.func.jvp(unet, (xt, t), (dx, dtg))
             row_t, row_ode = [], []
             for d in DELTAS:
+                if tval - d < schedule.t_end:  # the network is only defined on [t_end, 1]
+                    row_t.append(float("nan"))
+                    row_ode.append(float("nan"))
+                    continue
                 fd_t = (unet(xt, t + d) - unet(xt, t - d)) / (2 * d)
                 big = d / dtg[:, None, None, None]  # the same span in gamma
                 fd_ode = (unet(xt + big * dx, t + d) - unet(xt - big * dx, t - d)) / (2 * big)
