@@ -29,7 +29,8 @@ from torch import nn
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent
-OUT = ROOT / "quality"
+CLF_DIR = ROOT / "quality"  # the cached classifier
+OUT = CLF_DIR  # results; --out changes it
 
 # Solver -> time grids; first is the solver authors' recommendation for unconditional sampling.
 SOLVER_GRIDS = {
@@ -72,10 +73,10 @@ class Classifier(nn.Module):
 
 def get_classifier(epochs: int = 3, log=print) -> tuple[Classifier, float]:
     from safetensors.torch import load_file, save_file
-    from genie_fast.data import infinite_batches, load_fashion_mnist
+    from genie_fast.data import load_fashion_mnist
 
-    path = OUT / "classifier.safetensors"
-    meta_path = OUT / "classifier.json"
+    path = CLF_DIR / "classifier.safetensors"
+    meta_path = CLF_DIR / "classifier.json"
     clf = Classifier()
     x_test, y_test = load_fashion_mnist("test")
     if path.exists():
@@ -102,7 +103,7 @@ def get_classifier(epochs: int = 3, log=print) -> tuple[Classifier, float]:
     with torch.no_grad():
         acc = float(torch.cat([clf(x_test[i:i + 1000]).argmax(1) for i in range(0, len(x_test), 1000)])
                     .eq(y_test).float().mean())
-    OUT.mkdir(parents=True, exist_ok=True)
+    CLF_DIR.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in clf.state_dict().items()}, str(path))
     meta_path.write_text(json.dumps({"test_accuracy": acc, "epochs": epochs, "train_s": time.time() - t0}, indent=2))
     return clf, acc
@@ -215,22 +216,33 @@ def main(argv=None):
     p.add_argument("--only", choices=["head", "samples"], default=None)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default=None, help="model stem written by `genie-fast export` (default: bundled)")
+    p.add_argument("--out", default=None, help=f"results directory (default {OUT})")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    global OUT
+    if args.out:
+        OUT = Path(args.out)
     OUT.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(ROOT.parent))
 
     import genie_fast
     from genie_fast.cli import save_grid
     from genie_fast.data import load_fashion_mnist
-    from genie_fast.models.default import load_default
+    from genie_fast.models.default import load_default, load_model
 
-    model = load_default()
+    model = load_model(args.model) if args.model else load_default()
     result = {"device": platform.processor() or platform.machine(), "torch": torch.__version__,
-              "threads": args.threads, "model_provenance": getattr(model, "provenance", {})}
+              "threads": args.threads, "model_provenance": getattr(model, "provenance", {}),
+              "n": args.n, "n_ode": args.n_ode, "ref_steps": args.ref_steps, "seed": args.seed}
     res_path = OUT / "quality.json"
     if res_path.exists():
-        result = {**json.loads(res_path.read_text()), **result}
+        old = json.loads(res_path.read_text())
+        # Rows are reused (a killed run resumes) only when they measured the same thing.
+        if all(old.get(k) == result[k] for k in ("model_provenance", "n", "n_ode", "ref_steps", "seed")):
+            result = {**old, **result}
+        else:
+            print(f"{res_path}: earlier results are for another model or setting; starting afresh")
 
     def save():
         res_path.write_text(json.dumps(result, indent=2))
