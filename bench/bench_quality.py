@@ -220,6 +220,7 @@ def head_fidelity(model, n: int = 256, bins: int = 8, seed: int = 0) -> dict:
 # --------------------------------------------------------------------------- main
 
 def main(argv=None):
+    global OUT
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=500, help="samples per (solver, NFE) for FD/KID")
     p.add_argument("--n-ode", type=int, default=64, help="samples for the ODE-error reference")
@@ -233,7 +234,6 @@ def main(argv=None):
     p.add_argument("--out", default=None, help=f"results directory (default {OUT})")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    global OUT
     if args.out:
         OUT = Path(args.out)
     OUT.mkdir(parents=True, exist_ok=True)
