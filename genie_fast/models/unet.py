@@ -12,8 +12,8 @@ Named configs (``CONFIGS``):
 * ``ddpmpp_deep_cifar10``: nf 128, ch_mult (1, 2, 2, 2), 8 blocks per level, attention at 16,
   3x32x32, the ScoreSDE "DDPM++ deep cont." CIFAR-10 shape. 104,570,627 parameters
   (dropout 0.1 as in ScoreSDE; used with random weights for GPU timings).
-* ``fmnist_small``: Fashion-MNIST, 1x32x32, ScoreSDE time input ``999 * t``.
-* ``fmnist_small_lg``: the same network with the smooth ``log_gamma`` time input (see below).
+* ``fmnist_small``: Fashion-MNIST, 1x32x32, ScoreSDE time input ``999 * t`` (the first bundled model).
+* ``fmnist_small_lg``: the same network with the smooth ``log_gamma`` time input: the shipped default.
 
 Time input (``UNetConfig.time_input``):
 
