@@ -14,6 +14,7 @@ Named configs (``CONFIGS``):
   (dropout 0.1 as in ScoreSDE; used with random weights for GPU timings).
 * ``fmnist_small``: Fashion-MNIST, 1x32x32, ScoreSDE time input ``999 * t`` (the first bundled model).
 * ``fmnist_small_lg``: the same network with the smooth ``log_gamma`` time input: the shipped default.
+* ``tiny``: for tests.
 
 Time input (``UNetConfig.time_input``):
 
@@ -24,7 +25,6 @@ Time input (``UNetConfig.time_input``):
 * ``"log_gamma"``: sinusoidal embedding of log gamma_t (gamma = sigma / alpha of the default linear
   VP schedule), frequencies 1 down to 1/100 per unit of log gamma: the log-SNR axis the solvers
   step along, with no feature faster than a period of 2 pi there.
-* ``tiny``: for tests.
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from ..schedule import VPSchedule
 
 TIME_INPUTS = ("999t", "log_gamma")
 
@@ -107,15 +108,13 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, s
     return emb
 
 
-# log gamma_t of the default linear VP schedule (beta_min 0.1, beta_d 19.9), as in genie_fast.schedule.
-_BETA_MIN, _BETA_D = 0.1, 19.9
+_VP = VPSchedule()  # the default linear VP schedule (beta_min 0.1, beta_d 19.9) the networks train with
 
 
 def log_gamma_vp(t: torch.Tensor) -> torch.Tensor:
-    """log(sigma_t / alpha_t) = 0.5 log(expm1(beta_min t + beta_d t^2 / 2)), accurate as t -> 0."""
+    """log(sigma_t / alpha_t) = -log_snr(t) / 2 of the default VP schedule, in float32 or float64."""
     dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
-    t = t.to(dtype)
-    return 0.5 * torch.log(torch.expm1(_BETA_MIN * t + 0.5 * _BETA_D * t * t))
+    return -0.5 * _VP.log_snr(t.to(dtype))
 
 
 def time_embedding(t: torch.Tensor, dim: int, time_input: str) -> torch.Tensor:
