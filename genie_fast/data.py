@@ -81,16 +81,23 @@ def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = No
 
 
 def infinite_batches(data: torch.Tensor, batch_size: int, generator: torch.Generator,
-                     hflip: bool = True):
-    """Yields random batches forever (reshuffled each epoch), with optional horizontal flips."""
+                     hflip: bool = True, labels: torch.Tensor | None = None):
+    """Yields random batches forever (reshuffled each epoch), with optional horizontal flips.
+
+    With ``labels`` (N,) it yields ``(images, labels)`` pairs, else images alone."""
     n = data.shape[0]
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if n < batch_size:
         raise ValueError(f"dataset has {n} images, fewer than batch_size={batch_size}")
+    if labels is not None and labels.shape != (n,):
+        raise ValueError(f"labels shape {tuple(labels.shape)} does not match {n} images")
     while True:
         perm = torch.randperm(n, generator=generator)
         for i in range(0, n - batch_size + 1, batch_size):
-            x = data[perm[i:i + batch_size]]
+            idx = perm[i:i + batch_size]
+            x = data[idx]
             if hflip:
                 flip = torch.rand(batch_size, generator=generator) < 0.5
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            yield x
+            yield x if labels is None else (x, labels[idx])

@@ -29,7 +29,7 @@ from .models.head import GenieHead, GenieModel, HeadConfig
 from .ops import head_combine_ref
 from .models.unet import UNet, UNetConfig, count_parameters
 from .schedule import VPSchedule
-from .train import ema_update, load_checkpoint, save_checkpoint
+from .train import check_run_dir, drop_labels, ema_update, load_checkpoint, save_checkpoint
 
 
 def ode_tangents(eps: torch.Tensor, x: torch.Tensor, t: torch.Tensor, schedule):
@@ -57,15 +57,16 @@ def jvp_deps(eps_fn, x: torch.Tensor, t: torch.Tensor, schedule, eps: torch.Tens
     return eps_out, deps
 
 
-def head_loss(model: GenieModel, x_t: torch.Tensor, t: torch.Tensor):
+def head_loss(model: GenieModel, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None):
     """gamma^2-weighted squared error of the head against the exact JVP, summed over pixels.
 
+    labels: for a class-conditional network (the JVP is taken along that label's ODE).
     Returns (loss, relative L2 error of d eps/d gamma per batch, detached).
     """
     unet = model.unet
     with torch.no_grad():
-        eps, features, temb = unet(x_t, t, return_features=True)
-        _, target = jvp_deps(unet, x_t, t, model.schedule, eps=eps)
+        eps, features, temb = unet(x_t, t, return_features=True, labels=labels)
+        _, target = jvp_deps(lambda x, tt: unet(x, tt, labels=labels), x_t, t, model.schedule, eps=eps)
     head_out = model.head(x_t, eps, features, temb)
     gamma = model.schedule.gamma(t)[:, None, None, None].to(x_t.dtype)
     deps = head_combine_ref(head_out, gamma)
@@ -112,6 +113,12 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-root", default=None)
     p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt")
+    p.add_argument("--overwrite", action="store_true", help="start fresh even if <out>/ckpt.pt exists")
+    p.add_argument("--init-head", default=None, metavar="STEM",
+                   help="start a fresh run from the head of an exported model (<STEM>.safetensors + .json) "
+                        "of the same head shape")
+    p.add_argument("--label-dropout", type=float, default=0.15,
+                   help="class-conditional networks: probability of distilling a sample along the null-label ODE")
     return p
 
 
@@ -121,17 +128,32 @@ def distill(args) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "ckpt.pt"
     schedule = VPSchedule()
+    check_run_dir(out, args.resume, getattr(args, "overwrite", False))
+    if args.batch < 1 or args.steps < 0:
+        raise SystemExit(f"error: --batch must be >= 1 and --steps >= 0, got {args.batch} and {args.steps}")
     unet = load_unet_from_train_ckpt(args.unet_ckpt)
     for p in unet.parameters():
         p.requires_grad_(False)
 
     state = load_checkpoint(ckpt_path) if (args.resume and ckpt_path.exists()) else None
+    init_head = None
     if state is None:
         torch.manual_seed(args.seed)
-        head_cfg = HeadConfig.for_unet(unet, width=args.width, num_res_blocks=args.head_blocks)
+        if getattr(args, "init_head", None):
+            from .models.default import load_model
+            init_head = load_model(args.init_head).head
+            head_cfg = init_head.config
+            if (head_cfg.feature_channels, head_cfg.temb_dim) != (unet.feature_channels, unet.temb_dim):
+                raise SystemExit(f"error: --init-head {args.init_head}: its head reads {head_cfg.feature_channels} "
+                                 f"features / temb {head_cfg.temb_dim}, this U-Net gives "
+                                 f"{unet.feature_channels} / {unet.temb_dim}")
+        else:
+            head_cfg = HeadConfig.for_unet(unet, width=args.width, num_res_blocks=args.head_blocks)
     else:
         head_cfg = HeadConfig.from_dict(state["head_config"])
     model = GenieModel(unet, GenieHead(head_cfg), schedule)
+    if init_head is not None:
+        model.head.load_state_dict(init_head.state_dict())
     ema_head = copy.deepcopy(model.head)
     opt = torch.optim.Adam(model.head.parameters(), lr=args.lr)
     step, wall = 0, 0.0
@@ -141,9 +163,10 @@ def distill(args) -> Path:
         opt.load_state_dict(state["opt"])
         step, wall = state["step"], state["wall_s"]
 
-    x_train, _ = load_fashion_mnist("train", root=args.data_root)
+    x_train, y_train = load_fashion_mnist("train", root=args.data_root)
     gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step + 7)
-    batches = infinite_batches(x_train, args.batch, gen)
+    num_classes = unet.config.num_classes
+    batches = infinite_batches(x_train, args.batch, gen, labels=y_train if num_classes else None)
     meta = {"head_config": head_cfg.to_dict(), "head_params": count_parameters(model.head),
             "unet_params": count_parameters(unet), "args": _jsonable_args(args)}
     (out / "run.json").write_text(json.dumps(meta, indent=2))
@@ -162,8 +185,14 @@ def distill(args) -> Path:
         t0 = time.time()
         for g in opt.param_groups:
             g["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
-        x_t, t = sample_xt(next(batches), schedule, gen)
-        loss, rel = head_loss(model, x_t, t)
+        labels = None
+        if num_classes:
+            x0, y = next(batches)
+            labels = drop_labels(y, num_classes, getattr(args, "label_dropout", 0.15), gen)
+        else:
+            x0 = next(batches)
+        x_t, t = sample_xt(x0, schedule, gen)
+        loss, rel = head_loss(model, x_t, t, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.head.parameters(), args.clip)

@@ -24,13 +24,21 @@ from .models.unet import CONFIGS, UNet, UNetConfig, count_parameters
 from .schedule import VPSchedule
 
 
-def diffusion_loss(model, x0: torch.Tensor, schedule: VPSchedule, generator: torch.Generator | None = None):
-    """Mean squared eps error at t ~ U[t_end, 1]."""
+def diffusion_loss(model, x0: torch.Tensor, schedule: VPSchedule, generator: torch.Generator | None = None,
+                   labels: torch.Tensor | None = None):
+    """Mean squared eps error at t ~ U[t_end, 1] (labels: for a class-conditional model)."""
     b = x0.shape[0]
     t = schedule.t_end + (1.0 - schedule.t_end) * torch.rand(b, generator=generator)
     z = torch.randn(x0.shape, generator=generator)
     a, s = schedule.alpha(t)[:, None, None, None], schedule.sigma(t)[:, None, None, None]
-    return (model(a * x0 + s * z, t) - z).pow(2).mean()
+    kw = {} if labels is None else {"labels": labels}
+    return (model(a * x0 + s * z, t, **kw) - z).pow(2).mean()
+
+
+def drop_labels(labels: torch.Tensor, num_classes: int, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Replace each label by the null class ``num_classes`` with probability p (classifier-free guidance training)."""
+    drop = torch.rand(labels.shape, generator=generator) < p
+    return torch.where(drop, torch.full_like(labels, num_classes), labels)
 
 
 @torch.no_grad()
@@ -48,9 +56,26 @@ def save_checkpoint(path: Path, state: dict):
 
 
 def load_checkpoint(path: Path) -> dict:
+    """A training state written by :func:`save_checkpoint`, loaded with ``weights_only=True``
+    (tensors and plain Python data only: a crafted file cannot run code)."""
+    path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}; run without --resume to start fresh")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, corrupted, or holding objects that are not plain data
+        raise ValueError(f"checkpoint {path} cannot be read as a genie_fast training state "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise ValueError(f"checkpoint {path} is not a genie_fast training state (no 'step')")
+    return state
+
+
+def check_run_dir(out: Path, resume: bool, overwrite: bool):
+    """Refuse to start a fresh run over an existing checkpoint unless --overwrite is given."""
+    if (out / "ckpt.pt").exists() and not resume and not overwrite:
+        raise SystemExit(f"error: {out / 'ckpt.pt'} exists; pass --resume to continue that run or "
+                         f"--overwrite to start over (its checkpoint is replaced at the first save)")
 
 
 def _jsonable_args(args) -> dict:
@@ -73,9 +98,16 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-root", default=None)
     p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt")
+    p.add_argument("--overwrite", action="store_true", help="start fresh even if <out>/ckpt.pt exists")
     p.add_argument("--init-from", default=None, metavar="CKPT",
                    help="start a fresh run from the EMA weights of another training checkpoint of the "
                         "same architecture (its time input may differ: the time MLP then re-learns)")
+    p.add_argument("--init-model", default=None, metavar="STEM",
+                   help="start a fresh run from the U-Net of an exported model (<STEM>.safetensors + .json); "
+                        "a class-conditional config may start from an unconditional model (its label "
+                        "embedding starts at zero)")
+    p.add_argument("--label-dropout", type=float, default=0.15,
+                   help="class-conditional configs: probability of training a sample with the null label")
     return p
 
 
@@ -92,12 +124,31 @@ def init_from_checkpoint(model: UNet, path: str | os.PathLike) -> int:
     return int(state["step"])
 
 
+def init_from_model(model: UNet, stem: str | os.PathLike) -> None:
+    """Load the U-Net of an exported model into ``model``; only a label embedding may be new."""
+    from .models.default import load_model
+
+    src = load_model(stem).unet.state_dict()
+    ours = model.state_dict()
+    new = sorted(set(ours) - set(src))
+    if any(not k.startswith("label_emb.") for k in new) or set(src) - set(ours) or any(
+            src[k].shape != ours[k].shape for k in src):
+        raise ValueError(f"--init-model {stem}: its U-Net does not match config {model.config.to_dict()} "
+                         f"(only a new label embedding may differ)")
+    model.load_state_dict(src, strict=False)
+
+
 def train(args) -> Path:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "ckpt.pt"
     schedule = VPSchedule()
+    check_run_dir(out, args.resume, getattr(args, "overwrite", False))
+    if args.batch < 1 or args.steps < 0:
+        raise SystemExit(f"error: --batch must be >= 1 and --steps >= 0, got {args.batch} and {args.steps}")
+    if not 0.0 <= args.label_dropout <= 1.0:
+        raise SystemExit(f"error: --label-dropout must be in [0, 1], got {args.label_dropout}")
 
     if args.resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path)
@@ -116,6 +167,9 @@ def train(args) -> Path:
         if args.init_from:
             src_step = init_from_checkpoint(model, args.init_from)
             print(f"initialised from the EMA weights of {args.init_from} (step {src_step})")
+        elif args.init_model:
+            init_from_model(model, args.init_model)
+            print(f"initialised from the U-Net of {args.init_model}")
         ema = copy.deepcopy(model)
         step, wall, state = 0, 0.0, None
     ema.eval()
@@ -123,10 +177,11 @@ def train(args) -> Path:
     if state is not None:
         opt.load_state_dict(state["opt"])
 
-    x_train, _ = load_fashion_mnist("train", root=args.data_root)
+    x_train, y_train = load_fashion_mnist("train", root=args.data_root)
     # A fresh data/noise stream per resume, seeded by the step, keeps runs reproducible per segment.
     gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-    batches = infinite_batches(x_train, args.batch, gen)
+    conditional = config.num_classes > 0
+    batches = infinite_batches(x_train, args.batch, gen, labels=y_train if conditional else None)
 
     meta = {"config": config.to_dict(), "schedule": {"beta_min": schedule.beta_min, "beta_d": schedule.beta_d,
             "t_end": schedule.t_end}, "args": _jsonable_args(args), "params": count_parameters(model)}
@@ -147,7 +202,11 @@ def train(args) -> Path:
         t0 = time.time()
         for g in opt.param_groups:
             g["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
-        loss = diffusion_loss(model, next(batches), schedule, gen)
+        if conditional:
+            x0, y = next(batches)
+            loss = diffusion_loss(model, x0, schedule, gen, drop_labels(y, config.num_classes, args.label_dropout, gen))
+        else:
+            loss = diffusion_loss(model, next(batches), schedule, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)

@@ -73,9 +73,10 @@ class GenieHead(nn.Module):
 class GenieModel(nn.Module):
     """A frozen eps network with its distilled GENIE head, and the schedule both were trained with.
 
-    * ``forward(x, t) -> eps``
-    * ``eps_and_head(x, t) -> (eps, head_out)``, head_out raw (B, 3C, H, W) for fused kernels
-    * ``eps_and_deps(x, t) -> (eps, d eps / d gamma)``
+    * ``forward(x, t, labels=None) -> eps``
+    * ``eps_and_head(x, t, labels=None) -> (eps, head_out)``, head_out raw (B, 3C, H, W) for fused kernels
+    * ``eps_and_deps(x, t, labels=None) -> (eps, d eps / d gamma)``
+    * ``num_classes``: 0, or K for a class-conditional network (labels 0 .. K-1, K = null class)
     * ``image_shape``: (C, H, W); ``schedule``: the VPSchedule of training and distillation
 
     x: (B, C, H, W); t: (B,) continuous VP times in [t_end, 1]. The head sees the network's own
@@ -101,16 +102,21 @@ class GenieModel(nn.Module):
             t = t.expand(x.shape[0])
         return t
 
-    def forward(self, x: torch.Tensor, t) -> torch.Tensor:
-        return self.unet(x, self._as_batch_t(x, t))
+    @property
+    def num_classes(self) -> int:
+        """Number of classes of a class-conditional network (label num_classes is the null class); 0 if unconditional."""
+        return self.unet.config.num_classes
 
-    def eps_and_head(self, x: torch.Tensor, t):
-        eps, features, temb = self.unet(x, self._as_batch_t(x, t), return_features=True)
+    def forward(self, x: torch.Tensor, t, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.unet(x, self._as_batch_t(x, t), labels=labels)
+
+    def eps_and_head(self, x: torch.Tensor, t, labels: torch.Tensor | None = None):
+        eps, features, temb = self.unet(x, self._as_batch_t(x, t), return_features=True, labels=labels)
         head_out = self.head(x, eps.detach(), features.detach(), temb.detach())
         return eps, head_out
 
-    def eps_and_deps(self, x: torch.Tensor, t):
+    def eps_and_deps(self, x: torch.Tensor, t, labels: torch.Tensor | None = None):
         t = self._as_batch_t(x, t)
-        eps, head_out = self.eps_and_head(x, t)
+        eps, head_out = self.eps_and_head(x, t, labels)
         gamma = self.schedule.gamma(t.to(torch.float32)).to(head_out.dtype)[:, None, None, None]
         return eps, head_combine_ref(head_out, gamma)

@@ -14,7 +14,14 @@ Named configs (``CONFIGS``):
   (dropout 0.1 as in ScoreSDE; used with random weights for GPU timings).
 * ``fmnist_small``: Fashion-MNIST, 1x32x32, ScoreSDE time input ``999 * t`` (the first bundled model).
 * ``fmnist_small_lg``: the same network with the smooth ``log_gamma`` time input: the shipped default.
+* ``fmnist_cond``: ``fmnist_small_lg`` with 10 classes and a null class: the shipped default.
 * ``tiny``: for tests.
+
+Class conditioning (``UNetConfig.num_classes = K > 0``): a learned embedding of the label in
+``0 .. K`` (``K`` is the null class, "no label") is added to the time embedding after its MLP, so
+every residual block and the GENIE head (which reads the time embedding) see it. The embedding
+starts at zero: a conditional network initialised from an unconditional one computes the same
+function until training moves it. ``labels=None`` means the null class for every sample.
 
 Time input (``UNetConfig.time_input``):
 
@@ -52,10 +59,13 @@ class UNetConfig:
     attn_resolutions: tuple[int, ...] = (8,)
     dropout: float = 0.0
     time_input: str = "999t"
+    num_classes: int = 0
 
     def __post_init__(self):
         if self.time_input not in TIME_INPUTS:
             raise ValueError(f"unknown time_input {self.time_input!r}; known: {sorted(TIME_INPUTS)}")
+        if not isinstance(self.num_classes, int) or self.num_classes < 0:
+            raise ValueError(f"num_classes must be an int >= 0 (0: unconditional), got {self.num_classes!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -81,6 +91,9 @@ CONFIGS: dict[str, UNetConfig] = {
     "fmnist_small_lg": UNetConfig(in_channels=1, image_size=32, nf=32, ch_mult=(1, 2, 2),
                                   num_res_blocks=1, attn_resolutions=(8,), dropout=0.0,
                                   time_input="log_gamma"),
+    "fmnist_cond": UNetConfig(in_channels=1, image_size=32, nf=32, ch_mult=(1, 2, 2),
+                              num_res_blocks=1, attn_resolutions=(8,), dropout=0.0,
+                              time_input="log_gamma", num_classes=10),
     "tiny": UNetConfig(in_channels=1, image_size=8, nf=8, ch_mult=(1, 2), num_res_blocks=1,
                        attn_resolutions=(4,), dropout=0.0),
 }
@@ -194,6 +207,10 @@ class UNet(nn.Module):
         self.temb_dim = 4 * nf
         self.feature_channels = nf
         self.temb = nn.Sequential(nn.Linear(nf, self.temb_dim), nn.SiLU(), nn.Linear(self.temb_dim, self.temb_dim))
+        self.label_emb = None
+        if c.num_classes:
+            self.label_emb = nn.Embedding(c.num_classes + 1, self.temb_dim)  # row num_classes: the null class
+            nn.init.zeros_(self.label_emb.weight)
         self.conv_in = nn.Conv2d(c.in_channels, nf, 3, padding=1)
 
         # Encoder: record the channel count of every tensor pushed on the skip stack.
@@ -241,11 +258,25 @@ class UNet(nn.Module):
             h = b(h, temb) if isinstance(b, ResBlock) else b(h)
         return h
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, return_features: bool = False):
-        """Returns eps, or (eps, features (B, nf, H, W), temb (B, 4 nf)) with return_features."""
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, return_features: bool = False,
+                labels: torch.Tensor | None = None):
+        """Returns eps, or (eps, features (B, nf, H, W), temb (B, 4 nf)) with return_features.
+
+        labels: (B,) int64 in 0 .. num_classes (num_classes = the null class), or None (all null);
+        must be None for an unconditional network."""
         if t.dim() == 0:
             t = t.expand(x.shape[0])
         temb = self.temb(time_embedding(t, self.config.nf, self.config.time_input).to(x.dtype))
+        if self.label_emb is not None:
+            if labels is None:
+                labels = torch.full((x.shape[0],), self.config.num_classes, dtype=torch.long, device=x.device)
+            temb = temb + self.label_emb(labels).to(temb.dtype)
+        elif labels is not None:
+            raise ValueError("labels given to an unconditional U-Net (config num_classes = 0)")
         h = self.conv_in(x)
         skips = [h]
         for blocks in self.down:

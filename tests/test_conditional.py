@@ -1,0 +1,125 @@
+"""Class conditioning of the U-Net and the fine-tuning entry points that build on it."""
+import os
+import pickle
+
+import pytest
+import torch
+
+from genie_fast.models.head import GenieHead, GenieModel, HeadConfig
+from genie_fast.models.unet import UNet, UNetConfig
+from genie_fast.train import check_run_dir, drop_labels, init_from_model, load_checkpoint, save_checkpoint
+
+TINY_COND = UNetConfig(in_channels=1, image_size=8, nf=8, ch_mult=(1, 2), num_res_blocks=1,
+                       attn_resolutions=(4,), num_classes=3)
+
+
+def _randomise(module):
+    """Random weights everywhere (the zero-initialised output convs would hide any effect)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.2)
+
+
+def _x_t(b=4):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(b, 1, 8, 8, generator=g), 0.05 + 0.9 * torch.rand(b, generator=g)
+
+
+def test_labels_change_eps_once_embedding_is_trained():
+    torch.manual_seed(0)
+    u = UNet(TINY_COND)
+    _randomise(u)
+    x, t = _x_t()
+    with torch.no_grad():
+        u.label_emb.weight.zero_()
+        # a zero embedding (its initial value): every label, and None (null), gives the same eps
+        base = u(x, t)
+        assert base.abs().max() > 0
+        assert torch.equal(base, u(x, t, labels=torch.tensor([0, 1, 2, 3])))
+        u.label_emb.weight.normal_()
+        e0, e1 = u(x, t, labels=torch.zeros(4, dtype=torch.long)), u(x, t, labels=torch.ones(4, dtype=torch.long))
+        null = u(x, t, labels=torch.full((4,), 3))
+        assert not torch.allclose(e0, e1)
+        assert torch.equal(null, u(x, t))  # None means the null class (index num_classes)
+
+
+def test_labels_reach_the_head_through_temb():
+    torch.manual_seed(0)
+    u = UNet(TINY_COND)
+    head = GenieHead(HeadConfig.for_unet(u))
+    _randomise(u)
+    _randomise(head)
+    m = GenieModel(u, head)
+    x, t = _x_t()
+    with torch.no_grad():
+        _, h0 = m.eps_and_head(x, t, labels=torch.zeros(4, dtype=torch.long))
+        _, h1 = m.eps_and_head(x, t, labels=torch.ones(4, dtype=torch.long))
+    assert not torch.allclose(h0, h1)
+
+
+def test_unconditional_unet_refuses_labels():
+    u = UNet("tiny")
+    x, t = _x_t()
+    with pytest.raises(ValueError, match="unconditional"):
+        u(x, t, labels=torch.zeros(4, dtype=torch.long))
+
+
+def test_bad_num_classes_refused():
+    with pytest.raises(ValueError, match="num_classes"):
+        UNetConfig(num_classes=-1)
+
+
+def test_drop_labels_rate_and_null_index():
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 10, (20000,), generator=g)
+    d = drop_labels(y, 10, 0.15, g)
+    dropped = d == 10
+    assert abs(dropped.float().mean().item() - 0.15) < 0.01
+    assert torch.equal(d[~dropped], y[~dropped])
+    assert torch.equal(drop_labels(y, 10, 0.0, g), y)
+
+
+def test_init_from_model_keeps_function_and_refuses_other_shapes(tmp_path):
+    from genie_fast.models.default import save_model
+
+    torch.manual_seed(0)
+    src_cfg = UNetConfig(**{**TINY_COND.to_dict(), "num_classes": 0})
+    src = GenieModel(UNet(src_cfg))
+    _randomise(src)
+    stem = save_model(src, tmp_path / "m")
+    cond = UNet(TINY_COND)
+    init_from_model(cond, stem)
+    x, t = _x_t()
+    with torch.no_grad():
+        assert torch.equal(src.unet(x, t), cond(x, t, labels=torch.tensor([0, 1, 2, 0])))
+    other = UNet(UNetConfig(**{**TINY_COND.to_dict(), "nf": 16}))
+    with pytest.raises(ValueError, match="does not match"):
+        init_from_model(other, stem)
+
+
+def test_existing_run_dir_needs_resume_or_overwrite(tmp_path):
+    save_checkpoint(tmp_path / "ckpt.pt", {"step": 3})
+    with pytest.raises(SystemExit, match="--resume"):
+        check_run_dir(tmp_path, resume=False, overwrite=False)
+    check_run_dir(tmp_path, resume=True, overwrite=False)
+    check_run_dir(tmp_path, resume=False, overwrite=True)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_checkpoint_with_code_is_refused(tmp_path):
+    p = tmp_path / "ckpt.pt"
+    torch.save({"step": 1, "evil": _Payload()}, p, pickle_protocol=pickle.DEFAULT_PROTOCOL)
+    with pytest.raises(ValueError, match="cannot be read"):
+        load_checkpoint(p)
+
+
+def test_truncated_checkpoint_names_the_file(tmp_path):
+    p = tmp_path / "ckpt.pt"
+    save_checkpoint(p, {"step": 1, "w": torch.zeros(1000)})
+    p.write_bytes(p.read_bytes()[:100])
+    with pytest.raises(ValueError, match=str(p)):
+        load_checkpoint(p)
