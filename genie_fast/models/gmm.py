@@ -9,6 +9,13 @@ eps*(x, t) = -sigma * grad log p_t(x) has a closed form. In GENIE's coordinates
     log p_k    = log w_k - 1/2 sum_i [(x_bar - mu_k)_i^2 / c_ki + log c_ki],  c_k = s_k^2 + gamma^2,
 
 with the posterior weights p_k from a log-sum-exp (a softmax), stable for far-away x and small t.
+
+Class-conditional form (``classes=``, one class per component): the exact conditional eps of
+class c is the same formula over the components of class c (the other weights set to zero);
+label ``num_classes`` (the null class) or ``labels=None`` gives the whole mixture, the exact
+unconditional eps. ``eps_and_head`` returns the exact d eps / d gamma along the ODE of the label
+given, packed as a raw GENIE head output [h1|h2|h3] = [-gamma deps | 0 | 0] (the head combination
+maps it back to deps), so the ``genie`` solver runs on it with an exact head.
 """
 from __future__ import annotations
 
@@ -30,7 +37,7 @@ class GaussianMixture(nn.Module):
     t is the model time `schedule.model_time(t)` (continuous t for a VPSchedule).
     """
 
-    def __init__(self, means, stds, weights=None, schedule=None):
+    def __init__(self, means, stds, weights=None, schedule=None, classes=None):
         super().__init__()
         means = torch.as_tensor(means, dtype=torch.float64)
         if means.dim() < 2:
@@ -46,6 +53,13 @@ class GaussianMixture(nn.Module):
         weights = torch.ones(k, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
         if weights.shape != (k,) or not bool((weights >= 0).all()) or not float(weights.sum()) > 0:
             raise ValueError(f"weights must be ({k},) non-negative with a positive sum, got {weights.tolist()}")
+        self.num_classes = 0
+        if classes is not None:
+            classes = torch.as_tensor(classes, dtype=torch.long)
+            if classes.shape != (k,) or bool((classes < 0).any()):
+                raise ValueError(f"classes must be ({k},) non-negative ints, one per component, got {classes.tolist()}")
+            self.num_classes = int(classes.max()) + 1
+            self.register_buffer("classes", classes.clone())
         self.image_shape = shape
         self.schedule = schedule if schedule is not None else VPSchedule()
         self.register_buffer("means", means.reshape(k, -1).clone())
@@ -54,7 +68,7 @@ class GaussianMixture(nn.Module):
 
     @classmethod
     def random(cls, num_components: int, shape, seed: int = 0, spread: float = 1.0,
-               std_range=(0.2, 0.5), diagonal: bool = False, schedule=None) -> "GaussianMixture":
+               std_range=(0.2, 0.5), diagonal: bool = False, schedule=None, classes=None) -> "GaussianMixture":
         """A reproducible random mixture: means ~ N(0, spread^2), stds uniform in std_range
         (one per component, or per pixel when diagonal), weights uniform in [0.5, 1.5]."""
         g = torch.Generator().manual_seed(seed)
@@ -63,7 +77,7 @@ class GaussianMixture(nn.Module):
         lo, hi = std_range
         stds = lo + (hi - lo) * torch.rand(*((k, *shape) if diagonal else (k,)), generator=g, dtype=torch.float64)
         weights = 0.5 + torch.rand(k, generator=g, dtype=torch.float64)
-        return cls(means, stds, weights, schedule=schedule)
+        return cls(means, stds, weights, schedule=schedule, classes=classes)
 
     @property
     def num_components(self) -> int:
@@ -84,26 +98,47 @@ class GaussianMixture(nn.Module):
             raise ValueError(f"t must have shape ({x.shape[0]},) or be a scalar, got {tuple(t.shape)}")
         return t
 
-    def forward(self, x: torch.Tensor, t) -> torch.Tensor:
-        """eps*(x, t): x (B, *image_shape), t (B,) model time; returns (B, *image_shape)."""
+    def _class_log_weights(self, labels, batch: int, dtype):
+        """(B, K) log weights restricted to each sample's class (null class: all components)."""
+        log_w = self.log_weights.to(dtype)[None].expand(batch, -1)
+        if labels is None:
+            return log_w
+        if not self.num_classes:
+            raise ValueError("labels given to a mixture without classes")
+        labels = torch.as_tensor(labels, device=self.log_weights.device).expand(batch)
+        keep = (self.classes[None] == labels[:, None]) | (labels[:, None] == self.num_classes)
+        return torch.where(keep, log_w, torch.full_like(log_w, -math.inf))
+
+    def forward(self, x: torch.Tensor, t, labels=None) -> torch.Tensor:
+        """eps*(x, t): x (B, *image_shape), t (B,) model time; returns (B, *image_shape).
+
+        labels (B,): exact conditional eps of each sample's class (num_classes: unconditional)."""
         t = self._continuous_time(self._check(x, t))
         gamma = self.schedule.gamma(t)[:, None, None]                        # (B, 1, 1)
         x_bar = (x / self.schedule.alpha(t).view(-1, *([1] * (x.dim() - 1)))).flatten(1)[:, None, :]
         mu, var = self.means.to(x.dtype), self.variances.to(x.dtype)
         c = var[None] + gamma * gamma                                          # (B, K, D)
         diff = x_bar - mu[None]                                                # (B, K, D)
-        log_p = self.log_weights.to(x.dtype)[None] - 0.5 * (diff * diff / c + torch.log(c)).sum(-1)
+        log_p = self._class_log_weights(labels, x.shape[0], x.dtype) - 0.5 * (diff * diff / c + torch.log(c)).sum(-1)
         p = torch.softmax(log_p, dim=1)[:, :, None]                            # (B, K, 1)
         eps = gamma[:, 0] * (p * diff / c).sum(1)
         return eps.view_as(x)
 
-    def exact_deps(self, x: torch.Tensor, t) -> torch.Tensor:
-        """d eps*/d gamma along the probability-flow ODE at (x, t), by forward-mode autodiff."""
+    def exact_deps(self, x: torch.Tensor, t, labels=None) -> torch.Tensor:
+        """d eps*/d gamma along the probability-flow ODE (of class ``labels``) at (x, t), by forward-mode autodiff."""
         from ..solvers import exact_deps
 
         t = self._check(x, t)
         t_cont = self._continuous_time(t)
-        return exact_deps(self, x, t_cont, self(x, t), self.schedule)
+        return exact_deps(lambda x_, t_: self(x_, t_, labels), x, t_cont, self(x, t, labels), self.schedule)
+
+    def eps_and_head(self, x: torch.Tensor, t, labels=None):
+        """(eps*, exact deps packed as a raw head [-gamma deps | 0 | 0]) for the ``genie`` solver."""
+        eps = self(x, t, labels)
+        deps = self.exact_deps(x, t, labels)
+        gamma = self.schedule.gamma(self._continuous_time(self._check(x, t)))
+        h1 = -gamma.view(-1, *([1] * (x.dim() - 1))) * deps
+        return eps, torch.cat([h1, torch.zeros_like(h1), torch.zeros_like(h1)], dim=1)
 
     def sample_data(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """n draws of x0 from the mixture (float64, on the buffers' device)."""
