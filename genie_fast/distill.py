@@ -130,7 +130,7 @@ def distill(args) -> Path:
     schedule = VPSchedule()
     check_run_dir(out, args.resume, getattr(args, "overwrite", False))
     if args.batch < 1 or args.steps < 0:
-        raise SystemExit(f"error: --batch must be >= 1 and --steps >= 0, got {args.batch} and {args.steps}")
+        raise ValueError(f"--batch must be >= 1 and --steps >= 0, got {args.batch} and {args.steps}")
     unet = load_unet_from_train_ckpt(args.unet_ckpt)
     for p in unet.parameters():
         p.requires_grad_(False)
@@ -144,7 +144,7 @@ def distill(args) -> Path:
             init_head = load_model(args.init_head).head
             head_cfg = init_head.config
             if (head_cfg.feature_channels, head_cfg.temb_dim) != (unet.feature_channels, unet.temb_dim):
-                raise SystemExit(f"error: --init-head {args.init_head}: its head reads {head_cfg.feature_channels} "
+                raise ValueError(f"--init-head {args.init_head}: its head reads {head_cfg.feature_channels} "
                                  f"features / temb {head_cfg.temb_dim}, this U-Net gives "
                                  f"{unet.feature_channels} / {unet.temb_dim}")
         else:

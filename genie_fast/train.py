@@ -74,7 +74,7 @@ def load_checkpoint(path: Path) -> dict:
 def check_run_dir(out: Path, resume: bool, overwrite: bool):
     """Refuse to start a fresh run over an existing checkpoint unless --overwrite is given."""
     if (out / "ckpt.pt").exists() and not resume and not overwrite:
-        raise SystemExit(f"error: {out / 'ckpt.pt'} exists; pass --resume to continue that run or "
+        raise ValueError(f"{out / 'ckpt.pt'} exists; pass --resume to continue that run or "
                          f"--overwrite to start over (its checkpoint is replaced at the first save)")
 
 
@@ -146,9 +146,9 @@ def train(args) -> Path:
     schedule = VPSchedule()
     check_run_dir(out, args.resume, getattr(args, "overwrite", False))
     if args.batch < 1 or args.steps < 0:
-        raise SystemExit(f"error: --batch must be >= 1 and --steps >= 0, got {args.batch} and {args.steps}")
+        raise ValueError(f"--batch must be >= 1 and --steps >= 0, got {args.batch} and {args.steps}")
     if not 0.0 <= args.label_dropout <= 1.0:
-        raise SystemExit(f"error: --label-dropout must be in [0, 1], got {args.label_dropout}")
+        raise ValueError(f"--label-dropout must be in [0, 1], got {args.label_dropout}")
 
     if args.resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path)

@@ -99,7 +99,7 @@ def test_init_from_model_keeps_function_and_refuses_other_shapes(tmp_path):
 
 def test_existing_run_dir_needs_resume_or_overwrite(tmp_path):
     save_checkpoint(tmp_path / "ckpt.pt", {"step": 3})
-    with pytest.raises(SystemExit, match="--resume"):
+    with pytest.raises(ValueError, match="--resume"):
         check_run_dir(tmp_path, resume=False, overwrite=False)
     check_run_dir(tmp_path, resume=True, overwrite=False)
     check_run_dir(tmp_path, resume=False, overwrite=True)
@@ -123,3 +123,45 @@ def test_truncated_checkpoint_names_the_file(tmp_path):
     p.write_bytes(p.read_bytes()[:100])
     with pytest.raises(ValueError, match=str(p)):
         load_checkpoint(p)
+
+
+def test_conditional_finetune_distill_export_end_to_end(tmp_path):
+    """An unconditional export -> conditional fine-tune (--init-model) -> head distillation from the
+    exported head (--init-head) with labels -> export -> a model whose labels change eps and head."""
+    import gzip
+    import struct
+
+    import numpy as np
+
+    from genie_fast.cli import main
+    from genie_fast.models.default import load_model
+
+    def write_idx(path, arr):
+        header = bytes([0, 0, 0x08, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
+        with gzip.open(path, "wb") as f:
+            f.write(header + arr.astype(np.uint8).tobytes())
+
+    rng = np.random.default_rng(0)
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (16, 28, 28)))
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, (16,)))
+    common = ["--data-root", str(tmp_path), "--batch", "4", "--threads", "1", "--log-every", "1"]
+    assert main(["train", "--config", "tiny", "--out", str(tmp_path / "u"), "--steps", "1", *common]) == 0
+    assert main(["distill", "--unet-ckpt", str(tmp_path / "u" / "ckpt.pt"), "--out", str(tmp_path / "ud"),
+                 "--steps", "1", *common]) == 0
+    assert main(["export", "--unet-ckpt", str(tmp_path / "u" / "ckpt.pt"), "--head-ckpt",
+                 str(tmp_path / "ud" / "ckpt.pt"), "--out", str(tmp_path / "uncond")]) == 0
+    assert main(["train", "--config", "tiny_cond", "--init-model", str(tmp_path / "uncond"), "--lr", "1e-2",
+                 "--out", str(tmp_path / "c"), "--steps", "3", "--label-dropout", "0.2", *common]) == 0
+    assert main(["distill", "--unet-ckpt", str(tmp_path / "c" / "ckpt.pt"), "--init-head", str(tmp_path / "uncond"),
+                 "--out", str(tmp_path / "cd"), "--steps", "2", "--lr", "1e-2", *common]) == 0
+    assert main(["export", "--unet-ckpt", str(tmp_path / "c" / "ckpt.pt"), "--head-ckpt",
+                 str(tmp_path / "cd" / "ckpt.pt"), "--out", str(tmp_path / "cond")]) == 0
+    m = load_model(tmp_path / "cond")
+    assert m.num_classes == 10
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([0.5, 0.5])
+    with torch.no_grad():
+        e0, h0 = m.eps_and_head(x, t, labels=torch.tensor([0, 0]))
+        e1, h1 = m.eps_and_head(x, t, labels=torch.tensor([1, 1]))
+    assert not torch.equal(e0, e1) and not torch.equal(h0, h1)
+    # a fresh run into an existing folder is refused without --resume / --overwrite
+    assert main(["train", "--config", "tiny_cond", "--out", str(tmp_path / "c"), "--steps", "1", *common]) == 2

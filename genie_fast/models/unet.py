@@ -15,7 +15,7 @@ Named configs (``CONFIGS``):
 * ``fmnist_small``: Fashion-MNIST, 1x32x32, ScoreSDE time input ``999 * t`` (the first bundled model).
 * ``fmnist_small_lg``: the same network with the smooth ``log_gamma`` time input: the shipped default.
 * ``fmnist_cond``: ``fmnist_small_lg`` with 10 classes and a null class: the shipped default.
-* ``tiny``: for tests.
+* ``tiny``, ``tiny_cond``: for tests.
 
 Class conditioning (``UNetConfig.num_classes = K > 0``): a learned embedding of the label in
 ``0 .. K`` (``K`` is the null class, "no label") is added to the time embedding after its MLP, so
@@ -96,6 +96,8 @@ CONFIGS: dict[str, UNetConfig] = {
                               time_input="log_gamma", num_classes=10),
     "tiny": UNetConfig(in_channels=1, image_size=8, nf=8, ch_mult=(1, 2), num_res_blocks=1,
                        attn_resolutions=(4,), dropout=0.0),
+    "tiny_cond": UNetConfig(in_channels=1, image_size=8, nf=8, ch_mult=(1, 2), num_res_blocks=1,
+                            attn_resolutions=(4,), dropout=0.0, num_classes=10),
 }
 
 
