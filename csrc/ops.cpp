@@ -1,6 +1,6 @@
 // Schemas of genie_fast's fused ops, registered as torch.ops.genie_fast.<op>.
-// Kernels live beside this file: <op>_cpu.cpp (CPU) and cuda/<op>.cu (CUDA); the per-element
-// math they share is in step_common.h.
+// Kernels are registered beside this file: <op>_cpu.cpp (CPU) and cuda/<op>.cu (CUDA); each op's
+// formula and the CPU loop are in step_common.h, the CUDA loop in cuda/step_cuda.cuh.
 //
 // coeffs is always one row of schedule.coeff_table (float32 or float64) on the tensors' device:
 // kernels read it from device memory, so no host scalar is baked into a launch and a step can
@@ -31,8 +31,8 @@ TORCH_LIBRARY(genie_fast, m) {
   m.def("schedule_table(Tensor ts, float beta_min, float beta_d) -> Tensor");
 }
 
-// A plain module init: the ops register themselves when the library is loaded,
-// so no pybind11 is needed (see TOOLCHAIN.md).
+// A plain module init: the ops register themselves when the library is loaded, so no pybind11
+// is needed (and no clash between pip's pybind11 headers and the copy bundled with torch).
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "genie_fast fused ops", -1, nullptr};
   return PyModule_Create(&module_def);

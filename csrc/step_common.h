@@ -1,5 +1,6 @@
-// Argument checks, coefficient layout and the per-element step math shared by the CPU (.cpp)
-// and CUDA (.cu) kernels, so both backends compute exactly the same formulas in the same order.
+// The fused step ops, shared by the CPU (.cpp) and CUDA (.cu) kernels so both backends compute
+// exactly the same formulas in the same order: argument checks, the coefficient layout, each op's
+// formula and tensor roles, the CPU loop, and the functional and `_out` forms the op files register.
 #pragma once
 // Narrow ATen includes (not ATen/ATen.h): about a fifth less compile time per file under nvcc.
 #include <ATen/core/Tensor.h>
@@ -7,7 +8,16 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstddef>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+#if !defined(__CUDACC__)
+#include <ATen/Parallel.h>
+#endif
 
 #if defined(__CUDACC__)
 #define GF_HD __host__ __device__ __forceinline__
@@ -152,35 +162,128 @@ GF_HD StepCoeffs<op_t> load_coeffs(const coef_t* c, int64_t stride) {
   return k;
 }
 
-// GENIE eq. 9 with the head combined at gamma_n: x_bar + h eps + h^2/2 (w1 h1 + w2 h2 + w3 h3).
-template <typename op_t>
-GF_HD op_t genie_x_bar_next(op_t xb, op_t e, op_t h1, op_t h2, op_t h3, const StepCoeffs<op_t>& k) {
-  const op_t deps = k.w1 * h1 + k.w2 * h2 + k.w3 * h3;
-  return (xb + k.h * e) + k.half_h2 * deps;
+// --------------------------------------------------------------------------- the step ops
+// A fused step op is its formula over op_t values at one element, the same as its PyTorch
+// reference ops.<op>_ref, plus where its inputs and outputs live. Everything else (the casts to
+// op_t and back, the parallel loop, vector loads, the launch) is one loop per backend: CpuLoop
+// below, cuda::CudaLoop in cuda/step_cuda.cuh. <op>_cpu.cpp and cuda/<op>.cu register the ops.
+
+// The op_t values a formula returns, one per output, in the outputs' order.
+template <typename op_t, int N>
+struct Vals {
+  op_t v[N];
+};
+
+// Element i (of sample b) of a dense row-major tensor.
+template <typename T>
+struct Flat {
+  using type = std::remove_const_t<T>;
+  static constexpr bool kPerSample = false;
+  T* p;
+  GF_HD T* at(int64_t i, int64_t /*b*/) const { return p + i; }
+};
+
+// h1, h2 or h3 (part 0, 1, 2) of the head output (B, 3C, ...) for element i = b*CHW + j of
+// x_bar: sample b's three parts are consecutive CHW runs from 3b*CHW, so its part q sits at
+// i + (2b + q) * CHW.
+template <typename T>
+struct HeadPart {
+  using type = std::remove_const_t<T>;
+  static constexpr bool kPerSample = true;
+  T* p;
+  int64_t per_sample;  // C * H * W
+  int64_t part;
+  GF_HD T* at(int64_t i, int64_t b) const { return p + i + (2 * b + part) * per_sample; }
+};
+
+// The roles of a step op's tensors: the ODE state's dtype (x_bar, x0_prev, x_bar_next, x0), the
+// network's dtype (eps, x_next), or the head output (B, 3C, ...), read as its parts h1, h2, h3.
+struct State {};
+struct Net {};
+struct Head {};
+
+template <typename Role, typename state_t, typename net_t>
+using role_t = std::conditional_t<std::is_same_v<Role, State>, state_t, net_t>;
+
+// The accessors of one tensor in its role (T is const for an input).
+template <typename T, typename Role>
+auto views(Role, const at::Tensor& t) {
+  T* p = t.data_ptr<std::remove_const_t<T>>();
+  if constexpr (std::is_same_v<Role, Head>) {
+    const int64_t chw = t.numel() / (3 * t.size(0));
+    return std::make_tuple(HeadPart<T>{p, chw, 0}, HeadPart<T>{p, chw, 1}, HeadPart<T>{p, chw, 2});
+  } else {
+    return std::make_tuple(Flat<T>{p});
+  }
 }
+
+// The accessors of tensors t[0], t[1], ... in the roles R..., in order.
+template <bool input, typename state_t, typename net_t, typename... R, size_t... j>
+auto views_of(std::tuple<R...>*, const at::Tensor* t, std::index_sequence<j...>) {
+  static_assert(sizeof...(R) == sizeof...(j), "one tensor per role");
+  return std::tuple_cat(
+      views<std::conditional_t<input, const role_t<R, state_t, net_t>, role_t<R, state_t, net_t>>>(R{}, t[j])...);
+}
+
+// Whether a tuple of accessors moves with the sample index: a loop then keeps each vector or SIMD
+// run inside one sample.
+template <typename Tuple>
+struct PerSample;
+template <typename... A>
+struct PerSample<std::tuple<A...>> : std::bool_constant<(A::kPerSample || ...)> {};
+template <typename Tuple>
+constexpr bool kPerSample = PerSample<std::remove_cv_t<Tuple>>::value;
+
+// The element type output accessor o of a tuple writes.
+template <typename Tuple, size_t o>
+using out_t = typename std::tuple_element_t<o, std::remove_cv_t<Tuple>>::type;
+
+// GENIE eq. 9 with the head combined at gamma_n: x_bar + h eps + h^2/2 (w1 h1 + w2 h2 + w3 h3).
+struct GenieStep {
+  using Inputs = std::tuple<State, Net, Head>;  // x_bar, eps, head_out
+  using Outputs = std::tuple<State, Net>;  // x_bar_next, x_next
+  template <typename op_t>
+  GF_HD Vals<op_t, 2> operator()(const StepCoeffs<op_t>& k, op_t xb, op_t e, op_t h1, op_t h2, op_t h3) const {
+    const op_t deps = k.w1 * h1 + k.w2 * h2 + k.w3 * h3;
+    const op_t v = (xb + k.h * e) + k.half_h2 * deps;
+    return {{v, v * k.inv_scale_next}};
+  }
+};
 
 // Euler in gamma (DDIM; the AFS first step with eps = x_T).
-template <typename op_t>
-GF_HD op_t ddim_x_bar_next(op_t xb, op_t e, const StepCoeffs<op_t>& k) {
-  return xb + k.h * e;
-}
+struct DdimStep {
+  using Inputs = std::tuple<State, Net>;  // x_bar, eps
+  using Outputs = std::tuple<State, Net>;  // x_bar_next, x_next
+  template <typename op_t>
+  GF_HD Vals<op_t, 2> operator()(const StepCoeffs<op_t>& k, op_t xb, op_t e) const {
+    const op_t v = xb + k.h * e;
+    return {{v, v * k.inv_scale_next}};
+  }
+};
 
 // Final denoising at the end of the step: x0 = x_bar - gamma_next eps.
-template <typename op_t>
-GF_HD op_t denoise_x0(op_t xb, op_t e, const StepCoeffs<op_t>& k) {
-  return xb - k.gamma_next * e;
-}
+struct DenoiseStep {
+  using Inputs = std::tuple<State, Net>;  // x_bar, eps
+  using Outputs = std::tuple<State>;  // x0
+  template <typename op_t>
+  GF_HD Vals<op_t, 1> operator()(const StepCoeffs<op_t>& k, op_t xb, op_t e) const {
+    return {{xb - k.gamma_next * e}};
+  }
+};
 
 // DPM-Solver++(2M) in x_bar: x0 = x_bar - gamma eps, x_bar_next = r x_bar + (1 - r)(a x0 + b x0_prev).
-template <typename op_t>
-GF_HD op_t dpmpp_x0(op_t xb, op_t e, const StepCoeffs<op_t>& k) {
-  return xb - k.gamma * e;
-}
-template <typename op_t>
-GF_HD op_t dpmpp_x_bar_next(op_t xb, op_t x0, op_t x0_prev, const StepCoeffs<op_t>& k) {
-  const op_t d = k.dpm_a * x0 + k.dpm_b * x0_prev;
-  return k.dpm_r * xb + (op_t(1) - k.dpm_r) * d;
-}
+// x0 is the next step's x0_prev.
+struct Dpmpp2mStep {
+  using Inputs = std::tuple<State, Net, State>;  // x_bar, eps, x0_prev
+  using Outputs = std::tuple<State, Net, State>;  // x_bar_next, x_next, x0
+  template <typename op_t>
+  GF_HD Vals<op_t, 3> operator()(const StepCoeffs<op_t>& k, op_t xb, op_t e, op_t x0_prev) const {
+    const op_t x0 = xb - k.gamma * e;
+    const op_t d = k.dpm_a * x0 + k.dpm_b * x0_prev;
+    const op_t v = k.dpm_r * xb + (op_t(1) - k.dpm_r) * d;
+    return {{v, v * k.inv_scale_next, x0}};
+  }
+};
 
 // --------------------------------------------------------------------------- schedule table
 // Row n of schedule.coeff_table for VPSchedule(beta_min, beta_d) and the grid ts (n_steps + 1
@@ -268,6 +371,150 @@ void dispatch_state_net(const at::Tensor& x_bar, const at::Tensor& eps, const ch
     case at::kDouble: f(float{}, double{}); break;
     default: TORCH_CHECK(false, "genie_fast: ", name, ": unsupported network dtype ", eps.scalar_type());
   }
+}
+
+}  // namespace genie_fast
+
+// --------------------------------------------------------------------------- CPU loop
+// One pass over the flat index with at::parallel_for; inside a chunk, a SIMD loop over each run
+// that stays within one sample (so a head part is a fixed offset from the flat index), compiled
+// for the baseline ISA and for AVX2+FMA.
+#if !defined(__CUDACC__)
+namespace genie_fast {
+
+constexpr int64_t kCpuGrain = 16384;
+
+template <typename op_t, typename F, typename In, typename Out, size_t... a, size_t... o>
+GF_ALWAYS_INLINE void cpu_rows(const F& f, const StepCoeffs<op_t> k, const In& in, const Out& out, int64_t run,
+                               int64_t begin, int64_t end, std::index_sequence<a...>, std::index_sequence<o...>) {
+  for (int64_t i = begin; i < end;) {
+    const int64_t b = i / run, stop = std::min(end, (b + 1) * run);
+    const auto src = std::make_tuple(std::get<a>(in).at(0, b)...);
+    const auto dst = std::make_tuple(std::get<o>(out).at(0, b)...);
+#pragma omp simd
+    for (int64_t j = i; j < stop; ++j) {
+      const Vals<op_t, sizeof...(o)> v = f(k, op_t(std::get<a>(src)[j])...);
+      ((std::get<o>(dst)[j] = out_t<Out, o>(v.v[o])), ...);
+    }
+    i = stop;
+  }
+}
+
+template <typename op_t, typename F, typename In, typename Out>
+GF_ALWAYS_INLINE void cpu_rows(const F& f, const StepCoeffs<op_t>& k, const In& in, const Out& out, int64_t run,
+                               int64_t begin, int64_t end) {
+  cpu_rows(f, k, in, out, run, begin, end, std::make_index_sequence<std::tuple_size_v<In>>{},
+           std::make_index_sequence<std::tuple_size_v<Out>>{});
+}
+
+// The same loop compiled for AVX2+FMA.
+template <typename... A>
+GF_TARGET_AVX2 void cpu_rows_avx2(const A&... a) {
+  cpu_rows(a...);
+}
+
+struct CpuLoop {
+  struct Guard {
+    explicit Guard(const at::Device&) {}
+  };
+  // Coefficients rounded to op_t on the host (one row, read once per call).
+  template <typename op_t, typename F, typename In, typename Out>
+  static void launch(const F& f, const at::Tensor& coeffs, const In& in, const Out& out, int64_t n, int64_t run) {
+    const at::Tensor c64 = coeffs.to(at::kDouble);
+    const StepCoeffs<op_t> k = load_coeffs<op_t>(c64.data_ptr<double>(), c64.stride(0));
+    const bool avx2 = cpu_has_avx2();
+    at::parallel_for(0, n, kCpuGrain, [&](int64_t begin, int64_t end) {
+      if (avx2) {
+        cpu_rows_avx2(f, k, in, out, run, begin, end);
+      } else {
+        cpu_rows(f, k, in, out, run, begin, end);
+      }
+    });
+  }
+};
+
+}  // namespace genie_fast
+#endif
+
+// --------------------------------------------------------------------------- the registered ops
+// The functional and `_out` forms of each step op for a backend's Loop (CpuLoop, cuda::CudaLoop).
+namespace genie_fast {
+
+// After the checks: formula F over the inputs into the (checked, contiguous) outputs. Strided or
+// channels_last inputs are handled by one contiguous copy; the first two inputs are x_bar and eps.
+template <typename Loop, typename F, size_t NI, size_t NO>
+void run_step(const char* name, const at::Tensor& coeffs, const at::Tensor (&ins)[NI], const at::Tensor (&outs)[NO]) {
+  if (ins[0].numel() == 0) return;
+  const typename Loop::Guard guard(ins[0].device());
+  at::Tensor in[NI];
+  for (size_t j = 0; j < NI; ++j) in[j] = ins[j].contiguous();
+  const int64_t n = in[0].numel();
+  dispatch_state_net(in[0], in[1], name, [&](auto s, auto nt) {
+    using state_t = decltype(s);
+    using net_t = decltype(nt);
+    const auto src = views_of<true, state_t, net_t>((typename F::Inputs*)nullptr, in, std::make_index_sequence<NI>{});
+    const auto dst = views_of<false, state_t, net_t>((typename F::Outputs*)nullptr, outs, std::make_index_sequence<NO>{});
+    // the run over which the head parts are a fixed offset from the flat index: one sample
+    const int64_t run = kPerSample<decltype(src)> ? n / in[0].size(0) : n;
+    Loop::template launch<state_t>(F{}, coeffs, src, dst, n, run);
+  });
+}
+
+template <typename Loop>
+void genie_step_out(const at::Tensor& x_bar, const at::Tensor& eps, const at::Tensor& head_out,
+                    const at::Tensor& coeffs, at::Tensor& x_bar_next, at::Tensor& x_next) {
+  check_genie_step(x_bar, eps, head_out, coeffs, x_bar_next, x_next);
+  run_step<Loop, GenieStep>("genie_step", coeffs, {x_bar, eps, head_out}, {x_bar_next, x_next});
+}
+
+template <typename Loop>
+std::tuple<at::Tensor, at::Tensor> genie_step(const at::Tensor& x_bar, const at::Tensor& eps,
+                                              const at::Tensor& head_out, const at::Tensor& coeffs) {
+  at::Tensor x_bar_next = empty_contiguous(x_bar), x_next = empty_contiguous(eps);
+  genie_step_out<Loop>(x_bar, eps, head_out, coeffs, x_bar_next, x_next);
+  return {x_bar_next, x_next};
+}
+
+template <typename Loop>
+void ddim_step_out(const at::Tensor& x_bar, const at::Tensor& eps, const at::Tensor& coeffs, at::Tensor& x_bar_next,
+                   at::Tensor& x_next) {
+  check_ddim_step(x_bar, eps, coeffs, x_bar_next, x_next);
+  run_step<Loop, DdimStep>("ddim_step", coeffs, {x_bar, eps}, {x_bar_next, x_next});
+}
+
+template <typename Loop>
+std::tuple<at::Tensor, at::Tensor> ddim_step(const at::Tensor& x_bar, const at::Tensor& eps, const at::Tensor& coeffs) {
+  at::Tensor x_bar_next = empty_contiguous(x_bar), x_next = empty_contiguous(eps);
+  ddim_step_out<Loop>(x_bar, eps, coeffs, x_bar_next, x_next);
+  return {x_bar_next, x_next};
+}
+
+template <typename Loop>
+void denoise_step_out(const at::Tensor& x_bar, const at::Tensor& eps, const at::Tensor& coeffs, at::Tensor& x0) {
+  check_denoise_step(x_bar, eps, coeffs, x0);
+  run_step<Loop, DenoiseStep>("denoise_step", coeffs, {x_bar, eps}, {x0});
+}
+
+template <typename Loop>
+at::Tensor denoise_step(const at::Tensor& x_bar, const at::Tensor& eps, const at::Tensor& coeffs) {
+  at::Tensor x0 = empty_contiguous(x_bar);
+  denoise_step_out<Loop>(x_bar, eps, coeffs, x0);
+  return x0;
+}
+
+template <typename Loop>
+void dpmpp_2m_step_out(const at::Tensor& x_bar, const at::Tensor& eps, const at::Tensor& x0_prev,
+                       const at::Tensor& coeffs, at::Tensor& x_bar_next, at::Tensor& x_next, at::Tensor& x0) {
+  check_dpmpp_2m_step(x_bar, eps, x0_prev, coeffs, x_bar_next, x_next, x0);
+  run_step<Loop, Dpmpp2mStep>("dpmpp_2m_step", coeffs, {x_bar, eps, x0_prev}, {x_bar_next, x_next, x0});
+}
+
+template <typename Loop>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dpmpp_2m_step(const at::Tensor& x_bar, const at::Tensor& eps,
+                                                             const at::Tensor& x0_prev, const at::Tensor& coeffs) {
+  at::Tensor x_bar_next = empty_contiguous(x_bar), x_next = empty_contiguous(eps), x0 = empty_contiguous(x_bar);
+  dpmpp_2m_step_out<Loop>(x_bar, eps, x0_prev, coeffs, x_bar_next, x_next, x0);
+  return {x_bar_next, x_next, x0};
 }
 
 }  // namespace genie_fast

@@ -1,89 +1,10 @@
-// dpmpp_2m_step on CUDA: DPM-Solver++(2M) in x_bar, one pass, grid-stride, vector loads.
+// dpmpp_2m_step on CUDA: one DPM-Solver++(2M) step in x_bar.
+// The formula is Dpmpp2mStep (../step_common.h), run by CudaLoop (step_cuda.cuh).
 #include <torch/library.h>
-
-#include <tuple>
 
 #include "step_cuda.cuh"
 
-namespace genie_fast {
-namespace cuda {
-namespace {
-
-template <typename state_t, typename net_t>
-__global__ void dpmpp_2m_step_kernel(const state_t* xb, const net_t* e, const state_t* xp, CoeffRow c,
-                                     state_t* xb_out, net_t* x_out, state_t* x0_out, int64_t n, bool vec) {
-  using op_t = state_t;
-  const StepCoeffs<op_t> k = load_coeffs<op_t>(c);
-  const int64_t n_vec = vec ? n / kVec : 0;
-  for (int64_t v = global_thread(); v < n_vec; v += grid_threads()) {
-    const int64_t i = v * kVec;
-    const auto xv = load_vec<kVec>(xb + i);
-    const auto ev = load_vec<kVec>(e + i);
-    const auto pv = load_vec<kVec>(xp + i);
-    Vec<state_t, kVec> out_state, out_x0;
-    Vec<net_t, kVec> out_net;
-#pragma unroll
-    for (int j = 0; j < kVec; ++j) {
-      const op_t xbj = op_t(xv.v[j]);
-      const op_t d0 = dpmpp_x0<op_t>(xbj, op_t(ev.v[j]), k);
-      const op_t val = dpmpp_x_bar_next<op_t>(xbj, d0, op_t(pv.v[j]), k);
-      out_x0.v[j] = state_t(d0);
-      out_state.v[j] = state_t(val);
-      out_net.v[j] = net_t(val * k.inv_scale_next);
-    }
-    store_vec<kVec>(x0_out + i, out_x0);
-    store_vec<kVec>(xb_out + i, out_state);
-    store_vec<kVec>(x_out + i, out_net);
-  }
-  for (int64_t i = n_vec * kVec + global_thread(); i < n; i += grid_threads()) {
-    const op_t xbi = op_t(xb[i]);
-    const op_t d0 = dpmpp_x0<op_t>(xbi, op_t(e[i]), k);
-    const op_t val = dpmpp_x_bar_next<op_t>(xbi, d0, op_t(xp[i]), k);
-    x0_out[i] = state_t(d0);
-    xb_out[i] = state_t(val);
-    x_out[i] = net_t(val * k.inv_scale_next);
-  }
-}
-
-void dpmpp_2m_step_out_cuda(const at::Tensor& x_bar_in, const at::Tensor& eps_in, const at::Tensor& x0_prev_in,
-                            const at::Tensor& coeffs, at::Tensor& x_bar_next, at::Tensor& x_next, at::Tensor& x0) {
-  check_dpmpp_2m_step(x_bar_in, eps_in, x0_prev_in, coeffs, x_bar_next, x_next, x0);
-  if (x_bar_in.numel() == 0) return;
-  const c10::cuda::OptionalCUDAGuard guard(x_bar_in.device());
-  const at::Tensor x_bar = x_bar_in.contiguous(), eps = eps_in.contiguous(), x0_prev = x0_prev_in.contiguous();
-  const int64_t n = x_bar.numel();
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_state_net(x_bar, eps, "dpmpp_2m_step_cuda", [&](auto s, auto nt) {
-    using state_t = decltype(s);
-    using net_t = decltype(nt);
-    const state_t* xb = x_bar.data_ptr<state_t>();
-    const net_t* e = eps.data_ptr<net_t>();
-    const state_t* xp = x0_prev.data_ptr<state_t>();
-    state_t* xo = x_bar_next.data_ptr<state_t>();
-    net_t* no = x_next.data_ptr<net_t>();
-    state_t* x0o = x0.data_ptr<state_t>();
-    const bool vec = vec_aligned(xb) && vec_aligned(e) && vec_aligned(xp) && vec_aligned(xo) && vec_aligned(no) &&
-                     vec_aligned(x0o);
-    dpmpp_2m_step_kernel<state_t, net_t><<<num_blocks(vec ? n / kVec : n), kThreads, 0, stream>>>(
-        xb, e, xp, coeff_row(coeffs), xo, no, x0o, n, vec);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dpmpp_2m_step_cuda(const at::Tensor& x_bar, const at::Tensor& eps,
-                                                                  const at::Tensor& x0_prev,
-                                                                  const at::Tensor& coeffs) {
-  at::Tensor x_bar_next = empty_contiguous(x_bar), x_next = empty_contiguous(eps), x0 = empty_contiguous(x_bar);
-  dpmpp_2m_step_out_cuda(x_bar, eps, x0_prev, coeffs, x_bar_next, x_next, x0);
-  return {x_bar_next, x_next, x0};
-}
-
-}  // namespace
-}  // namespace cuda
-
 TORCH_LIBRARY_IMPL(genie_fast, CUDA, m) {
-  m.impl("dpmpp_2m_step", &cuda::dpmpp_2m_step_cuda);
-  m.impl("dpmpp_2m_step_out", &cuda::dpmpp_2m_step_out_cuda);
+  m.impl("dpmpp_2m_step", &genie_fast::dpmpp_2m_step<genie_fast::cuda::CudaLoop>);
+  m.impl("dpmpp_2m_step_out", &genie_fast::dpmpp_2m_step_out<genie_fast::cuda::CudaLoop>);
 }
-
-}  // namespace genie_fast

@@ -1,6 +1,6 @@
-// Launch helpers shared by the CUDA step kernels: vector loads, grid-stride sizing, the
-// coefficient dtype switch. Every launch goes on the current stream and nothing here syncs the
-// host, so the ops can be captured in a CUDA graph.
+// The CUDA loop of the step ops (CudaLoop): one pass, grid-stride, 4-wide vector loads and
+// stores when every pointer allows, and the coefficient row read on the device. Every launch goes
+// on the current stream and nothing here syncs the host, so the ops can be captured in a CUDA graph.
 #pragma once
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
@@ -10,6 +10,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <tuple>
+#include <utility>
 
 #include "../step_common.h"
 
@@ -74,6 +76,54 @@ __device__ __forceinline__ StepCoeffs<op_t> load_coeffs(const CoeffRow& c) {
 
 __device__ __forceinline__ int64_t global_thread() { return int64_t(blockIdx.x) * blockDim.x + threadIdx.x; }
 __device__ __forceinline__ int64_t grid_threads() { return int64_t(gridDim.x) * blockDim.x; }
+
+// Formula f over the accessors `in` into `out`, n elements. run: the elements of one sample
+// (read when a head part moves with the sample index). vec: every vector pointer is aligned and a
+// vector never straddles two samples (checked on the host), else the scalar loop covers all.
+template <typename op_t, typename F, typename In, typename Out, size_t... a, size_t... o>
+__device__ __forceinline__ void step_elements(const F& f, const StepCoeffs<op_t>& k, const In& in, const Out& out,
+                                              int64_t n, int64_t run, bool vec, std::index_sequence<a...>,
+                                              std::index_sequence<o...>) {
+  const int64_t n_vec = vec ? n / kVec : 0;
+  for (int64_t v = global_thread(); v < n_vec; v += grid_threads()) {
+    const int64_t i = v * kVec, b = kPerSample<In> ? i / run : 0;
+    const auto x = std::make_tuple(load_vec<kVec>(std::get<a>(in).at(i, b))...);
+    std::tuple<Vec<out_t<Out, o>, kVec>...> y;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      const Vals<op_t, sizeof...(o)> r = f(k, op_t(std::get<a>(x).v[j])...);
+      ((std::get<o>(y).v[j] = out_t<Out, o>(r.v[o])), ...);
+    }
+    (store_vec<kVec>(std::get<o>(out).at(i, b), std::get<o>(y)), ...);
+  }
+  for (int64_t i = n_vec * kVec + global_thread(); i < n; i += grid_threads()) {
+    const int64_t b = kPerSample<In> ? i / run : 0;
+    const Vals<op_t, sizeof...(o)> r = f(k, op_t(*std::get<a>(in).at(i, b))...);
+    ((*std::get<o>(out).at(i, b) = out_t<Out, o>(r.v[o])), ...);
+  }
+}
+
+template <typename op_t, typename F, typename In, typename Out>
+__global__ void step_kernel(F f, CoeffRow c, In in, Out out, int64_t n, int64_t run, bool vec) {
+  step_elements(f, load_coeffs<op_t>(c), in, out, n, run, vec, std::make_index_sequence<std::tuple_size_v<In>>{},
+                std::make_index_sequence<std::tuple_size_v<Out>>{});
+}
+
+template <typename... A>
+bool all_vec_aligned(const std::tuple<A...>& t) {
+  return std::apply([](const auto&... a) { return (vec_aligned(a.at(0, 0)) && ...); }, t);
+}
+
+struct CudaLoop {
+  using Guard = c10::cuda::OptionalCUDAGuard;
+  template <typename op_t, typename F, typename In, typename Out>
+  static void launch(const F& f, const at::Tensor& coeffs, const In& in, const Out& out, int64_t n, int64_t run) {
+    const bool vec = all_vec_aligned(in) && all_vec_aligned(out) && (!kPerSample<In> || run % kVec == 0);
+    step_kernel<op_t><<<num_blocks(vec ? n / kVec : n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        f, coeff_row(coeffs), in, out, n, run, vec);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
 
 }  // namespace cuda
 }  // namespace genie_fast
