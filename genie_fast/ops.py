@@ -232,49 +232,46 @@ def taylor_step(x_bar, eps, deps, coeffs, backend: str = "auto"):
     return taylor_step_ref(x_bar, eps, deps, coeffs)
 
 
+# op -> (its reference, how many tensors it returns): the one dispatch table of the fused step ops.
+_STEP_OPS = {
+    "genie_step": (genie_step_ref, 2),
+    "ddim_step": (ddim_step_ref, 2),
+    "denoise_step": (denoise_step_ref, 1),
+    "dpmpp_2m_step": (dpmpp_2m_step_ref, 3),
+}
+
+
+def _run_step(op: str, args: tuple, backend: str, out):
+    """Runs fused step `op` on `args` (its tensors, coeffs last) with `backend`, into `out`."""
+    ref, n_out = _STEP_OPS[op]
+    b = _pick(op, args[0].device, backend)
+    if b == "torch":
+        return _copy_out(ref(*args), out)
+    outs = () if out is None else _outs(out, n_out)
+    if b == "triton":
+        return getattr(_triton(), op)(*args, *outs)
+    if out is None:
+        return getattr(torch.ops.genie_fast, op)(*args)
+    getattr(torch.ops.genie_fast, op + "_out")(*args, *outs)
+    return outs[0] if n_out == 1 else outs
+
+
 def genie_step(x_bar, eps, head_out, coeffs, backend: str = "auto", out=None):
     """Fused GENIE step; see `genie_step_ref`. Returns (x_bar_next, x_next)."""
     _check_step_args(x_bar, eps, coeffs, head_out)
-    b = _pick("genie_step", x_bar.device, backend)
-    if b == "torch":
-        return _copy_out(genie_step_ref(x_bar, eps, head_out, coeffs), out)
-    if b == "triton":
-        return _triton().genie_step(x_bar, eps, head_out, coeffs, *(_outs(out, 2) if out is not None else ()))
-    if out is None:
-        return torch.ops.genie_fast.genie_step(x_bar, eps, head_out, coeffs)
-    out = _outs(out, 2)
-    torch.ops.genie_fast.genie_step_out(x_bar, eps, head_out, coeffs, *out)
-    return out
+    return _run_step("genie_step", (x_bar, eps, head_out, coeffs), backend, out)
 
 
 def ddim_step(x_bar, eps, coeffs, backend: str = "auto", out=None):
     """DDIM / AFS step; see `ddim_step_ref`. Returns (x_bar_next, x_next)."""
     _check_step_args(x_bar, eps, coeffs)
-    b = _pick("ddim_step", x_bar.device, backend)
-    if b == "torch":
-        return _copy_out(ddim_step_ref(x_bar, eps, coeffs), out)
-    if b == "triton":
-        return _triton().ddim_step(x_bar, eps, coeffs, *(_outs(out, 2) if out is not None else ()))
-    if out is None:
-        return torch.ops.genie_fast.ddim_step(x_bar, eps, coeffs)
-    out = _outs(out, 2)
-    torch.ops.genie_fast.ddim_step_out(x_bar, eps, coeffs, *out)
-    return out
+    return _run_step("ddim_step", (x_bar, eps, coeffs), backend, out)
 
 
 def denoise_step(x_bar, eps, coeffs, backend: str = "auto", out=None):
     """Final denoising step; see `denoise_step_ref`. Returns x0."""
     _check_step_args(x_bar, eps, coeffs)
-    b = _pick("denoise_step", x_bar.device, backend)
-    if b == "torch":
-        return _copy_out(denoise_step_ref(x_bar, eps, coeffs), out)
-    if b == "triton":
-        return _triton().denoise_step(x_bar, eps, coeffs, *(_outs(out, 1) if out is not None else ()))
-    if out is None:
-        return torch.ops.genie_fast.denoise_step(x_bar, eps, coeffs)
-    (x0,) = _outs(out, 1)
-    torch.ops.genie_fast.denoise_step_out(x_bar, eps, coeffs, x0)
-    return x0
+    return _run_step("denoise_step", (x_bar, eps, coeffs), backend, out)
 
 
 def dpmpp_2m_step(x_bar, eps, x0_prev, coeffs, backend: str = "auto", out=None):
@@ -282,16 +279,7 @@ def dpmpp_2m_step(x_bar, eps, x0_prev, coeffs, backend: str = "auto", out=None):
     _check_step_args(x_bar, eps, coeffs)
     if x0_prev.shape != x_bar.shape:
         raise ValueError(f"x0_prev {tuple(x0_prev.shape)} must have the shape of x_bar {tuple(x_bar.shape)}")
-    b = _pick("dpmpp_2m_step", x_bar.device, backend)
-    if b == "torch":
-        return _copy_out(dpmpp_2m_step_ref(x_bar, eps, x0_prev, coeffs), out)
-    if b == "triton":
-        return _triton().dpmpp_2m_step(x_bar, eps, x0_prev, coeffs, *(_outs(out, 3) if out is not None else ()))
-    if out is None:
-        return torch.ops.genie_fast.dpmpp_2m_step(x_bar, eps, x0_prev, coeffs)
-    out = _outs(out, 3)
-    torch.ops.genie_fast.dpmpp_2m_step_out(x_bar, eps, x0_prev, coeffs, *out)
-    return out
+    return _run_step("dpmpp_2m_step", (x_bar, eps, x0_prev, coeffs), backend, out)
 
 
 def schedule_table(schedule, ts: torch.Tensor, backend: str = "auto") -> torch.Tensor:
