@@ -1,9 +1,12 @@
-"""Shared timing for the fused step-op benchmarks (bench/bench_<op>.py).
+"""The driver of the fused step-op benchmarks: each bench/bench_<op>.py is a spec (the op and
+the roles of its tensor arguments) handed to `main`; the timers are shared with
+bench_schedule_table.py.
 
 CPU: the fused C++ op (functional and out=) against the eager PyTorch chain of the same math
 (the op's `<op>_ref`), timed interleaved in one process so machine noise hits all alike; the
-figure is the ratio of medians. GPU: each backend's achieved bandwidth (bytes the op must move /
-time, CUDA events, back-to-back launches) against a device-to-device copy moving the same bytes,
+figure is the ratio of medians, at 64x3x32x32 fp32 for each --threads value. GPU (when present):
+each backend's achieved bandwidth (bytes the op must read and write / time, CUDA events,
+back-to-back launches) at batch 256 against a device-to-device copy moving the same bytes,
 measured in the same run. Rows are appended as JSON lines keyed by device and versions.
 """
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 
 import genie_fast
 from genie_fast import ops
+from genie_fast.schedule import VPSchedule, coeff_table, time_grid
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -94,7 +98,7 @@ def write_rows(op: str, rows: list[dict], out: Path | None):
 
 
 def parse_args(doc: str):
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=doc + "\n" + __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, nargs="+", default=[1],
                    help="CPU: torch.set_num_threads values (the dev machine: 2 cores, one busy)")
     p.add_argument("--shape", type=int, nargs="+", default=[64, 3, 32, 32], help="CPU shape (B C H W)")
@@ -106,16 +110,57 @@ def parse_args(doc: str):
     return p.parse_args()
 
 
-def run(op: str, doc: str, make, eager, fused, fused_out, bytes_moved):
-    """make(shape, net_dtype, device) -> args (coeffs last); eager/fused/fused_out(args, backend)
-    -> a zero-argument callable; bytes_moved(args) -> bytes one call must read and write."""
+# --------------------------------------------------------------------------- a step op from its spec
+
+def make_args(roles, shape, net_dtype, device):
+    """The op's tensor arguments, coeffs last: "state" a float32 state of `shape`, "net" a network
+    output of `shape` in net_dtype, "head" a head output (B, 3C, ...) in net_dtype; random, seed 0.
+    coeffs: row 4 of a 10-step VP table."""
+    s = VPSchedule()
+    c = coeff_table(s, time_grid(s, 10))[4].to(device)
+    g = torch.Generator(device=device).manual_seed(0)
+    head_shape = (shape[0], 3 * shape[1], *shape[2:])
+    args = []
+    for role in roles:
+        if role == "state":
+            args.append(torch.randn(shape, generator=g, device=device))
+        elif role == "net":
+            args.append(torch.randn(shape, generator=g, device=device).to(net_dtype))
+        elif role == "head":
+            args.append(torch.randn(head_shape, generator=g, device=device).to(net_dtype))
+        else:
+            raise ValueError(f"unknown role {role!r}; choose state, net or head")
+    return (*args, c)
+
+
+def step_fns(op: str, args):
+    """The eager chain, and makers of the fused calls (functional, out=) for a backend."""
+    ref, fused_op = getattr(ops, f"{op}_ref"), getattr(ops, op)
+    results = ref(*args)
+    results = (results,) if isinstance(results, torch.Tensor) else tuple(results)
+
+    def fused(backend):
+        return lambda: fused_op(*args, backend=backend)
+
+    def fused_out(backend):
+        out = tuple(torch.empty_like(r) for r in results)
+        out = out[0] if len(out) == 1 else out
+        return lambda: fused_op(*args, backend=backend, out=out)
+
+    # bytes one call must move: read every tensor argument but coeffs, write every result
+    nbytes = sum(a.nbytes for a in args[:-1]) + sum(r.nbytes for r in results)
+    return (lambda: ref(*args)), fused, fused_out, nbytes
+
+
+def main(op: str, roles: tuple, doc: str):
+    """Benchmark fused step `op`, whose tensor arguments before coeffs have `roles` (see make_args)."""
     args_ns = parse_args(doc)
     rows = []
     # ------------------------------------------------------------------ CPU: fused vs eager chain
     for threads in args_ns.threads:
         torch.set_num_threads(threads)
-        args = make(tuple(args_ns.shape), torch.float32, "cpu")
-        fns = {"eager": eager(args), "cpp": fused(args, "cpp"), "cpp_out": fused_out(args, "cpp")}
+        eager, fused, fused_out, _ = step_fns(op, make_args(roles, tuple(args_ns.shape), torch.float32, "cpu"))
+        fns = {"eager": eager, "cpp": fused("cpp"), "cpp_out": fused_out("cpp")}
         res = time_cpu(fns, args_ns.iters, args_ns.repeats)
         env = environment(threads)
         for name, r in res.items():
@@ -136,16 +181,15 @@ def run(op: str, doc: str, make, eager, fused, fused_out, bytes_moved):
     else:
         shape = (args_ns.gpu_batch, 3, 32, 32)
         for net_dtype in (torch.float16, torch.bfloat16, torch.float32):
-            args = make(shape, net_dtype, "cuda")
-            nbytes = bytes_moved(args)
+            eager, _, fused_out, nbytes = step_fns(op, make_args(roles, shape, net_dtype, "cuda"))
             src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
             dst = torch.empty_like(src)
             big = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
             big_dst = torch.empty_like(big)
-            fns = {"copy_same_bytes": lambda: dst.copy_(src), "eager": eager(args)}
+            fns = {"copy_same_bytes": lambda: dst.copy_(src), "eager": eager}
             for b in ("triton", "cuda"):
                 if b in ops.available_backends(op, "cuda"):
-                    fns[b] = fused_out(args, b)
+                    fns[b] = fused_out(b)
             res = time_cuda(fns, args_ns.iters, args_ns.repeats)
             peak = time_cuda({"copy_1GiB": lambda: big_dst.copy_(big)}, 3, 10)["copy_1GiB"]
             del big, big_dst

@@ -14,7 +14,9 @@ A smooth network gives small numbers at every half-width up to a solver step (lo
 NFE: steps of 0.003-0.2 in t); at delta = 1e-4 both columns check the JVP itself (~0). "nan": the
 span would leave [t_end, 1].
 
-    python bench/diag_time_roughness.py checkpoints/fmnist_train.pt runs/fmnist_lg/ckpt.pt
+    python bench/diagnostics/diag_time_roughness.py genie_fast/assets/fmnist_genie runs/fmnist_lg/ckpt.pt
+
+Each model: an exported model stem or a training state (.pt, its EMA weights).
 """
 import argparse
 
@@ -22,6 +24,7 @@ import torch
 
 from genie_fast.data import load_fashion_mnist
 from genie_fast.distill import load_unet_from_train_ckpt, ode_tangents
+from genie_fast.models.default import load_model
 from genie_fast.schedule import VPSchedule
 
 TS = (0.02, 0.1, 0.3, 0.6)
@@ -62,15 +65,15 @@ def roughness(unet, schedule, x0: torch.Tensor, seed: int = 0) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("ckpts", nargs="+", help="training checkpoints (EMA weights are used)")
+    p.add_argument("models", nargs="+", help="exported model stems or training states (.pt: EMA weights)")
     p.add_argument("--n", type=int, default=8)
     args = p.parse_args()
     torch.set_num_threads(1)
     schedule = VPSchedule()
     x0 = load_fashion_mnist("train")[0][: args.n]
     head = " ".join(f"{d:>7g}" for d in DELTAS)
-    for path in args.ckpts:
-        unet = load_unet_from_train_ckpt(path)
+    for path in args.models:
+        unet = load_unet_from_train_ckpt(path) if path.endswith(".pt") else load_model(path).unet
         print(f"{path} (time input {unet.config.time_input}): relative difference, exact vs central FD, "
               f"half-width in t = {head}")
         for tval, r in roughness(unet, schedule, x0).items():

@@ -4,7 +4,10 @@ For 16 Fashion-MNIST training images at fixed t it prints, gamma-weighted:
 the RMS of the space part J_x eps . dx/dgamma and of the time part d eps/dt . dt/dgamma, their
 cosine, and how much of the total a per-t least-squares fit a*eps + b*x_t explains.
 
-    python bench/diag_head_target.py [--ckpt runs/fmnist/ckpt.pt]   (checkpoints/fmnist_train.pt works too)
+    python bench/diagnostics/diag_head_target.py [--model runs/fmnist/ckpt.pt]
+
+--model: an exported model stem (default: the bundled genie_fast/assets/fmnist_genie) or a
+training state (.pt, its EMA weights).
 """
 import argparse
 
@@ -12,16 +15,22 @@ import torch
 
 from genie_fast.data import load_fashion_mnist
 from genie_fast.distill import load_unet_from_train_ckpt, ode_tangents
+from genie_fast.models.default import default_model_path, load_model
 from genie_fast.schedule import VPSchedule
+
+
+def load_unet(path: str):
+    """The U-Net of an exported model stem, or the EMA U-Net of a training state (.pt)."""
+    return load_unet_from_train_ckpt(path) if path.endswith(".pt") else load_model(path).unet
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ckpt", default="checkpoints/fmnist_train.pt")
+    p.add_argument("--model", default=str(default_model_path()))
     p.add_argument("--n", type=int, default=16)
     args = p.parse_args()
     torch.set_num_threads(1)
-    unet, s = load_unet_from_train_ckpt(args.ckpt), VPSchedule()
+    unet, s = load_unet(args.model), VPSchedule()
     x0 = load_fashion_mnist("train")[0][: args.n]
     g = torch.Generator().manual_seed(0)
     for tval in (0.002, 0.01, 0.05, 0.2, 0.5, 0.9):
