@@ -1,7 +1,7 @@
 """Whole-sample latency of GENIE sampling: genie_fast's engine against eager and compiled loops.
 
 One process, every baseline in the same run, on the DDPM++ "deep" CIFAR-10 U-Net (random
-weights; timing only) and on the shipped default model when present:
+weights; timing only) and on the bundled default model:
 
   a     the official-style loop: eager fp32 network + head, Python loop, PyTorch update
         (the reference solver, backend "torch"; cuDNN's TF32 default left as PyTorch ships it)
@@ -9,49 +9,209 @@ weights; timing only) and on the shipped default model when present:
   c_ro  torch.compile(mode="reduce-overhead") of the fp16 step (network + head + update), Python loop
   c_ma  torch.compile(mode="max-autotune") of the same step
   d     genie_fast.engine.SamplingEngine: fp16, the whole loop replayed as one CUDA graph
-  floor NFE back-to-back replays of a CUDA graph of ONE fp16 network + head forward
+  floor NFE back-to-back replays of a CUDA graph of ONE fp16 network (+ head for genie) forward
+
+The plan, in order of value (each item starts only while --budget-s leaves it its need; what the
+budget leaves out is listed as skipped):
+  1. headline: solver genie, NFE 10, every model in --models, every batch in --batch (1 and 64):
+     a, floor, d, b
+  2. c_ro of each model in --compile-models at --compile-batch (one compile per model)
+  3. the engine (d) for every other solver of genie_fast.solvers.SOLVERS, first model, at
+     --solver-batch, with an eps-only floor; a solver the engine refuses is a recorded skip
+  4. --extra-batch (256): a, floor, d, b
+  5. c_ma of each model in --compile-models at --compile-batch
 
 Each time is the median of whole-sample times taken with CUDA events after warm-up (capture and
 compile times are reported apart), with min / max / interquartile spread. overhead = T_d / T_floor
-- 1. Memory: peak of torch.cuda.max_memory_allocated above the start (weights included; the
-graph pool's live blocks are allocations too) and of max_memory_reserved (which also holds the
-pool's cached segments), for b and d, each measured from a fresh model copy. Rows go to JSON
-keyed by GPU name and library versions; a short table ends the output. Work runs in priority
-order under --budget-s; what the budget leaves out is listed.
+- 1 (the floor scaled to the NFE d really used). Memory: peak of torch.cuda.max_memory_allocated
+above the start (weights included; the graph pool's live blocks are allocations too) and of
+max_memory_reserved, for b and d, each measured from a fresh model copy.
 
-    python bench/bench_sample.py                      # GPU: the full plan within --budget-s
-    python bench/bench_sample.py --smoke              # CPU: a tiny eager-only run of every path
+Output: --json FILE gets JSON Lines, written and flushed as each row is measured, so an interrupt
+or a kill keeps every row so far: {"kind": "env"} (versions, the backend that runs each op), then
+{"kind": "row"} per measurement and {"kind": "skip"} per item left out or refused, and
+{"kind": "end"} (wall time, interrupted or not). Every row names the backend of each op for its
+variant (`op_backends`). SIGINT (a step timeout) or SIGTERM stops the plan; the table of what was
+measured is printed in every case. --resume FILE continues a file, skipping what it already holds.
+
+    python bench/bench_sample.py --json out.jsonl      # GPU: the plan above within --budget-s
+    python bench/bench_sample.py --smoke --json x.jsonl  # CPU: a tiny eager run of every path
+    python bench/bench_sample.py --table out.jsonl     # the table of a (partial) run
+    python bench/bench_sample.py --versions            # versions, op backends, NVTX emitter (JSON)
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import gc
+import inspect
 import json
 import os
 import platform
+import signal
 import statistics
 import sys
 import time
 import traceback
 
-import torch
 
-import genie_fast
-from genie_fast import engine as engine_mod
-from genie_fast.engine import SamplingEngine, _converted_copy
-from genie_fast.models.head import GenieModel
-from genie_fast.models.unet import UNet
-from genie_fast.schedule import COL, coeff_table, time_grid
-from genie_fast.solvers import SOLVERS, steps_for_nfe
-from genie_fast import ops
+# --------------------------------------------------------------------------- reading a run (no torch)
+
+def read_jsonl(path: str) -> list[dict]:
+    """Every complete JSON line of `path` (a line cut by a kill is dropped)."""
+    out = []
+    if not path or not os.path.exists(path):
+        return out
+    with open(path) as fh:
+        for line in fh:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return out
+
+
+# --------------------------------------------------------------------------- table
+
+def table(rows: list[dict]) -> str:
+    """One line per (model, solver, NFE, batch): medians, speedups of d, overhead, memory ratio."""
+    by, floors = {}, {}
+    for r in rows:
+        if r.get("kind", "row") not in ("row", "skip") or r.get("variant") == "precision":
+            continue
+        k = (r["model"], r["solver"], r["nfe"], r["batch"])
+        by.setdefault(k, {})[r["variant"]] = r
+        if r.get("kind", "row") == "row" and r["variant"] in ("floor", "floor_eps") and r.get("median_ms"):
+            floors[(r["model"], r["nfe"], r["batch"], r.get("forward", "eps+head"))] = r["median_ms"]
+    head = (f"{'model':>8} {'solver':>12} {'nfe':>3} {'B':>4} | {'a fp32':>9} {'b half':>9} {'c_ro':>9} "
+            f"{'c_ma':>9} {'d engine':>9} {'floor':>9} | {'d/a':>6} {'d/b':>6} {'d/c':>6} {'ovh%':>6} "
+            f"{'alloc':>6} {'reserv':>6} | d ops")
+    lines = ["times: median ms per whole sample (CUDA events on a GPU); d/x = T_x / T_d (speedup of the "
+             "engine); ovh = T_d / T_floor - 1; alloc, reserv = peak memory of d over b; "
+             "'refused': the engine does not run that solver; '-': not measured",
+             head, "-" * len(head)]
+
+    def med(d, v):
+        r = d.get(v)
+        return r.get("median_ms") if r and r.get("kind", "row") == "row" else None
+
+    def f(x, w=9, p=3):
+        return f"{x:>{w}.{p}f}" if x is not None else f"{'-':>{w}}"
+    for (model, solver, nfe, b), d in sorted(by.items()):
+        ta, tb, tr, tm, td = (med(d, v) for v in ("a", "b", "c_ro", "c_ma", "d"))
+        kind = "eps+head" if solver == "genie" else "eps"
+        tf = med(d, "floor") if solver == "genie" else None
+        tf = tf if tf is not None else floors.get((model, nfe, b, kind))
+        nfe_used = (d.get("d") or {}).get("nfe_used") or nfe
+        tc = min([t for t in (tr, tm) if t is not None], default=None)
+        sp = lambda t: (t / td) if (t is not None and td) else None  # noqa: E731
+        ovh = (td / (tf * nfe_used / nfe) - 1) * 100 if (td and tf) else None
+
+        def ratio(field):
+            mb, md = (d.get("b") or {}).get("b_" + field), (d.get("d") or {}).get("d_" + field)
+            return md / mb if (mb and md) else None
+        dcell = f(td)
+        rd = d.get("d")
+        if rd is not None and rd.get("kind") == "skip" and "refuses" in rd.get("reason", ""):
+            dcell = f"{'refused':>9}"
+        backs = (rd or {}).get("op_backends") or {}
+        ops_note = ",".join(sorted(set(backs.values()))) if backs else ""
+        lines.append(f"{model:>8} {solver:>12} {nfe:>3} {b:>4} | {f(ta)} {f(tb)} {f(tr)} {f(tm)} {dcell} {f(tf)} | "
+                     f"{f(sp(ta), 6, 2)} {f(sp(tb), 6, 2)} {f(sp(tc), 6, 2)} {f(ovh, 6, 1)} "
+                     f"{f(ratio('peak_alloc_mib'), 6, 2)} {f(ratio('peak_reserved_mib'), 6, 2)} | {ops_note}")
+    prec = [r for r in rows if r.get("variant") == "precision" and r.get("kind", "row") == "row"]
+    if prec:
+        lines.append("precision (engine vs fp32 eager, TF32 off): " + "; ".join(
+            f"{r['model']} {r['solver']} {r['dtype']} {r['rel_l2_vs_fp32']:.1e}" for r in prec))
+    return "\n".join(lines)
+
+
+def print_table(rows, env):
+    print()
+    if env:
+        print(f"{env.get('gpu')} | torch {env.get('torch')} | triton {env.get('triton')} | CUDA {env.get('cuda')} "
+              f"| ops (auto): {env.get('op_backends_auto')} | NVTX: {(env.get('nvtx') or {}).get('emitter')}")
+    print(table(rows))
+    skipped = [r for r in rows if r.get("kind") == "skip"]
+    if skipped:
+        print(f"skipped ({len(skipped)}): " + "; ".join(
+            f"{r['model']} {r['solver']} B={r['batch']} {r['variant']} ({r['reason']})" for r in skipped))
+
+
+def _table_cli(path: str) -> int:
+    """Print the table of a (partial) run's JSON Lines file."""
+    recs = read_jsonl(path)
+    env = next((r for r in recs if r.get("kind") == "env"), None)
+    print_table([r for r in recs if r.get("kind") in ("row", "skip")], env)
+    if not any(r.get("kind") == "end" for r in recs):
+        print("(the run wrote no end record: it was killed; the rows above are what it measured)")
+    return 0
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--table":
+    sys.exit(_table_cli(sys.argv[2]))  # the summary of gpu_check.sh: no torch import, a fraction of a second
+
+import torch  # noqa: E402
+
+import genie_fast  # noqa: E402
+from genie_fast import engine as engine_mod  # noqa: E402
+from genie_fast import ops, profiling  # noqa: E402
+from genie_fast.engine import SamplingEngine  # noqa: E402
+from genie_fast.models.head import GenieModel  # noqa: E402
+from genie_fast.models.unet import UNet  # noqa: E402
+from genie_fast.schedule import COL, coeff_table, time_grid  # noqa: E402
+from genie_fast.solvers import SOLVERS, nfe_of, steps_for_nfe  # noqa: E402
 
 CUDA = torch.cuda.is_available()
+MAIN_SOLVER = "genie"
 
 
 # --------------------------------------------------------------------------- environment
 
+def fused_ops() -> list[str]:
+    """The ops of genie_fast.ops that have a fused kernel (a Triton module in genie_fast.kernels or
+    an op of genie_fast._C) and so dispatch on a backend; taylor_step stays a reference. Found
+    without importing the Triton kernels (TRITON_INTERPRET must be set before that, in tests)."""
+    import importlib.util
+
+    from genie_fast import _ext
+
+    candidates = [n for n in ops.__all__ if not n.endswith("_ref") and callable(getattr(ops, n, None))
+                  and n != "available_backends" and "backend" in inspect.signature(getattr(ops, n)).parameters]
+    kernel_files = set()
+    try:
+        spec = importlib.util.find_spec("genie_fast.kernels")
+        for folder in (spec.submodule_search_locations or []) if spec else []:
+            kernel_files |= {f[:-3] for f in os.listdir(folder) if f.endswith(".py")}
+    except (ImportError, ValueError, OSError):
+        pass
+    fused = [n for n in candidates if n in kernel_files or _ext.has_op(n)]
+    return fused or candidates  # nothing fused at all: every op is listed (and runs "torch")
+
+
+def op_backends(device, backend: str | None = "auto") -> dict:
+    """{op: the backend that runs it} for tensors on `device` and the `backend` asked for.
+
+    backend None: the variant runs no step op (the floor); "inductor": the compiled reference.
+    """
+    dev = torch.device(device)
+    out = {}
+    for op in fused_ops():
+        if backend is None:
+            out[op] = "none"
+        elif backend == "inductor":
+            out[op] = "inductor (compiled reference)"
+        else:
+            try:
+                out[op] = ops._pick(op, dev, backend)
+            except (ValueError, RuntimeError) as e:
+                out[op] = f"unavailable: {e}"
+    return out
+
+
 def versions() -> dict:
+    dev = "cuda" if CUDA else "cpu"
     v = {"gpu": torch.cuda.get_device_name() if CUDA else f"cpu ({platform.processor() or platform.machine()})",
          "torch": torch.__version__, "cuda": torch.version.cuda, "genie_fast": genie_fast.__version__,
          "python": platform.python_version(),
@@ -65,6 +225,17 @@ def versions() -> dict:
     if CUDA:
         p = torch.cuda.get_device_properties(0)
         v["sm_count"], v["gpu_mem_gib"] = p.multi_processor_count, round(p.total_memory / 2**30, 1)
+        v["sm"] = f"{p.major}.{p.minor}"
+    from genie_fast import _ext
+
+    v["ext_loaded"] = _ext._C is not None
+    if _ext._C is None:
+        v["ext_error"] = str(getattr(_ext, "_load_error", None))
+    v["ext_kernels"] = {op: [d for d in ("cpu", "cuda") if _ext.has_op(op, d)] for op in fused_ops()}
+    v["device"] = dev
+    v["op_backends_auto"] = op_backends(dev, "auto")
+    v["fused"] = all(b != "torch" for b in v["op_backends_auto"].values())
+    v["nvtx"] = profiling.emitter_info()
     return v
 
 
@@ -122,7 +293,7 @@ def load_models(names: list[str], log) -> dict:
                 from genie_fast.models import load_default
 
                 models[name] = load_default().eval()
-            except Exception as e:  # the default model may not be shipped yet
+            except Exception as e:  # the default model may not be shipped
                 log(f"[skip] default model not available: {type(e).__name__}: {e}")
         elif name == "deep":
             models[name] = random_genie("ddpmpp_deep_cifar10")
@@ -132,7 +303,54 @@ def load_models(names: list[str], log) -> dict:
 
 
 def image_shape(model) -> tuple:
-    return engine_mod._image_shape(model)
+    if getattr(model, "image_shape", None) is not None:
+        return tuple(model.image_shape)
+    cfg = getattr(model, "config", None) or getattr(getattr(model, "unet", None), "config", None)
+    return (cfg.in_channels, cfg.image_size, cfg.image_size)
+
+
+def converted_copy(model, device, dtype):
+    """A copy of `model` on `device` in `dtype` (floating tensors only), eval, no gradients; the
+    conversion goes tensor by tensor, so no full-precision copy lands on the device."""
+    return copy.deepcopy(model).to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def make_engine(model, device, net_dtype, **kw) -> SamplingEngine:
+    """A SamplingEngine whose network runs in `net_dtype`, whichever keyword the engine names it
+    by (`net_dtype` where the state dtype is `dtype`, else `dtype`)."""
+    params = inspect.signature(SamplingEngine).parameters
+    key = "net_dtype" if "net_dtype" in params else "dtype"
+    return SamplingEngine(model, device=device, **{key: net_dtype}, **kw)
+
+
+def engine_refusal(solver: str) -> str | None:
+    """Why the engine refuses `solver` by its own declaration (None: it declares it runs it)."""
+    declared = getattr(engine_mod, "ENGINE_SOLVERS", None)
+    if declared is not None and solver not in declared:
+        return f"the engine runs solvers {tuple(declared)}, not {solver!r}"
+    return None
+
+
+def no_tf32():
+    """The engine's no_tf32() (true fp32 convolutions for fp32 references), or the same switch here."""
+    if hasattr(engine_mod, "no_tf32"):
+        return engine_mod.no_tf32()
+
+    @contextlib.contextmanager
+    def _off():
+        old = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32 = old
+    return _off()
+
+
+def engine_sample(eng, noise, solver, nfe):
+    """One engine call with the benchmark's fixed options (quadratic grid, no AFS, no denoising,
+    the same as the eager baselines); returns (x0, nfe used)."""
+    return eng.sample(noise, solver=solver, nfe=nfe, grid="quadratic", afs=False, denoise=False)
 
 
 # --------------------------------------------------------------------------- the variants
@@ -159,15 +377,15 @@ class Case:
         return run
 
 
-def floor_graph(model_low, case: Case):
-    """A CUDA graph of one network + head forward; floor = NFE back-to-back replays."""
+def _forward(model_low, case, head: bool):
     x = case.noise.to(case.low)
     t = torch.full((case.batch,), 0.5, device=x.device)
+    return (lambda: model_low.eps_and_head(x, t)) if head else (lambda: model_low(x, t))
 
-    def fwd():
-        if case.solver == "genie":
-            return model_low.eps_and_head(x, t)
-        return model_low(x, t)
+
+def floor_graph(model_low, case: Case, head: bool):
+    """A CUDA graph of one network (+ head) forward; floor = NFE back-to-back replays."""
+    fwd = _forward(model_low, case, head)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s), torch.no_grad():
@@ -184,12 +402,18 @@ def floor_graph(model_low, case: Case):
     return run, graph
 
 
-def compiled_step(model_low, mode: str):
-    """torch.compile of the fp16 step (network + head + PyTorch GENIE update).
+def eager_floor(model_low, case, head: bool):
+    fwd = _forward(model_low, case, head)
 
-    Default dynamic-shape policy: the first batch size compiles static, the second recompiles with
-    a dynamic batch that the later sizes reuse (so 2 compiles per mode, not one per size).
-    """
+    @torch.no_grad()
+    def run():
+        for _ in range(case.nfe):
+            fwd()
+    return run
+
+
+def compiled_step(model_low, mode: str):
+    """torch.compile of the fp16 step (network + head + PyTorch GENIE update)."""
     def step(x_bar, x, t, row):
         eps, head_out = model_low.eps_and_head(x, t)
         return ops.genie_step_ref(x_bar, eps, head_out, row)
@@ -240,48 +464,93 @@ def memory_probe(out: dict, prefix: str):
     out[f"{prefix}_peak_reserved_mib"] = (torch.cuda.max_memory_reserved() - r0) / 2**20
 
 
+# --------------------------------------------------------------------------- output
+
+class JsonLines:
+    """Appends one JSON object per line, flushed and synced at once (a kill keeps every line)."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        self.fh = None
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+            self.fh = open(path, "a")
+
+    def write(self, obj: dict):
+        if self.fh is None:
+            return
+        self.fh.write(json.dumps(obj, default=str) + "\n")
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+
+    def close(self):
+        if self.fh is not None:
+            self.fh.close()
+
+
+def item_key(model, solver, nfe, batch, variant) -> str:
+    return f"{model}|{solver}|{nfe}|{batch}|{variant}"
+
+
 # --------------------------------------------------------------------------- driver
 
 class Bench:
-    def __init__(self, args):
+    def __init__(self, args, writer: JsonLines, done: set | None = None):
         self.args = args
+        self.writer = writer
         self.rows: list[dict] = []
         self.skipped: list[str] = []
+        self.done = done or set()          # item keys already in a resumed file
         self.t_start = time.perf_counter()
         self.env = versions()
-        self.log_lines: list[str] = []
         self._compiled: dict = {}
         self.outputs: dict = {}
 
     def log(self, msg):
         print(msg, flush=True)
-        self.log_lines.append(msg)
 
     def left_s(self):
         return self.args.budget_s - (time.perf_counter() - self.t_start)
 
-    def row(self, case: Case, variant: str, **fields):
-        r = {**self.env, "model": case.name, "solver": case.solver, "nfe": case.nfe, "batch": case.batch,
+    def skip(self, case_or_fields, variant: str, reason: str):
+        f = case_or_fields if isinstance(case_or_fields, dict) else {
+            "model": case_or_fields.name, "solver": case_or_fields.solver, "nfe": case_or_fields.nfe,
+            "batch": case_or_fields.batch}
+        rec = {"kind": "skip", **f, "variant": variant, "reason": reason}
+        self.skipped.append(f"{f['model']} {f['solver']} nfe={f['nfe']} B={f['batch']} {variant} ({reason})")
+        self.rows.append(rec)
+        self.writer.write(rec)
+
+    def row(self, case: Case, variant: str, backend, **fields):
+        r = {"kind": "row", "model": case.name, "solver": case.solver, "nfe": case.nfe, "batch": case.batch,
              "dtype": "float32" if variant == "a" else str(case.low).replace("torch.", ""), "variant": variant,
-             **fields}
+             "device": str(case.noise.device), "op_backends": op_backends(case.noise.device, backend),
+             "gpu": self.env["gpu"], "torch": self.env["torch"], "triton": self.env["triton"],
+             "cuda": self.env["cuda"], "nvtx": self.env["nvtx"]["emitter"], **fields}
         self.rows.append(r)
+        self.writer.write(r)
         med = fields.get("median_ms")
-        self.log(f"  {case.name:>8} nfe={case.nfe:<3} B={case.batch:<4} {variant:<6} "
+        self.log(f"  {case.name:>8} {case.solver:>12} nfe={case.nfe:<3} B={case.batch:<4} {variant:<6} "
                  + (f"median {med:9.3f} ms  [{fields['min_ms']:.3f}, {fields['max_ms']:.3f}]  n={fields['reps']}"
                     if med is not None else f"ERROR {fields.get('error')}")
                  + (f"  setup {fields['setup_s']:.1f}s" if fields.get("setup_s") else "")
                  + (f"  vs a {fields['rel_l2_vs_a']:.1e}" if fields.get("rel_l2_vs_a") is not None else ""))
         return r
 
-    def measure(self, case: Case, variant: str, make, need_s: float, **extra):
-        """Set up (timed apart), warm up, time. Any failure is recorded, never fatal."""
+    def measure(self, case: Case, variant: str, make, need_s: float, backend="auto", **extra):
+        """Set up (timed apart), warm up, time. Any failure is recorded, never fatal; an interrupt
+        (KeyboardInterrupt) propagates to stop the plan."""
+        if item_key(case.name, case.solver, case.nfe, case.batch, variant) in self.done:
+            return None
         if self.left_s() < need_s:
-            self.skipped.append(f"{case.name} nfe={case.nfe} B={case.batch} {variant} (budget)")
+            self.skip(case, variant, "budget")
             return None
         try:
             t0 = time.perf_counter()
             fn = make()
-            fn()  # first call: capture / compile / cuDNN autotune
+            out = fn()  # first call: capture / compile / cuDNN autotune
+            if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], int):
+                extra["nfe_used"] = out[1]
             sync()
             setup_s = time.perf_counter() - t0
             for _ in range(self.args.warmup):
@@ -295,204 +564,235 @@ class Bench:
                 ref = case.outputs.get("a")
                 if ref is not None and variant != "a":
                     extra["rel_l2_vs_a"] = float((case.outputs[variant] - ref).norm() / ref.norm())
-            return self.row(case, variant, setup_s=setup_s, **summary(times), **extra)
+            return self.row(case, variant, backend, setup_s=setup_s, **summary(times), **extra)
         except Exception as e:
             self.log(traceback.format_exc(limit=3))
-            return self.row(case, variant, median_ms=None, error=f"{type(e).__name__}: {str(e)[:300]}")
+            return self.row(case, variant, backend, median_ms=None, error=f"{type(e).__name__}: {str(e)[:300]}")
         finally:
             if CUDA:
                 gc.collect()
                 torch.cuda.empty_cache()
 
     def run_case(self, case: Case, variants: list[str]):
-        self.log(f"-- {case.name} {case.solver} nfe={case.nfe} batch={case.batch} "
+        todo = [v for v in variants if item_key(case.name, case.solver, case.nfe, case.batch, v) not in self.done]
+        if not todo:
+            return {}
+        self.log(f"-- {case.name} {case.solver} nfe={case.nfe} batch={case.batch} {todo} "
                  f"({self.left_s():.0f}s of budget left)")
-        low = case.low
-        model32 = case.model32
-        dev = case.noise.device
-        need = {"a": 5, "b": 5, "d": 10, "floor": 5, "c_ro": self.args.compile_need_s,
+        low, model32, dev = case.low, case.model32, case.noise.device
+        need = {"a": 5, "b": 5, "d": 8, "floor": 5, "floor_eps": 5, "c_ro": self.args.compile_need_s,
                 "c_ma": self.args.compile_need_s}
-        mem = {}
-        results = {}
-        for v in variants:
+        mem, results = {}, {}
+        for v in todo:
             if v == "a":
                 m32 = model32.to(dev)
-                results[v] = self.measure(case, "a", lambda: case.eager_loop(m32, torch.float32), need[v])
+                results[v] = self.measure(case, "a", lambda: case.eager_loop(m32, torch.float32), need[v],
+                                          backend="torch")
                 model32.cpu()  # off the GPU again before the memory probes of b and d
                 del m32
             elif v == "b":
                 with memory_probe(mem, "b"):
-                    m16 = _converted_copy(model32, dev, low)
-                    results[v] = self.measure(case, "b", lambda: case.eager_loop(m16, low), need[v])
+                    m16 = converted_copy(model32, dev, low)
+                    results[v] = self.measure(case, "b", lambda: case.eager_loop(m16, low), need[v],
+                                              backend="torch")
                 del m16
             elif v == "d":
+                refused = engine_refusal(case.solver)
+                if refused:
+                    self.skip(case, "d", f"engine refuses: {refused}")
+                    continue
+                eng = None
+                # a half-precision network is for GPUs (the engine may refuse one on the CPU)
+                eng_dtype = low if CUDA else torch.float32
                 with memory_probe(mem, "d"):
-                    eng = SamplingEngine(model32, device=dev, dtype=low, max_graphs=1)
-                    results[v] = self.measure(
-                        case, "d", lambda: (lambda: eng.sample(case.noise, solver=case.solver, nfe=case.nfe)),
-                        need[v])
-                if results[v] is not None:  # the graph capture alone (setup_s also holds weight copy, warm-up)
-                    results[v].update(capture_ms=eng.stats["capture_ms_total"], engine=eng.cache_info())
+                    try:
+                        eng = make_engine(model32, dev, eng_dtype, max_graphs=1)
+                    except Exception as e:
+                        results[v] = self.row(case, "d", None, median_ms=None,
+                                              error=f"{type(e).__name__}: {str(e)[:300]}")
+                    if eng is not None:
+                        results[v] = self.measure(
+                            case, "d", lambda: (lambda: engine_sample(eng, case.noise, case.solver, case.nfe)),
+                            need[v], backend=eng.backend, dtype=str(eng_dtype).replace("torch.", ""))
+                if eng is not None and results.get(v) is not None and results[v].get("median_ms") is not None:
+                    info = eng.cache_info()
+                    results[v].update(capture_ms=info.get("capture_ms_total"), engine=info,
+                                      graph=bool(info.get("graphs")))
                 del eng
-            elif v == "floor":
-                m16 = _converted_copy(model32, dev, low)
+            elif v in ("floor", "floor_eps"):
+                head = v == "floor" and case.solver == "genie"
+                m16 = converted_copy(model32, dev, low)
                 holder = {}
 
                 def make_floor():
-                    holder["run"], holder["graph"] = floor_graph(m16, case)
+                    if not CUDA:
+                        return eager_floor(m16, case, head)
+                    holder["run"], holder["graph"] = floor_graph(m16, case, head)
                     return holder["run"]
-                results[v] = self.measure(case, "floor", make_floor, need[v]) if CUDA else self.measure(
-                    case, "floor", lambda: _eager_floor(m16, case), need[v])
+                results[v] = self.measure(case, v, make_floor, need[v], backend=None,
+                                          forward="eps+head" if head else "eps")
                 holder.clear()
                 del m16
             elif v in ("c_ro", "c_ma"):
                 if not CUDA and not self.args.compile_on_cpu:
-                    self.skipped.append(f"{case.name} nfe={case.nfe} B={case.batch} {v} (CPU run)")
+                    self.skip(case, v, "CPU run")
                     continue
                 mode = "reduce-overhead" if v == "c_ro" else "max-autotune"
+                if self.left_s() < need[v]:
+                    self.skip(case, v, "budget")
+                    continue
                 if (case.name, v) not in self._compiled:  # one compiled step per model and mode
                     self._compiled.clear()
                     torch._dynamo.reset()
-                    m16 = _converted_copy(model32, dev, low)
+                    m16 = converted_copy(model32, dev, low)
                     self._compiled[(case.name, v)] = (m16, compiled_step(m16, mode))
                 cstep = self._compiled[(case.name, v)][1]
                 results[v] = self.measure(case, v, lambda: compiled_loop(cstep, case, mode), need[v],
-                                          compile_note="setup_s = compile (first size, and the recompile "
-                                                       "with a dynamic batch at the second) + cudagraph record")
+                                          backend="inductor",
+                                          compile_note="setup_s = compile + cudagraph record")
         if mem:
             for v in ("b", "d"):
                 if results.get(v) is not None:
                     results[v].update({k: val for k, val in mem.items() if k.startswith(v + "_")})
+                    self.writer.write({"kind": "memory", "model": case.name, "solver": case.solver,
+                                       "nfe": case.nfe, "batch": case.batch, "variant": v,
+                                       **{k: val for k, val in mem.items() if k.startswith(v + "_")}})
             self.log("     memory MiB: " + ", ".join(f"{k}={val:.0f}" for k, val in mem.items()))
         return results
 
-    def precision(self, name, model32, nfe, batch, dev, low):
-        """x0 of the engine (low precision, graph) against fp32 eager with TF32 off: rel. L2 error."""
+    def precision(self, name, model32, solver, nfe, batch, dev, low):
+        """x0 of the engine (low precision, graph on CUDA) against fp32 eager with TF32 off."""
+        fields = {"model": name, "solver": solver, "nfe": nfe, "batch": batch}
+        refused = engine_refusal(solver)
+        if refused:
+            self.skip(fields, "precision", f"engine refuses: {refused}")
+            return
         if self.left_s() < 20:
-            self.skipped.append(f"{name} precision (budget)")
+            self.skip(fields, "precision", "budget")
             return
         g = torch.Generator().manual_seed(99)
         z = torch.randn((batch, *image_shape(model32)), generator=g).to(dev)
         try:
-            with engine_mod.no_tf32():
-                solver = self.args.solver
-                ref, _ = SamplingEngine(model32, device=dev, dtype=torch.float32, use_graphs=False).sample(
-                    z, solver=solver, nfe=nfe)
+            with no_tf32():
+                ref, _ = engine_sample(make_engine(model32, dev, torch.float32, use_graphs=False), z, solver, nfe)
                 for dt in (low, torch.bfloat16) if low != torch.bfloat16 else (low,):
-                    x, _ = SamplingEngine(model32, device=dev, dtype=dt).sample(z, solver=solver, nfe=nfe)
+                    try:
+                        x, _ = engine_sample(make_engine(model32, dev, dt), z, solver, nfe)
+                    except (ValueError, TypeError) as e:
+                        if CUDA:
+                            raise
+                        self.skip(fields, "precision", f"{dt} on the CPU: {type(e).__name__}: {str(e)[:200]}")
+                        continue
                     err = float((x.double() - ref.double()).norm() / ref.double().norm())
-                    self.rows.append({**self.env, "model": name, "solver": solver, "nfe": nfe, "batch": batch,
-                                      "variant": "precision", "dtype": str(dt).replace("torch.", ""),
-                                      "rel_l2_vs_fp32": err, "graph": CUDA})
+                    rec = {"kind": "row", **fields, "variant": "precision", "dtype": str(dt).replace("torch.", ""),
+                           "rel_l2_vs_fp32": err, "graph": CUDA, "gpu": self.env["gpu"],
+                           "op_backends": op_backends(dev, "auto")}
+                    self.rows.append(rec)
+                    self.writer.write(rec)
                     self.log(f"  precision {name} {solver} nfe={nfe} B={batch} {dt}: "
                              f"rel L2 vs fp32 (TF32 off) = {err:.2e}")
         except Exception as e:
-            self.log(f"  precision {name}: ERROR {type(e).__name__}: {e}")
+            self.log(f"  precision {name} {solver}: ERROR {type(e).__name__}: {e}")
+            self.skip(fields, "precision", f"error: {type(e).__name__}: {str(e)[:200]}")
         finally:
             gc.collect()
             if CUDA:
                 torch.cuda.empty_cache()
 
-    def plan(self, models):
-        """Priority order: every base variant at NFE 10 first, then compiled baselines, then NFE 5/25."""
+    def plan(self, models: list[str]) -> list[tuple]:
+        """(model, solver, nfe, batch, variants) in order of value; see the module docstring."""
         a = self.args
         base = [v for v in ("a", "floor", "d", "b") if v in a.variants]
-        comp = [v for v in ("c_ro", "c_ma") if v in a.variants]
-        first_nfe, other_nfes = a.nfe[0], a.nfe[1:]
+        nfe = a.nfe[0]
         items = []
-        for name in models:
-            items += [(name, first_nfe, b, base) for b in a.batch]
-        for name in models:
-            for v in comp:  # the extreme batches first: they pay the two compiles, the others reuse
-                order = [a.batch[0], a.batch[-1], *a.batch[1:-1]]
-                items += [(name, first_nfe, b, [v]) for b in dict.fromkeys(order)]
-        for name in models:
-            for nfe in other_nfes:
-                items += [(name, nfe, b, base) for b in a.batch]
+        for name in models:                                            # 1. headline
+            items += [(name, MAIN_SOLVER, nfe, b, base) for b in a.batch]
+        comp_models = [m for m in a.compile_models if m in models]
+        if "c_ro" in a.variants:                                       # 2. reduce-overhead
+            items += [(m, MAIN_SOLVER, nfe, a.compile_batch, ["c_ro"]) for m in comp_models]
+        if models and "d" in a.variants:                               # 3. every other solver
+            others = [s for s in a.solvers if s != MAIN_SOLVER]
+            first = True
+            for s in others:
+                vs = ["d"] + (["floor_eps"] if first and "floor" in a.variants else [])
+                items.append((models[0], s, nfe, a.solver_batch, vs))
+                first = False
+        for name in models:                                            # 4. extra batches
+            items += [(name, MAIN_SOLVER, nfe, b, base) for b in a.extra_batch if b not in a.batch]
+        if "c_ma" in a.variants:                                       # 5. max-autotune
+            items += [(m, MAIN_SOLVER, nfe, a.compile_batch, ["c_ma"]) for m in comp_models]
+        for extra_nfe in a.nfe[1:]:                                    # 6. other NFEs, if asked for
+            for name in models:
+                items += [(name, MAIN_SOLVER, extra_nfe, b, base) for b in a.batch]
         return items
 
 
-def _eager_floor(model_low, case):
-    x = case.noise.to(case.low)
-    t = torch.full((case.batch,), 0.5)
+# --------------------------------------------------------------------------- main
 
-    @torch.no_grad()
-    def run():
-        for _ in range(case.nfe):
-            model_low.eps_and_head(x, t) if case.solver == "genie" else model_low(x, t)
-    return run
-
-
-def table(rows: list[dict]) -> str:
-    """One line per (model, NFE, batch): medians, speedups of d, overhead, memory ratio."""
-    by = {}
-    for r in rows:
-        if r.get("variant") == "precision":
-            continue
-        by.setdefault((r["model"], r["nfe"], r["batch"]), {})[r["variant"]] = r
-    head = (f"{'model':>8} {'nfe':>3} {'B':>4} | {'a fp32':>9} {'b half':>9} {'c_ro':>9} {'c_ma':>9} "
-            f"{'d engine':>9} {'floor':>9} | {'d/a':>6} {'d/b':>6} {'d/c':>6} {'ovh%':>6} {'alloc':>7} {'reserv':>7}")
-    lines = ["times: median ms per whole sample (CUDA events); speedup = T_x / T_d; ovh = T_d/T_floor - 1; "
-             "alloc, reserv = peak memory of d over b",
-             head, "-" * len(head)]
-
-    def med(d, v):
-        r = d.get(v)
-        return r.get("median_ms") if r else None
-
-    def f(x, w=9, p=3):
-        return f"{x:>{w}.{p}f}" if x is not None else f"{'-':>{w}}"
-    for (model, nfe, b), d in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
-        ta, tb, tr, tm, td, tf = (med(d, v) for v in ("a", "b", "c_ro", "c_ma", "d", "floor"))
-        tc = min([t for t in (tr, tm) if t is not None], default=None)
-        sp = lambda t: (t / td) if (t is not None and td) else None  # noqa: E731
-        ovh = (td / tf - 1) * 100 if (td and tf) else None
-        def ratio(field):
-            mb, md = (d.get("b") or {}).get("b_" + field), (d.get("d") or {}).get("d_" + field)
-            return md / mb if (mb and md) else None
-        mr, rr = ratio("peak_alloc_mib"), ratio("peak_reserved_mib")
-        lines.append(f"{model:>8} {nfe:>3} {b:>4} | {f(ta)} {f(tb)} {f(tr)} {f(tm)} {f(td)} {f(tf)} | "
-                     f"{f(sp(ta), 6, 2)} {f(sp(tb), 6, 2)} {f(sp(tc), 6, 2)} {f(ovh, 6, 1)} "
-                     f"{f(mr, 7, 2)} {f(rr, 7, 2)}")
-    return "\n".join(lines)
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["deep", "default"],
-                   help="deep (DDPM++ deep CIFAR-10, random weights), default (shipped model), or a UNet config")
-    p.add_argument("--solver", default="genie", choices=engine_mod.ENGINE_SOLVERS)
-    p.add_argument("--nfe", type=int, nargs="+", default=[10, 5, 25])
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64, 256])
+                   help="deep (DDPM++ deep CIFAR-10, random weights), default (bundled model), or a UNet config")
+    p.add_argument("--solvers", nargs="+", default=["all"],
+                   help="solvers whose engine rows (and precision rows) are measured; 'all': genie_fast.solvers.SOLVERS")
+    p.add_argument("--nfe", type=int, nargs="+", default=[10], help="the first is the plan's; others come last")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 64], help="headline batches")
+    p.add_argument("--extra-batch", type=int, nargs="*", default=[256], help="batches if time is left")
+    p.add_argument("--solver-batch", type=int, default=64, help="batch of the other solvers' engine rows")
+    p.add_argument("--compile-batch", type=int, default=64, help="the one batch of the compiled baselines")
+    p.add_argument("--compile-models", nargs="*", default=["default", "deep"],
+                   help="models of the compiled baselines, in order (the bundled model compiles fastest)")
     p.add_argument("--variants", nargs="+", default=["a", "b", "c_ro", "c_ma", "d", "floor"])
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
     p.add_argument("--reps", type=int, default=5, help="timed calls at least (more while under --target-s)")
-    p.add_argument("--target-s", type=float, default=1.0, help="timed seconds per variant aimed at")
+    p.add_argument("--target-s", type=float, default=0.5, help="timed seconds per variant aimed at")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--budget-s", type=float, default=float(os.environ.get("BENCH_BUDGET_S", 3600)),
                    help="wall-clock budget; work beyond it is listed as skipped")
-    p.add_argument("--compile-need-s", type=float, default=90.0,
+    p.add_argument("--compile-need-s", type=float, default=40.0,
                    help="budget a compiled baseline must have left to start (compiles cannot be stopped)")
     p.add_argument("--compile-on-cpu", action="store_true")
     p.add_argument("--autotune-convs", action="store_true",
                    help="let max-autotune benchmark Triton convolution templates too (minutes per batch "
                         "size on the deep U-Net); by default its convolutions stay on ATen/cuDNN")
-    p.add_argument("--json", default=None, help="where the JSON rows go (default: print only)")
+    p.add_argument("--json", default=None, help="JSON Lines file the rows are appended to as they are measured")
+    p.add_argument("--resume", action="store_true",
+                   help="continue --json: items it already holds (rows, refusals) are not measured again")
     p.add_argument("--smoke", action="store_true", help="CPU: tiny model, eager paths only, seconds")
     p.add_argument("--precision-only", action="store_true",
-                   help="only the precision rows (engine in --dtype and bf16 against fp32), CPU or GPU, "
-                        "at the first NFE and the largest batch up to 16")
+                   help="only the precision rows (engine in --dtype and bf16 against fp32) for every solver of "
+                        "--solvers, CPU or GPU, at the first NFE and the largest batch up to 16")
+    p.add_argument("--table", metavar="JSONL", help="print the table of a (partial) run's file and exit")
+    p.add_argument("--versions", action="store_true", help="print versions, op backends and NVTX emitter (JSON)")
     a = p.parse_args(argv)
-    if any(b < 1 for b in a.batch) or any(n < 1 for n in a.nfe):
+
+    if a.table:
+        return _table_cli(a.table)
+    if a.versions:
+        print(json.dumps(versions(), indent=1, default=str))
+        return 0
+    if any(b < 1 for b in [*a.batch, *a.extra_batch, a.solver_batch, a.compile_batch]) or any(n < 1 for n in a.nfe):
         p.error("batches and NFEs must be positive")
+    a.solvers = list(SOLVERS) if a.solvers == ["all"] else a.solvers
+    unknown = [s for s in a.solvers if s not in SOLVERS]
+    if unknown:
+        p.error(f"unknown solvers {unknown}; known: {sorted(SOLVERS)}")
 
     if not CUDA and not a.smoke and not a.precision_only:
         print("bench_sample: no CUDA GPU here, so no latency benchmark (run with --smoke for a CPU smoke "
               "run of every code path, eager only)")
         return 0
     if a.smoke:
-        a.models, a.batch, a.nfe = (["tiny"] if a.models == ["deep", "default"] else a.models), \
-            (a.batch if a.batch != [1, 16, 64, 256] else [1, 2]), (a.nfe if a.nfe != [10, 5, 25] else [3])
+        a.models = ["tiny"] if a.models == ["deep", "default"] else a.models
+        a.batch = [1, 2] if a.batch == [1, 64] else a.batch
+        a.extra_batch, a.solver_batch, a.compile_batch = [], 2, 2
+        a.compile_models = a.models
+        if a.nfe == [10]:  # the fewest NFE that give every solver one step (genie_exact's JVP costs more)
+            a.nfe = [max([3] + [nfe_of(s, 1) for s in a.solvers])]
         a.reps, a.target_s, a.warmup = 2, 0.0, 1
         if not CUDA and a.dtype == "fp16":
             a.dtype = "bf16"  # fp16 convolutions on the CPU are very slow
@@ -505,32 +805,68 @@ def main(argv=None):
 
         inductor_config.max_autotune_conv_backends = "ATEN"
 
-    bench = Bench(a)
-    bench.log(f"bench_sample: {json.dumps(bench.env)}")
-    bench.log(f"plan: models={a.models} solver={a.solver} nfe={a.nfe} batch={a.batch} variants={a.variants} "
-              f"dtype={a.dtype} budget={a.budget_s:.0f}s")
-    models = load_models(a.models, bench.log)
-    for name, m in models.items():
-        bench.precision(name, m, a.nfe[0], min(16, max(a.batch)), dev, low)
-    for name, nfe, batch, variants in ([] if a.precision_only else bench.plan(list(models))):
-        case = Case(name, models[name], a.solver, nfe, batch, dev, low)
-        case.outputs = bench.outputs.setdefault((name, nfe, batch), {})  # shared with later items
-        bench.run_case(case, variants)
-        if CUDA:
-            models[name].cpu()  # (a) moved it to the GPU; keep memory probes clean
-    out = {"env": bench.env, "args": vars(a), "rows": bench.rows, "skipped": bench.skipped,
-           "wall_s": time.perf_counter() - bench.t_start}
-    if a.json:
-        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-        with open(a.json, "w") as fh:
-            json.dump(out, fh, indent=1, default=str)
-        bench.log(f"wrote {a.json}")
-    if bench.skipped:
-        bench.log(f"skipped ({len(bench.skipped)}): " + "; ".join(bench.skipped))
-    print()
-    print(f"{bench.env['gpu']} | torch {bench.env['torch']} | triton {bench.env['triton']} | CUDA {bench.env['cuda']}")
-    print(table(bench.rows))
-    return 0
+    done = set()
+    if a.resume and a.json:
+        for r in read_jsonl(a.json):
+            if r.get("kind") == "row" or (r.get("kind") == "skip" and "refuses" in r.get("reason", "")):
+                done.add(item_key(r["model"], r["solver"], r["nfe"], r["batch"], r["variant"]))
+    elif a.json and os.path.exists(a.json):
+        os.remove(a.json)
+    writer = JsonLines(a.json)
+    # SIGINT (a step timeout) and SIGTERM stop the plan and keep the table; set explicitly, since a
+    # process started in the background of a non-interactive shell inherits SIGINT as ignored
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in old:
+        signal.signal(s, _raise_interrupt)
+    bench = Bench(a, writer, done)
+    writer.write({"kind": "env", **bench.env, "args": vars(a), "resumed": bool(done)})
+    bench.log(f"bench_sample: {json.dumps(bench.env, default=str)}")
+    if CUDA and not bench.env["fused"]:
+        bench.log(f"WARNING: some ops run the PyTorch reference on the GPU (unfused): {bench.env['op_backends_auto']}")
+    interrupted = False
+    try:
+        bench.log(f"plan: models={a.models} solvers={a.solvers} nfe={a.nfe} batch={a.batch} "
+                  f"extra_batch={a.extra_batch} variants={a.variants} dtype={a.dtype} budget={a.budget_s:.0f}s"
+                  + (f" (resuming: {len(done)} items done)" if done else ""))
+        models = load_models(a.models, bench.log)
+        if a.precision_only:
+            for name, m in models.items():
+                for s in a.solvers:
+                    bench.precision(name, m, s, a.nfe[0], min(16, max(a.batch)), dev, low)
+        else:
+            for name, solver, nfe, batch, variants in bench.plan(list(models)):
+                fields = {"model": name, "solver": solver, "nfe": nfe, "batch": batch}
+                if steps_for_nfe(solver, nfe) < 1:
+                    for v in variants:
+                        bench.skip(fields, v, f"nfe={nfe} is less than one {solver} step")
+                    continue
+                try:
+                    case = Case(name, models[name], solver, nfe, batch, dev, low)
+                except Exception as e:  # one item's set-up must not end the plan
+                    for v in variants:
+                        bench.skip(fields, v, f"set-up failed: {type(e).__name__}: {str(e)[:200]}")
+                    continue
+                case.outputs = bench.outputs.setdefault((name, solver, nfe, batch), {})
+                bench.run_case(case, variants)
+                if CUDA:
+                    models[name].cpu()  # (a) moved it to the GPU; keep memory probes clean
+    except KeyboardInterrupt as e:
+        interrupted = True
+        bench.log(f"bench_sample: interrupted ({e or 'SIGINT'}) after {time.perf_counter() - bench.t_start:.0f}s: "
+                  f"the rows so far are kept")
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        writer.write({"kind": "end", "wall_s": time.perf_counter() - bench.t_start, "interrupted": interrupted,
+                      "skipped": bench.skipped})
+        writer.close()
+        if a.json:
+            bench.log(f"rows in {a.json}")
+        rows = bench.rows
+        if done:
+            rows = [r for r in read_jsonl(a.json) if r.get("kind") in ("row", "skip")]
+        print_table(rows, bench.env)
+    return 130 if interrupted else 0
 
 
 if __name__ == "__main__":
