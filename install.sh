@@ -4,13 +4,14 @@
 #   pip install --no-build-isolation -e .
 set -euo pipefail
 cd "$(dirname "$0")"
+. ./tested_versions.env  # the tested torch / triton versions
 VENV=${GENIE_FAST_VENV:-.venv}
 PY=${PYTHON:-python3}
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip"
 $PIP install -q --upgrade pip
 # torch pinned: an unpinned torch would pull a multi-GB CUDA build.
-$PIP install -q "torch==2.13.0" "triton==3.6.0"
+$PIP install -q "torch==$GENIE_FAST_TORCH_CPU" "triton==$GENIE_FAST_TRITON"
 # the build runs without isolation (it must see torch), so its tools are installed here
 $PIP install -q numpy pytest safetensors tqdm nvtx matplotlib setuptools wheel "cmake>=3.26" ninja
 $PIP install -q --no-build-isolation --no-deps -e .

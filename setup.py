@@ -8,10 +8,15 @@ TORCH_CUDA_ARCH_LIST (e.g. "9.0" for H100/H200), MAX_JOBS.
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+
+# setuptools prints an "Editable installation" note on every editable install whose package-dir
+# maps a folder (kernels/ -> genie_fast.kernels): information only, nothing to act on.
+warnings.filterwarnings("ignore", message="Editable installation")
 
 ROOT = Path(__file__).resolve().parent
 
