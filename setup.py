@@ -3,7 +3,14 @@
 Build without isolation so CMake sees the installed torch:
     pip install --no-build-isolation -e .
 Environment: GENIE_FAST_CUDA=AUTO|ON|OFF, CUDA_HOME (default /usr/local/cuda),
-TORCH_CUDA_ARCH_LIST (e.g. "9.0" for H100/H200), MAX_JOBS.
+TORCH_CUDA_ARCH_LIST (e.g. "9.0" for H100/H200), MAX_JOBS, GENIE_FAST_BUILD_DIR (a CMake build
+folder kept between builds, so a rebuild only recompiles what changed; default: setuptools' temporary
+one).
+
+Torch is found two ways. With the CUDA kernels, through torch's own CMake config (it sets up
+CUDA). Without them (GENIE_FAST_CUDA=OFF, or AUTO without nvcc or without a CUDA torch), from the
+paths read here off the installed torch package: torch's config of a CUDA torch looks for the CUDA
+toolkit even when no .cu file is built, and fails on a machine that has a CUDA torch but no toolkit.
 """
 import os
 import subprocess
@@ -35,8 +42,10 @@ class CMakeBuild(build_ext):
                      "and the build must run with --no-build-isolation")
         import cmake  # pip's cmake: the system cmake 3.25 cannot do CUDA with C++20
 
+        from torch.utils import cpp_extension
+
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
-        build_dir = Path(self.build_temp).resolve() / ext.name
+        build_dir = Path(os.environ.get("GENIE_FAST_BUILD_DIR") or Path(self.build_temp) / ext.name).resolve()
         build_dir.mkdir(parents=True, exist_ok=True)
         cuda_mode = os.environ.get("GENIE_FAST_CUDA", "AUTO").upper()
         if cuda_mode not in ("AUTO", "ON", "OFF"):
@@ -49,6 +58,10 @@ class CMakeBuild(build_ext):
             f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
             f"-DGENIE_FAST_CUDA={cuda_mode}",
             f"-DGENIE_FAST_TORCH_HAS_CUDA={'ON' if torch.version.cuda else 'OFF'}",
+            # for a build without CUDA kernels, which does not go through torch's CMake config
+            f"-DGENIE_FAST_TORCH_INCLUDE_DIRS={';'.join(cpp_extension.include_paths())}",
+            f"-DGENIE_FAST_TORCH_LIBRARY_DIR={Path(torch.__file__).resolve().parent / 'lib'}",
+            f"-DGENIE_FAST_TORCH_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
         ]
         if torch.version.cuda and cuda_mode != "OFF":
             # /usr/local/bin/nvcc may be a wrapper: point CMake at the real toolkit.
