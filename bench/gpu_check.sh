@@ -391,6 +391,7 @@ EOF
     if [ -f "$OUT/checks.jsonl" ]; then
         $PY - "$OUT/checks.jsonl" <<'EOF'
 import json, sys
+others = {}
 for line in open(sys.argv[1]):
     try:
         d = json.loads(line)
@@ -400,8 +401,10 @@ for line in open(sys.argv[1]):
     if "rel_l2" in d:
         print(f"  {c:<25} {d['model']:>8} {d['solver']:>12} B={d['batch']:<3} rel L2 {d['rel_l2']:.2e} "
               f"(bound {d['bound']:.0e}) {'ok' if d['ok'] else 'FAIL'}")
-    elif c in ("skip", "error"):
-        print(f"  {c:<25} {d['model']:>8} {d['solver']:>12} {d.get('reason') or d.get('error')}"[:160])
+    elif c in ("skip", "error"):  # one line per reason, naming the solvers
+        others.setdefault((c, d["model"], d.get("reason") or d.get("error")), []).append(d["solver"])
+for (c, model, why), solvers in others.items():
+    print(f"  {c} {model} {', '.join(solvers)}: {why}"[:300])
 EOF
     fi
     grep -h "^NVTX" "$LOGS/profile.log" 2>/dev/null
