@@ -70,7 +70,8 @@ def call(op: str, backend: str, *args, out=None):
 
 
 def interpreter_bf16(backend: str, device, dtype) -> bool:
-    """Triton's interpreter casts float -> bf16 by truncation, not round-to-nearest (TOOLCHAIN.md)."""
+    """Triton's interpreter (TRITON_INTERPRET=1, triton 3.6) casts float -> bf16 by truncation, not
+    round-to-nearest as Triton on a GPU and torch do: about half the values end 1 ulp off."""
     return backend == "triton" and torch.device(device).type == "cpu" and dtype == torch.bfloat16
 
 

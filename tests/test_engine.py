@@ -54,7 +54,7 @@ def rel_err(x, ref):
 # --------------------------------------------------------------------------- an independent loop
 
 def genie_loop(model, x_T, ts, schedule, *, solver, afs, denoise, dtype):
-    """GENIE / DDIM / DPM-Solver++(2M) written from GENIE.md in `dtype` (network, state and
+    """GENIE / DDIM / DPM-Solver++(2M) written from docs/method.md in `dtype` (network, state and
     coefficients), without coeff_table or the step ops: the engine must agree with it."""
     ts = torch.as_tensor(ts, dtype=torch.float64)
     g = schedule.gamma(ts).to(dtype)
