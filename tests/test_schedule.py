@@ -22,7 +22,8 @@ def _times(s, n=101):
     return torch.linspace(s.t_end, 1.0, n, dtype=torch.float64)
 
 
-def test_vp_formulas_match_genie_md():
+def test_vp_formulas_match_method_md():
+    """The VP closed forms of docs/method.md, section 1 and 2, written out independently."""
     s, t = VPSchedule(), torch.tensor([1e-3, 0.3, 1.0], dtype=torch.float64)
     log_alpha = -(0.1 * t + 19.9 * t**2 / 2) / 2
     alpha = torch.exp(log_alpha)
