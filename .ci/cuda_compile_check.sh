@@ -7,14 +7,16 @@
 # nowhere): the fallback build of bench/gpu_check.sh, which must not need the CUDA toolkit.
 # Each built module is loaded (no GPU needed for that) and its ops' kernels are listed.
 #
-# CUDA_TORCH_VERSIONS (default "2.11.0"; e.g. "2.11.0 2.14.1" for a newer torch too): one venv
-# per version, $CUDA_VENV_PREFIX<version> (default /tmp/cuda-venv-torch2.11.0, ~5 GB, made once
-# in about a minute and reused). Builds go to throwaway folders: the main venv and the in-tree
+# CUDA_TORCH_VERSIONS (default: GENIE_FAST_TORCH_CUDA of tested_versions.env, 2.11.0; e.g.
+# "2.11.0 2.14.1" for a newer torch too): one venv per version, $CUDA_VENV_PREFIX<version>
+# (default /tmp/cuda-venv-torch2.11.0, ~5 GB, made once in a few minutes and reused). Builds go to throwaway folders: the main venv and the in-tree
 # editable genie_fast/_C*.so are not touched. Nothing built here runs a kernel.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VERSIONS="${CUDA_TORCH_VERSIONS:-2.11.0}"
+GENIE_FAST_TORCH_CUDA=2.11.0
+[ -f "$ROOT/tested_versions.env" ] && . "$ROOT/tested_versions.env"  # the one place pinning versions
+VERSIONS="${CUDA_TORCH_VERSIONS:-$GENIE_FAST_TORCH_CUDA}"
 PREFIX="${CUDA_VENV_PREFIX:-/tmp/cuda-venv-torch}"
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
@@ -46,7 +48,7 @@ EOF
 
 for v in $VERSIONS; do
   venv="$PREFIX$v"
-  if [ "$VERSIONS" = "2.11.0" ] && [ -n "${CUDA_VENV:-}" ]; then venv=$CUDA_VENV; fi
+  if [ "$VERSIONS" = "$v" ] && [ -n "${CUDA_VENV:-}" ]; then venv=$CUDA_VENV; fi  # one version: CUDA_VENV still works
   if ! "$venv/bin/python" -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('$v') and torch.version.cuda else 1)" 2>/dev/null; then
     echo "cuda_compile_check: creating $venv with torch==$v (CUDA build from PyPI; one time, ~1 min)"
     rm -rf "$venv"
