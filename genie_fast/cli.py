@@ -1,9 +1,10 @@
-"""``genie-fast`` command line: ``train``, ``distill``, ``export``, ``sample``.
+"""``genie-fast`` command line: ``train``, ``distill``, ``export``, ``sample``, ``generate``.
 
     genie-fast train   --out runs/fmnist --steps 8000 --resume
     genie-fast distill --unet-ckpt runs/fmnist/ckpt.pt --out runs/distill --steps 2000 --resume
     genie-fast export  --unet-ckpt runs/fmnist/ckpt.pt --head-ckpt runs/distill/ckpt.pt --out model
     genie-fast sample  --n 64 --nfe 10 --out grid.png [--model STEM] [--solver genie]
+    genie-fast generate --seeds 0-49999 --outdir out/fid [--batch 64 --nfe 10]   (also under torchrun)
 """
 from __future__ import annotations
 
@@ -71,8 +72,13 @@ def _cmd_sample(args):
     print(f"wrote {out} ({args.n} samples, solver {args.solver}, {nfe} NFE)")
 
 
+def _cmd_generate(args):
+    from .generate import run
+    run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from . import distill as distill_mod, train as train_mod
+    from . import distill as distill_mod, generate as generate_mod, train as train_mod
 
     p = argparse.ArgumentParser(prog="genie-fast", description="GENIE diffusion sampling")
     sub = p.add_subparsers(dest="command", required=True)
@@ -102,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     sa.add_argument("--out", default="grid.png")
     sa.set_defaults(func=_cmd_sample)
+    ge = sub.add_parser("generate", help="one image per seed, sharded over torchrun ranks, resumable (FID sets)")
+    generate_mod.build_parser(ge).set_defaults(func=_cmd_generate)
     return p
 
 
