@@ -14,5 +14,7 @@ $PIP install -q --upgrade pip
 $PIP install -q "torch==$GENIE_FAST_TORCH_CPU" "triton==$GENIE_FAST_TRITON"
 # the build runs without isolation (it must see torch), so its tools are installed here
 $PIP install -q numpy pytest safetensors tqdm nvtx matplotlib setuptools wheel "cmake>=3.26" ninja
+# the optional diffusers extra, so its tests run too (diffusers does not depend on torch)
+$PIP install -q "diffusers==0.42.1"
 $PIP install -q --no-build-isolation --no-deps -e .
 "$VENV/bin/python" -c "import genie_fast, genie_fast._ext as e; print('genie_fast', genie_fast.__version__, '| C++ ops:', e._C is not None)"

@@ -119,10 +119,15 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
                         "of the same head shape")
     p.add_argument("--label-dropout", type=float, default=0.15,
                    help="class-conditional networks: probability of distilling a sample along the null-label ODE")
+    from .distill_diffusers import add_diffusers_args
+    add_diffusers_args(p)
     return p
 
 
 def distill(args) -> Path:
+    if getattr(args, "diffusers", None):  # a diffusers UNet2DModel: its own data and head format
+        from .distill_diffusers import distill_diffusers
+        return distill_diffusers(args)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

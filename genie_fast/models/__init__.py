@@ -1,4 +1,5 @@
-"""Eps models: the exact-score Gaussian mixture, the U-Net score network and the GENIE head."""
+"""Eps models: the exact-score Gaussian mixture, the U-Net score network, the GENIE head, and
+diffusers UNet2DModels (`from_diffusers`, `load_diffusers`; needs the optional diffusers extra)."""
 import importlib
 
 _LAZY = {
@@ -12,6 +13,8 @@ _LAZY = {
     "load_default": ".default",
     "load_model": ".default",
     "save_model": ".default",
+    "from_diffusers": ".diffusers",
+    "load_diffusers": ".diffusers",
 }
 
 

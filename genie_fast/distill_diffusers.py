@@ -1,0 +1,234 @@
+"""Distil a GENIE head for a diffusers UNet2DModel: ``genie-fast distill --diffusers DIR``.
+
+The same JVP targets and loss as the bundled model's head (``genie_fast.distill.head_loss``:
+gamma^2 || k_psi - d eps/d gamma ||^2 along the DDIM ODE, the head fed the network's own eps),
+with x_t = alpha_t x_0 + sigma_t z, t ~ U[1/N, 1], and x_0 from
+
+* ``--data PATH``: a folder of images (PNG/JPEG/..., converted to the UNet's channels and resized
+  to its sample size) or an ``.npz`` of uint8 NHWC images under ``arr_0`` (labels under ``arr_1``),
+  the layout ``genie-fast generate`` writes;
+* nothing (data-free): ``--pool`` samples of the model itself, drawn once with ``dpmpp_2m`` at
+  ``--pool-nfe`` evaluations and kept in ``<out>/pool.pt`` so a resumed run reuses them.
+
+The run folder ``--out`` holds ``ckpt.pt`` (head, EMA head, optimiser, step; ``--resume`` continues
+it), ``run.json`` and ``log.txt``. At the end the EMA head is written beside the model as
+``DIR/genie_head.safetensors`` + ``.json`` (``--head-out`` elsewhere), which
+``from_diffusers(..., head_path=)`` and ``load_diffusers(DIR)`` pick up.
+
+    genie-fast distill --diffusers my_model --out my_model/genie_distill --steps 2000 [--data imgs/] [--resume]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+__all__ = ["add_diffusers_args", "distill_diffusers", "load_images", "model_pool"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+def add_diffusers_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("diffusers models (genie_fast.distill_diffusers)")
+    g.add_argument("--diffusers", default=None, metavar="DIR",
+                   help="distil a head for the diffusers UNet2DModel saved in DIR (pipeline folder with unet/ and "
+                        "scheduler/, or a UNet folder with scheduler_config.json); --unet-ckpt is then unused")
+    g.add_argument("--data", default=None, metavar="PATH",
+                   help="--diffusers: a folder of images or an .npz (uint8 NHWC arr_0); default: data-free, "
+                        "from the model's own samples")
+    g.add_argument("--pool", type=int, default=1024, help="--diffusers, data-free: number of model samples")
+    g.add_argument("--pool-nfe", type=int, default=50, help="--diffusers, data-free: dpmpp_2m NFE per sample")
+    g.add_argument("--head-out", default=None, metavar="STEM",
+                   help="--diffusers: where the head goes (default DIR/genie_head)")
+
+
+def _to_model_range(images_u8: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC -> float32 NCHW in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images_u8)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def load_images(path, image_shape) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(x0 (N, C, H, W) float32 in [-1, 1], labels (N,) or None) from a folder of images or an .npz."""
+    c, h, w = image_shape
+    path = Path(path)
+    labels = None
+    if path.suffix == ".npz":
+        with np.load(path) as f:
+            if "arr_0" not in f:
+                raise ValueError(f"{path}: no arr_0 (uint8 NHWC images)")
+            images = f["arr_0"]
+            labels = torch.from_numpy(f["arr_1"].astype(np.int64)) if "arr_1" in f else None
+        if images.dtype != np.uint8 or images.ndim != 4:
+            raise ValueError(f"{path}: arr_0 must be uint8 NHWC, got {images.dtype} of shape {images.shape}")
+        if images.shape[3] == 3 and c == 1:
+            images = images[..., :1]  # gray images stored as RGB (the FID layout)
+    elif path.is_dir():
+        from PIL import Image
+
+        files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ValueError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)})")
+        rows = []
+        for f in files:
+            with Image.open(f) as im:
+                im = im.convert("L" if c == 1 else "RGB")
+                if im.size != (w, h):
+                    side = min(im.size)  # center crop to a square, then resize
+                    left, top = (im.width - side) // 2, (im.height - side) // 2
+                    im = im.crop((left, top, left + side, top + side)).resize((w, h), Image.BICUBIC)
+                rows.append(np.asarray(im, dtype=np.uint8).reshape(h, w, c))
+        images = np.stack(rows)
+    else:
+        raise FileNotFoundError(f"--data {path}: neither a folder of images nor an .npz file")
+    if images.shape[1:] != (h, w, c):
+        raise ValueError(f"{path}: images are {images.shape[1:]} (HWC), the model wants {(h, w, c)}")
+    return _to_model_range(images), labels
+
+
+def model_pool(net, n: int, nfe: int, batch: int, seed: int = 0, progress: bool = True):
+    """n samples of the model itself (dpmpp_2m, logSNR grid, final denoising) and their labels.
+
+    A class-conditional model samples uniform labels, unguided. Sample i uses noise seed
+    ``seed + i`` (``genie_fast.sampling.make_noise``)."""
+    from .guidance import Conditioned
+    from .sampling import make_noise, sample
+
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(net.num_classes, (n,), generator=gen) if net.num_classes else None
+    out = []
+    for i in tqdm(range(0, n, batch), desc="data-free pool", disable=not progress, dynamic_ncols=True):
+        b = min(batch, n - i)
+        noise = make_noise(b, net.image_shape, seed + i)
+        model = Conditioned(net, labels[i:i + b]) if labels is not None else net
+        x0, _ = sample(model, noise=noise, solver="dpmpp_2m", nfe=nfe, grid="logsnr", denoise=True)
+        out.append(x0.clamp(-1, 1))
+    return torch.cat(out), labels
+
+
+def distill_diffusers(args) -> Path:
+    """The ``distill --diffusers DIR`` run; returns the stem of the head written beside the model."""
+    from .distill import _jsonable_args, head_loss, sample_xt
+    from .data import infinite_batches
+    from .generate import weights_hash
+    from .models.diffusers import DiffusersGenieModel, load_diffusers, load_head, save_head
+    from .models.head import GenieHead, HeadConfig
+    from .models.unet import count_parameters
+    from .train import check_run_dir, drop_labels, ema_update, load_checkpoint, save_checkpoint
+
+    torch.set_num_threads(args.threads)
+    if args.batch < 1 or args.steps < 0 or args.pool < 1 or args.pool_nfe < 2:
+        raise ValueError(f"--batch, --pool must be >= 1, --steps >= 0, --pool-nfe >= 2; got {args.batch}, "
+                         f"{args.pool}, {args.steps}, {args.pool_nfe}")
+    model_dir = Path(args.diffusers)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "ckpt.pt"
+    check_run_dir(out, args.resume, args.overwrite)
+    net = load_diffusers(model_dir, head=None)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    unet_sha = weights_hash(net.unet)
+    schedule = net.schedule
+
+    state = load_checkpoint(ckpt_path) if (args.resume and ckpt_path.exists()) else None
+    if state is not None and state.get("unet_sha256") != unet_sha:
+        raise ValueError(f"{ckpt_path} was distilled for other UNet weights than {model_dir}'s; "
+                         f"use another --out or --overwrite")
+    if state is not None:
+        head_cfg = HeadConfig.from_dict(state["head_config"])
+    elif args.init_head:
+        init = load_head(args.init_head, net, check_unet=False)
+        head_cfg = init.config
+    else:
+        head_cfg = HeadConfig.for_unet(net, width=args.width, num_res_blocks=args.head_blocks)
+    torch.manual_seed(args.seed)
+    model = DiffusersGenieModel(net, GenieHead(head_cfg), schedule)
+    if state is None and args.init_head:
+        model.head.load_state_dict(init.state_dict())
+    ema_head = copy.deepcopy(model.head)
+    opt = torch.optim.Adam(model.head.parameters(), lr=args.lr)
+    step, wall = 0, 0.0
+    if state is not None:
+        model.head.load_state_dict(state["head"])
+        ema_head.load_state_dict(state["ema_head"])
+        opt.load_state_dict(state["opt"])
+        step, wall = state["step"], state["wall_s"]
+
+    if args.data:
+        x_train, y_train = load_images(args.data, net.image_shape)
+        data_desc = str(args.data)
+    else:
+        pool_path = out / "pool.pt"
+        if pool_path.exists():
+            pool = torch.load(pool_path, map_location="cpu", weights_only=True)
+            x_train, y_train = pool["x0"], pool["labels"]
+        else:
+            x_train, y_train = model_pool(net, args.pool, args.pool_nfe, args.batch, seed=args.seed)
+            torch.save({"x0": x_train, "labels": y_train}, f"{pool_path}.tmp")
+            Path(f"{pool_path}.tmp").replace(pool_path)
+        data_desc = f"data-free: {len(x_train)} dpmpp_2m samples at NFE {args.pool_nfe}"
+    num_classes = net.num_classes
+    if num_classes and y_train is None:  # unlabelled images: distil along random labels
+        y_train = torch.randint(num_classes, (len(x_train),), generator=torch.Generator().manual_seed(args.seed))
+    gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step + 7)
+    batches = infinite_batches(x_train, args.batch, gen, hflip=False, labels=y_train if num_classes else None)
+    meta = {"diffusers": str(model_dir), "unet_sha256": unet_sha, "data": data_desc,
+            "head_config": head_cfg.to_dict(), "head_params": count_parameters(model.head),
+            "unet_params": count_parameters(net.unet), "args": _jsonable_args(args)}
+    (out / "run.json").write_text(json.dumps(meta, indent=2))
+    log = open(out / "log.txt", "a")
+    log.write(f"# start step={step} {json.dumps(meta)}\n")
+
+    def checkpoint():
+        save_checkpoint(ckpt_path, {"head_config": head_cfg.to_dict(), "head": model.head.state_dict(),
+                                    "ema_head": ema_head.state_dict(), "opt": opt.state_dict(), "step": step,
+                                    "wall_s": wall, "unet_sha256": unet_sha, "diffusers": str(model_dir)})
+
+    last_ckpt = time.time()
+    t_seg, acc_loss, acc_rel, n_acc = time.time(), 0.0, 0.0, 0
+    bar = tqdm(total=args.steps, initial=step, desc="distill (diffusers)", dynamic_ncols=True)
+    while step < args.steps:
+        t0 = time.time()
+        for g in opt.param_groups:
+            g["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
+        labels = None
+        if num_classes:
+            x0, y = next(batches)
+            labels = drop_labels(y, num_classes, args.label_dropout, gen)
+        else:
+            x0 = next(batches)
+        x_t, t = sample_xt(x0, schedule, gen)
+        loss, rel = head_loss(model, x_t, t, labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.head.parameters(), args.clip)
+        opt.step()
+        step += 1
+        ema_update(ema_head, model.head, min(args.ema, (1 + step) / (10 + step)))
+        wall += time.time() - t0
+        acc_loss, acc_rel, n_acc = acc_loss + loss.item(), acc_rel + rel.item(), n_acc + 1
+        bar.update(1)
+        if step % args.log_every == 0 or step == args.steps:
+            sps = n_acc / max(time.time() - t_seg, 1e-9)
+            log.write(f"step {step} loss {acc_loss / n_acc:.5f} rel_err {acc_rel / n_acc:.4f} "
+                      f"steps_per_s {sps:.3f} wall_s {wall:.0f}\n")
+            log.flush()
+            bar.set_postfix(loss=f"{acc_loss / n_acc:.4f}", rel=f"{acc_rel / n_acc:.3f}")
+            t_seg, acc_loss, acc_rel, n_acc = time.time(), 0.0, 0.0, 0
+        if time.time() - last_ckpt > 60 * args.ckpt_minutes:
+            checkpoint()
+            last_ckpt = time.time()
+    checkpoint()
+    bar.close()
+    stem = save_head(ema_head, args.head_out or model_dir, unet_sha256=unet_sha,
+                     provenance={"distill_steps": step, "batch": args.batch, "lr": args.lr, "data": data_desc,
+                                 "wall_s": round(wall, 1)})
+    log.write(f"# done step={step} wall_s={wall:.0f} head={stem}\n")
+    log.close()
+    return stem
