@@ -1,14 +1,16 @@
 """genie_fast: GENIE higher-order diffusion sampling (Dockhorn, Vahdat, Kreis, NeurIPS 2022), fast.
 
-    x0, nfe = genie_fast.sample(n=64, nfe=10)                   # the bundled default model
-    x0, nfe = genie_fast.sample(eps_model, noise=z, solver="dpmpp_2m", nfe=20)
+    x0, nfe = genie_fast.sample(n=64)                        # the bundled default model, defaults
+    x0, nfe = genie_fast.sample(eps_model, noise=z, solver="dpmpp_2m", steps=20, device="cuda")
+    genie_fast.nfe_of("heun", steps=5)                       # 10 network evaluations
 """
 from . import _ext  # noqa: F401  (loads the compiled ops, or warns once and falls back)
 from .schedule import VPSchedule, DiscreteVPSchedule, time_grid, coeff_table
 
 __version__ = "0.1.0"
 
-_LAZY = {"sample": ".sampling", "SOLVERS": ".solvers", "SamplingEngine": ".engine"}
+_LAZY = {"sample": ".sampling", "SOLVERS": ".solvers", "nfe_of": ".solvers", "steps_for_nfe": ".solvers",
+         "SamplingEngine": ".engine"}
 
 
 def __getattr__(name):
@@ -19,4 +21,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'genie_fast' has no attribute {name!r}")
 
 
-__all__ = ["sample", "SOLVERS", "SamplingEngine", "VPSchedule", "DiscreteVPSchedule", "time_grid", "coeff_table"]
+__all__ = ["sample", "SOLVERS", "nfe_of", "steps_for_nfe", "SamplingEngine", "VPSchedule", "DiscreteVPSchedule",
+           "time_grid", "coeff_table"]

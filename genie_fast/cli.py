@@ -65,9 +65,9 @@ def _cmd_sample(args):
 
     torch.set_num_threads(args.threads) if args.threads else None
     model = load_model(args.model) if args.model else None
-    x0, nfe = genie_fast.sample(model=model, n=args.n, solver=args.solver, nfe=args.nfe, seed=args.seed,
-                                grid=args.grid, afs=args.afs, denoise=args.denoise, backend=args.backend,
-                                device=args.device)
+    x0, nfe = genie_fast.sample(model=model, n=args.n, solver=args.solver, nfe=args.nfe, steps=args.steps,
+                                seed=args.seed, grid=args.grid, afs=args.afs, denoise=args.denoise,
+                                backend=args.backend, device=args.device, net_dtype=args.net_dtype)
     out = save_grid(x0, args.out)
     print(f"wrote {out} ({args.n} samples, solver {args.solver}, {nfe} NFE)")
 
@@ -93,15 +93,22 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--provenance", default=None, help="JSON object stored in the config")
     ex.set_defaults(func=_cmd_export)
     sa = sub.add_parser("sample", help="sample a PNG grid (default: the bundled model)")
+    # every default is genie_fast.sample's (one set of defaults for sample(), SamplingEngine, the CLI)
+    from .solvers import DEFAULT_AFS, DEFAULT_SOLVER, SOLVERS
     sa.add_argument("--n", type=int, default=64)
-    sa.add_argument("--nfe", type=int, default=10)
-    sa.add_argument("--solver", default="genie")
+    sa.add_argument("--solver", default=DEFAULT_SOLVER, choices=sorted(SOLVERS))
+    budget = sa.add_mutually_exclusive_group()
+    budget.add_argument("--nfe", type=int, default=None, help="network-evaluation budget (default: 10)")
+    budget.add_argument("--steps", type=int, default=None, help="number of steps, instead of --nfe")
     sa.add_argument("--seed", type=int, default=0)
-    # logSNR grid + AFS: the best GENIE setting measured on the bundled model (bench/RESULTS.md)
-    sa.add_argument("--grid", default="logsnr", help="uniform | quadratic | logsnr | edm (default: logsnr)")
-    sa.add_argument("--afs", action=argparse.BooleanOptionalAction, default=True,
-                    help="analytical first step (saves one NFE; default on)")
-    sa.add_argument("--denoise", action="store_true", help="final denoising step (+1 NFE)")
+    sa.add_argument("--grid", default="auto",
+                    help="auto (the grid measured best for the solver) | uniform | quadratic | logsnr | edm")
+    sa.add_argument("--afs", action=argparse.BooleanOptionalAction, default=DEFAULT_AFS,
+                    help="analytical first step, saves one NFE (default: on)")
+    sa.add_argument("--denoise", action=argparse.BooleanOptionalAction, default=False,
+                    help="final denoising step (+1 NFE)")
+    sa.add_argument("--net-dtype", default=None,
+                    help="network precision, e.g. fp16, bf16, fp32 (default: fp16 on CUDA, else fp32)")
     sa.add_argument("--backend", default="auto", help="auto | torch | cpp | triton | cuda")
     sa.add_argument("--device", default=None, help="e.g. cuda (default: the model's device)")
     sa.add_argument("--model", default=None, help="model stem (default: bundled Fashion-MNIST model)")

@@ -1,47 +1,72 @@
-"""The sampling engine: a half-precision network + head, a float32 ODE state, one CUDA graph per run.
+"""The sampling engine: every solver of `genie_fast.solvers`, one CUDA graph per key, a
+half-precision network and head around a float32 ODE state.
 
-    engine = SamplingEngine(model)                          # model: GenieModel or any eps model
-    x0, nfe = engine.sample(noise, solver="genie", nfe=10)  # fp16 on CUDA, fp32 on the CPU
+    engine = SamplingEngine(model)                # model: a GenieModel or any eps model
+    x0, nfe = engine.sample(noise)                # the defaults of genie_fast.sample
+    x0, nfe = engine.sample(n=16, solver="heun", steps=5)
+
+`genie_fast.sample()` runs through the engine on every device (`engine_for(model, device)`).
 
 What runs where
-  * Network and head run in ``dtype`` (fp16 by default on CUDA; bf16 and fp32 selectable) from the
-    engine's own copy of the model's weights; the ODE state x_bar, the coefficients and the step
-    arithmetic stay float32 (the fused step ops take a float32 state and a half-precision eps/head).
-  * What must stay float32 for accuracy does so without extra kernels: the time embedding's
-    sinusoid is computed in float32 by the network; GroupNorm's mean and variance are accumulated in
-    float32 by ATen's CPU and CUDA kernels for fp16/bf16 inputs (their `opmath` type);
-    scaled-dot-product attention (flash / memory-efficient) keeps the softmax max and sum in
-    float32. `tests/test_engine.py` checks the GroupNorm claim on data whose statistics a half
-    precision accumulation would ruin. The head's [h1|h2|h3] are combined in float32 inside the
-    fused step.
-  * On CUDA the whole NFE loop (every network and head call, every fused step, every coefficient
-    lookup, the final denoising) is captured into ONE CUDA graph per `GraphKey` (batch, image
-    shape, dtype, solver, grid, AFS, denoising, schedule, backend, device). Before capture the loop
-    runs `warmup` times on a side stream (cuDNN/cuBLAS handles, Triton JIT and autotuning happen
-    there; the last warm-up run is checked for host syncs).
-    Static buffers: the noise input x_T (float32) and the graph's output x0 (float32), both owned by
-    the cache entry; everything in between lives in one memory pool shared by all graphs of the
-    engine, so a forward's activations are reused step after step and across graphs. Sharing is
-    safe because replays are serialised on the caller's stream and each replay's output is cloned
-    before the next: use one engine from one stream at a time.
-  * Key rule: any change of the key is a cache miss, which captures a new graph (never a stale
-    one); the cache keeps the `max_graphs` most recently used graphs and drops the oldest. Weights:
-    the engine copies the model's weights once per dtype; before every call it compares the source
-    tensors' version counters (in-place updates: optimizer steps, `load_state_dict`) and copies the
-    changed ones in place (same addresses, so the captured graphs stay valid). After replacing
-    parameter objects, call `refresh()`.
-  * Noise is drawn outside the graph (float32, from a CPU generator seeded with `seed`: the same
-    x_T as the CPU path for that seed) and copied into the static input; replay is deterministic.
-  * No host-device sync inside the loop: coefficients live in a device table indexed at capture
-    time, network times in a device tensor; nothing reads a device value on the host.
-  * A model that cannot be captured (host syncs such as `.item()` or a pageable host-to-device
-    copy, or anything CUDA refuses during capture) runs eagerly instead, with one warning per engine
-    naming the reason. (Data-dependent Python control flow cannot be detected: a graph replays the
-    path taken at capture.)
-  * On the CPU the same API runs the same loop eagerly with the C++ step ops.
+  * The loop is the solver itself: the engine calls ``SOLVERS[solver]`` (all nine, and any solver
+    added there later, with its keyword arguments in the key) with a `solvers.Plan` it built once
+    per key. On CUDA it captures that whole call (every network and head call, genie_exact's JVP,
+    every step, the final denoising) into ONE CUDA graph per key; elsewhere it runs the same call
+    eagerly (the C++ step ops on the CPU).
+  * Precision: the ODE state and the samples are in ``dtype`` (float32 by default; float64 for
+    accuracy work). The network runs in ``net_dtype``: fp16 by default on CUDA for a module with
+    floating-point weights (bf16, fp32, fp64 selectable), else the state's dtype; a half-precision
+    network on the CPU is refused (ATen's CPU half convolutions are slow and not what anyone
+    measures). What must stay float32 for accuracy does so without extra kernels: the U-Net's time
+    embedding sinusoid is computed in float32; GroupNorm's mean and variance are accumulated in
+    float32 by ATen's kernels for fp16/bf16 inputs (`tests/test_engine.py` checks it on data a
+    half-precision accumulation would ruin); the fused attention kernels keep the softmax max and
+    sum in float32 (the U-Net passes 4-D (B, heads, L, D) inputs, which they need); the head's
+    [h1|h2|h3] are combined in float32 inside the fused step.
+  * The model on the device (``device`` means the same for every solver and every model):
+    - an ``nn.Module`` whose floating-point parameters and buffers already all live on the device in
+      ``net_dtype`` is used as is. The engine then reads its tensors live: in-place changes
+      (optimizer steps, ``load_state_dict``, buffers a wrapper updates between calls) reach the
+      next eager run and the next graph replay. Its weights-changed test is O(1): the storage of
+      its first floating-point tensor (``model.half()``, ``.to()`` or ``load_state_dict(assign=True)``
+      replace every tensor, and a replaced storage would leave a graph reading freed memory): on a
+      change every graph and copy is dropped and made again.
+    - any other module is copied to the device once per ``net_dtype`` (tensor by tensor; floating
+      parameters and buffers converted, integer buffers kept), in the model's own train/eval mode.
+      Before every call the version counters of the model's parameters and buffers are compared
+      with those at the last copy (one attribute read per tensor: about 20 us for the bundled
+      model's 182 tensors, 50 us for the 920 of the DDPM++ deep U-Net on this project's CPU) and
+      changed tensors are copied into the engine's copies in place (same addresses: graphs stay
+      valid). So a model whose buffers are updated in place between calls (e.g. a guidance wrapper's
+      labels and scale) replays the same graph with the new values. After replacing parameter
+      objects (``load_state_dict(assign=True)`` on a copied model), call `refresh()`.
+    - a plain callable is called as is, with tensors on the device.
+  * A model may declare ``evals_per_call`` (network evaluations per call and sample, default 1,
+    e.g. 2 for a guidance wrapper on a doubled batch): NFE budgets and the returned NFE count it.
+  * Key rule (`GraphKey`): batch, image shape, state and network dtypes, solver and its keyword
+    arguments, the grid's times, schedule, AFS, denoising, backend, device, and for float32
+    networks captured in a graph the TF32 flags (a graph captured with TF32 replays TF32 kernels).
+    Any change is a cache miss that captures a new graph (never a stale one); the cache keeps the
+    ``max_graphs`` most recently used graphs. The arguments of a call are memoised to their
+    (key, plan, NFE), so a repeated call builds no grid and reads no time on the host.
+  * Graphs: before capture the solver runs ``warmup`` times on a side stream (cuDNN/cuBLAS
+    handles, Triton autotuning, and the plan's solver tables are made there; the last warm-up run
+    is checked for host syncs). Static buffers: the input x_T and the output, owned by the cache
+    entry; everything in between lives in one memory pool shared by all graphs of the engine
+    (replays are serialised on the caller's stream and each output is cloned before the next:
+    use one engine from one stream at a time). A model that cannot be captured (host syncs such
+    as ``.item()``, or anything CUDA refuses during capture) runs eagerly instead, with one
+    warning per engine. (Data-dependent Python control flow cannot be detected: a graph replays
+    the path taken at capture.)
+  * Noise is drawn outside the graph (float32, sample i from its own CPU generator seeded
+    seed + i: the same x_T on every device) and copied into the static input.
+  * Inference mode: the engine's persistent tensors (weight copies, plans, graph buffers) are
+    always made with inference mode off, so a first call under ``torch.inference_mode()`` does not
+    break later calls outside it.
 
 NVTX (see `genie_fast.profiling`): ``sample`` around each call; eager: ``step`` per step with
-``network`` (``head`` nested) and ``update`` inside; graph: one ``replay`` range per launch.
+``network`` per evaluation inside (``head`` nested for a module with a ``head``); graph: one
+``replay`` range per launch (``warmup`` and ``capture`` once per key).
 """
 from __future__ import annotations
 
@@ -49,36 +74,56 @@ import collections
 import contextlib
 import copy
 import dataclasses
+import operator
 import time
 import warnings
 import weakref
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from . import ops
-from .profiling import nvtx_range, push, pop
-from .schedule import COL, VPSchedule, coeff_table, time_grid
-from .solvers import SOLVERS, nfe_of, steps_for_nfe
+from .profiling import nvtx_range, pop, push
+from .schedule import VPSchedule, time_grid
+from .solvers import (AUTO_AFS, DEFAULT_AFS, DEFAULT_NFE, DEFAULT_SOLVER, SOLVERS, Plan, evals_per_call, grid_for, nfe_of,
+                      steps_for_nfe)
 
-__all__ = ["SamplingEngine", "GraphKey", "ENGINE_SOLVERS", "DTYPES", "draw_noise", "engine_for",
-           "sample_on_device", "no_tf32"]
+__all__ = ["SamplingEngine", "GraphKey", "ENGINE_SOLVERS", "DTYPES", "draw_noise", "make_noise", "engine_for",
+           "no_tf32"]
 
-ENGINE_SOLVERS = ("genie", "ddim", "dpmpp_2m")
+ENGINE_SOLVERS = tuple(SOLVERS)  # every solver runs in the engine (kept for scripts that list them)
 DTYPES = {"fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
+          "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+          "fp64": torch.float64, "float64": torch.float64, "double": torch.float64}
+_HALF = (torch.float16, torch.bfloat16)
+_VERSION = operator.attrgetter("_version")
 
 
-def _as_dtype(dtype) -> torch.dtype:
+def _as_dtype(dtype, allowed, what) -> torch.dtype:
     if isinstance(dtype, str):
         if dtype not in DTYPES:
-            raise ValueError(f"unknown network dtype {dtype!r}; choose one of {sorted(DTYPES)}")
-        return DTYPES[dtype]
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"the engine runs the network in float16, bfloat16 or float32, got {dtype} "
-                         "(use the reference solvers in genie_fast.solvers for float64)")
+            raise ValueError(f"unknown {what} {dtype!r}; choose one of {sorted(DTYPES)}")
+        dtype = DTYPES[dtype]
+    if dtype not in allowed:
+        raise ValueError(f"{what} must be one of {[str(d).replace('torch.', '') for d in allowed]}, got {dtype}")
     return dtype
+
+
+def make_noise(n: int, shape, seed: int = 0, dtype=torch.float32, device=None) -> torch.Tensor:
+    """(n, *shape) standard normal noise; sample i is drawn from its own generator seeded seed + i,
+    on the CPU, so it does not depend on n, the batch around it, or the device."""
+    rows = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed + i), dtype=torch.float32)
+            for i in range(n)]
+    return torch.stack(rows).to(device=device, dtype=dtype)
+
+
+def draw_noise(n: int, shape, seed: int = 0, device=None, dtype=torch.float32) -> torch.Tensor:
+    """x_T ~ N(0, I) of (n, *shape) by `make_noise` (drawn in float32), on `device` in `dtype`."""
+    if int(n) != n or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n}")
+    return make_noise(int(n), tuple(shape), int(seed), dtype=dtype, device=device)
 
 
 @contextlib.contextmanager
@@ -105,14 +150,13 @@ def no_tf32():
         cudnn.allow_tf32 = old
 
 
-def draw_noise(n: int, shape, seed: int = 0, device=None) -> torch.Tensor:
-    """x_T ~ N(0, I), float32 (n, *shape): `genie_fast.sampling.make_noise` (sample i from its own
-    CPU generator seeded seed + i, so the same numbers on every device), moved to `device`."""
-    from .sampling import make_noise
-
-    if int(n) != n or n < 1:
-        raise ValueError(f"n must be a positive integer, got {n}")
-    return make_noise(int(n), tuple(shape), int(seed), dtype=torch.float32, device=device)
+def _tf32_flags() -> tuple:
+    """What decides whether float32 matmuls and convolutions run as TF32 (part of an fp32 graph's key)."""
+    b = torch.backends
+    try:
+        return (b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision)
+    except (AttributeError, RuntimeError):  # torch without the fp32_precision API
+        return (b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,14 +165,17 @@ class GraphKey:
 
     batch: int
     image_shape: tuple
-    dtype: torch.dtype
+    dtype: torch.dtype       # the ODE state's and the samples'
+    net_dtype: torch.dtype   # the network's
     solver: str
-    ts: tuple            # the N + 1 grid times, float64 values
-    schedule: object     # compared by identity; the key keeps it alive, so an id is never reused
+    ts: tuple                # the N + 1 grid times, float64 values
+    schedule: object         # compared by identity; the key keeps it alive, so an id is never reused
     afs: bool
     denoise: bool
     backend: str
     device: str
+    kw: tuple = ()           # the solver's keyword arguments, sorted (name, value) pairs
+    tf32: tuple | None = None  # TF32 flags, for float32 networks in a graph only
 
 
 @dataclasses.dataclass
@@ -138,34 +185,23 @@ class _Entry:
     graph: "torch.cuda.CUDAGraph"
     x_in: torch.Tensor
     out: torch.Tensor
-    tables: tuple
+    plan: Plan
     capture_s: float
 
 
-class _Program:
-    """The device-side constants of one run: coefficient rows and network times."""
-
-    def __init__(self, key: GraphKey, device):
-        ts = torch.tensor(key.ts, dtype=torch.float64)
-        self.rows = coeff_table(key.schedule, ts).to(device)          # (N, K) float64 on the device
-        # network times exactly as the reference solvers make them: float32 t, then model_time
-        t_model = key.schedule.model_time(ts.to(torch.float32))
-        self.t_net = t_model[:, None].expand(len(ts), key.batch).contiguous().to(device)  # (N+1, B)
-        self.num_steps = len(ts) - 1
-
-
 class SamplingEngine:
-    """Graph-captured, half-precision GENIE/DDIM/DPM-Solver++ sampling for one model on one device.
+    """Sampling with every solver for one model on one device: CUDA graphs, half-precision network.
 
-    model: a `GenieModel` (``eps_and_head``) or any eps model ``model(x, t) -> eps`` (``ddim``,
-    ``dpmpp_2m``); an ``nn.Module`` is copied to `device` in each dtype used, a plain callable is
-    called as is. device: default CUDA when available. dtype: default fp16 on CUDA for a module
-    with floating-point parameters, else fp32 (analytic models, plain functions, the CPU).
-    use_graphs: default True on CUDA (False on the CPU, where graphs do not exist).
-    max_graphs: how many captured graphs the LRU cache keeps. warmup: eager runs before capture.
+    model: a `GenieModel` (``eps_and_head``) or any eps model ``model(x, t) -> eps``; see the module
+    docstring for how it gets to the device. device: default CUDA when available, else the CPU.
+    net_dtype: the network's default dtype for this engine (None: fp16 on CUDA for a module with
+    floating-point weights, else the state's dtype). schedule: default the model's ``.schedule``,
+    else `VPSchedule()`. backend: of the fused step ops (`genie_fast.ops`). use_graphs: default True
+    on CUDA. max_graphs: how many captured graphs the LRU cache keeps. warmup: eager runs before a
+    capture.
     """
 
-    def __init__(self, model, *, device=None, dtype=None, schedule=None, backend: str = "auto",
+    def __init__(self, model, *, device=None, net_dtype=None, schedule=None, backend: str = "auto",
                  use_graphs: bool | None = None, max_graphs: int = 8, warmup: int = 2,
                  _keep_alive: bool = True):
         if model is None or not callable(model):
@@ -176,9 +212,7 @@ class SamplingEngine:
             raise RuntimeError("device 'cuda' asked for, but torch sees no CUDA GPU")
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        if dtype is None:  # half precision is for networks on a GPU; analytic models stay float32
-            dtype = torch.float16 if self.device.type == "cuda" and _has_float_weights(model) else torch.float32
-        self.dtype = _as_dtype(dtype)
+        self.net_dtype = None if net_dtype is None else self._check_net_dtype(net_dtype)
         if backend not in ops.BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {ops.BACKENDS}")
         self.backend = backend
@@ -196,15 +230,41 @@ class SamplingEngine:
 
         self._model_ref = weakref.ref(model) if _is_weakrefable(model) else (lambda m=model: m)
         self._model_strong = model if _keep_alive else None
-        self._nets: dict[torch.dtype, object] = {}      # dtype -> the engine's copy of the model
-        self._sources = None                            # the model's parameters and buffers
+        self._nets: dict[torch.dtype, object] = {}      # net_dtype -> the model as the engine runs it
+        self._as_is: dict[torch.dtype, tuple] = {}      # net_dtype -> (probe tensor, its data_ptr) of an as-is model
+        self._copies: dict[torch.dtype, list] = {}      # net_dtype -> a copy's tensors, aligned with _sources
+        self._sources = None                            # the model's parameters and buffers (copies only)
         self._versions = None                           # their version counters at the last copy
+        self._memo: dict = {}                           # call arguments -> (GraphKey, Plan, nfe)
+        self._plans: collections.OrderedDict[GraphKey, Plan] = collections.OrderedDict()
         self._graphs: collections.OrderedDict[GraphKey, _Entry] = collections.OrderedDict()
         self._eager_keys: set[GraphKey] = set()
         self._pool = None
         self._stream = None
         self._warned = False
         self.stats = collections.Counter()              # captures, replays, eager_runs, evictions, ...
+
+    # ------------------------------------------------------------------ dtypes
+    def _check_net_dtype(self, net_dtype) -> torch.dtype:
+        dtype = _as_dtype(net_dtype, (torch.float16, torch.bfloat16, torch.float32, torch.float64), "net_dtype")
+        if dtype in _HALF and self.device.type == "cpu":
+            raise ValueError(f"a {dtype} network on the CPU is refused (ATen's CPU half-precision convolutions "
+                             "are slow and not what this library measures): use net_dtype=float32 there, "
+                             "half precision on a GPU")
+        return dtype
+
+    def _resolve_net_dtype(self, net_dtype, state_dtype) -> torch.dtype:
+        if net_dtype is None:
+            net_dtype = self.net_dtype
+        if net_dtype is None:  # half precision is for networks on a GPU; analytic models keep the state's
+            if state_dtype == torch.float32 and self.device.type == "cuda" and _has_float_weights(self.model):
+                return torch.float16
+            return state_dtype
+        net_dtype = self._check_net_dtype(net_dtype)
+        if state_dtype == torch.float64 and net_dtype != torch.float64:
+            raise ValueError(f"a float64 state needs a float64 network (the step kernels take float64 network "
+                             f"outputs with a float64 state), got net_dtype={net_dtype}")
+        return net_dtype
 
     # ------------------------------------------------------------------ weights
     @property
@@ -214,30 +274,51 @@ class SamplingEngine:
             raise RuntimeError("the engine's model has been garbage-collected")
         return m
 
-    def _source_tensors(self, model):
+    def network(self, net_dtype=None):
+        """The model as the engine runs it in `net_dtype` on the engine's device (module docstring)."""
+        model = self.model
         if not isinstance(model, nn.Module):
-            return []
-        return [*model.parameters(), *model.buffers()]
+            return model  # a plain callable: its own dtype and device handling
+        net_dtype = self._resolve_net_dtype(net_dtype, torch.float32)
+        net = self._nets.get(net_dtype)
+        if net is None:
+            with torch.inference_mode(False), torch.no_grad():
+                net = self._nets[net_dtype] = self._place(model, net_dtype)
+        return net
+
+    def _place(self, model: nn.Module, net_dtype):
+        tensors = [*model.parameters(), *model.buffers()]
+        floating = [t for t in tensors if t.is_floating_point()]
+        if all(t.device == self.device and t.dtype == net_dtype for t in floating):
+            if floating:
+                self._as_is[net_dtype] = (floating[0], floating[0].data_ptr())
+            return model
+        if self._sources is None:
+            self._sources = tensors
+            self._versions = list(map(_VERSION, tensors))
+        net = _converted_copy(model, self.device, net_dtype)
+        copied = [*net.parameters(), *net.buffers()]
+        if len(copied) != len(self._sources):
+            raise RuntimeError("copying the model changed its set of parameters and buffers")
+        self._copies[net_dtype] = copied
+        return net
 
     def _sync_weights(self):
-        """Keep the per-dtype copies equal to the model's weights, cheaply, before every call.
-
-        In-place changes (optimizer steps, `load_state_dict`, `copy_`) bump the source tensors'
-        version counters: those tensors are copied into the engine's copies in place (same
-        addresses, so captured graphs stay valid). The source tensor list is taken once (walking a
-        large module costs milliseconds); after replacing parameter objects, call `refresh()`.
-        """
+        """Keep the engine's view of the weights current, before every call (module docstring)."""
+        for dtype, (probe, ptr) in self._as_is.items():
+            if probe.data_ptr() != ptr or probe.dtype != dtype or probe.device != self.device:
+                self.refresh()
+                self.stats["refreshes"] += 1
+                return
         if self._sources is None:
-            self._sources = self._source_tensors(self.model)
-            self._versions = [t._version for t in self._sources]
             return
-        versions = [t._version for t in self._sources]
+        versions = list(map(_VERSION, self._sources))
         if versions != self._versions:
-            with torch.no_grad():
-                for net in self._nets.values():
-                    for dst, s, v, v_old in zip(self._source_tensors(net), self._sources, versions, self._versions):
+            with torch.inference_mode(False), torch.no_grad():
+                for copied in self._copies.values():
+                    for dst, src, v, v_old in zip(copied, self._sources, versions, self._versions):
                         if v != v_old:
-                            dst.copy_(s)
+                            dst.copy_(src)
             self._versions = versions
             self.stats["weight_refreshes"] += 1
 
@@ -245,63 +326,90 @@ class SamplingEngine:
         """Forget the weight copies and every graph (after replacing the model's parameter objects)."""
         self.clear()
         self._nets.clear()
+        self._as_is.clear()
+        self._copies.clear()
         self._sources = self._versions = None
 
-    def network(self, dtype=None):
-        """The engine's copy of the model in `dtype` on the engine's device (eval mode, no grad)."""
-        dtype = _as_dtype(dtype if dtype is not None else self.dtype)
-        if not isinstance(self.model, nn.Module):
-            return self.model  # a plain callable: its own dtype and device handling
-        net = self._nets.get(dtype)
-        if net is None:
-            if self._sources is None:
-                self._sync_weights()
-            net = _converted_copy(self.model, self.device, dtype)
-            if len(self._source_tensors(net)) != len(self._source_tensors(self.model)):
-                raise RuntimeError("copying the model changed its set of parameters and buffers")
-            self._nets[dtype] = net
-        return net
-
-    # ------------------------------------------------------------------ keys and cache
-    def key(self, noise: torch.Tensor, *, solver: str = "genie", nfe: int | None = 10, grid="quadratic",
-            afs: bool = False, denoise: bool = False, dtype=None, schedule=None) -> GraphKey:
-        """The cache key of a run; validates every argument. Steps follow `solvers.steps_for_nfe`."""
-        if solver not in ENGINE_SOLVERS:
-            raise ValueError(f"the engine runs solvers {ENGINE_SOLVERS}, got {solver!r} "
-                             "(the others run eagerly through genie_fast.solvers)")
+    # ------------------------------------------------------------------ keys, plans and cache
+    def _state_noise(self, noise, n, shape, seed, dtype) -> torch.Tensor:
+        """x_T on the device in the state dtype: the given noise, or n samples drawn from `seed`."""
+        if dtype is not None:
+            dtype = _as_dtype(dtype, (torch.float32, torch.float64), "dtype (the ODE state's and the samples'; "
+                              "the network's precision is net_dtype)")
+        if noise is None:
+            if n is None or isinstance(n, bool) or int(n) != n or n < 1:
+                raise ValueError(f"give noise=, or n= a positive number of samples (and optionally shape and seed); "
+                                 f"got n={n}")
+            return draw_noise(n, shape if shape is not None else _image_shape(self.model), seed, self.device,
+                              dtype or torch.float32)
         if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
             raise TypeError(f"noise must be a floating-point tensor, got {type(noise).__name__}"
                             + (f" of dtype {noise.dtype}" if isinstance(noise, torch.Tensor) else ""))
         if noise.dim() < 2 or noise.shape[0] < 1 or noise.numel() == 0:
             raise ValueError(f"noise must be (B, C, ...) with B >= 1 and no empty dimension, got {tuple(noise.shape)}")
+        if n is not None and n != noise.shape[0]:
+            raise ValueError(f"n={n} disagrees with noise's batch size {noise.shape[0]}")
+        want = tuple(shape) if shape is not None else getattr(self.model, "image_shape", None)
+        if want is not None and tuple(noise.shape[1:]) != tuple(want):
+            raise ValueError(f"noise must have shape (B, *{tuple(want)}), got {tuple(noise.shape)}")
+        dtype = dtype or (torch.float64 if noise.dtype == torch.float64 else torch.float32)
+        return noise.to(self.device, dtype)
+
+    def key(self, noise: torch.Tensor, *, solver: str = DEFAULT_SOLVER, nfe: int | None = None,
+            steps: int | None = None, grid="auto", afs: bool = DEFAULT_AFS, denoise: bool = False, dtype=None,
+            net_dtype=None, schedule=None, **solver_kw) -> GraphKey:
+        """The cache key of a call (validates every argument)."""
+        x_T = self._state_noise(noise, None, None, 0, dtype)
+        return self._prepare(x_T, solver, nfe, steps, grid, afs, denoise, net_dtype, schedule, solver_kw)[0]
+
+    def _prepare(self, x_T, solver, nfe, steps, grid, afs, denoise, net_dtype, schedule, solver_kw):
+        """(GraphKey, Plan, nfe) of a call, memoised on its arguments."""
+        tf32 = _tf32_flags() if self.use_graphs else None
+        try:
+            memo_key = (solver, nfe, steps, grid if isinstance(grid, str) else _grid_key(grid), afs, denoise,
+                        x_T.dtype, x_T.shape, net_dtype, schedule, tuple(sorted(solver_kw.items())), tf32)
+            hash(memo_key)
+        except TypeError as e:
+            raise TypeError(f"solver keyword arguments are part of the graph key and must be hashable ({e})") from None
+        hit = self._memo.get(memo_key)
+        if hit is not None:
+            return hit
+        if solver not in SOLVERS:
+            raise ValueError(f"unknown solver {solver!r}; choose one of {sorted(SOLVERS)}")
         schedule = schedule if schedule is not None else self.schedule
-        if isinstance(grid, str):
-            if nfe is None or int(nfe) != nfe:
-                raise ValueError(f"nfe must be an integer budget, got {nfe!r}")
-            steps = steps_for_nfe(solver, int(nfe), afs, denoise)
-            if steps < 1:
-                raise ValueError(f"nfe={nfe} is too small for {solver} with afs={afs}, denoise={denoise}")
-            ts = time_grid(schedule, steps, grid)
-        else:
-            ts = time_grid(schedule, None, grid)
-            need = nfe_of(solver, len(ts) - 1, afs, denoise)
-            if nfe is not None and need > nfe:
-                raise ValueError(f"a grid of {len(ts) - 1} steps needs {need} NFE with {solver}, over nfe={nfe}")
-        if nfe_of(solver, len(ts) - 1, afs, denoise) < 1:
+        net_dtype = self._resolve_net_dtype(net_dtype, x_T.dtype)
+        afs = AUTO_AFS.get(solver, DEFAULT_AFS) if afs is None else bool(afs)
+        evals = evals_per_call(self.model)
+        ts = _sampling_grid(solver, nfe, steps, grid, afs, bool(denoise), schedule, evals)
+        spent = nfe_of(solver, len(ts) - 1, afs, denoise, evals)
+        if spent < 1:
             raise ValueError(f"a grid of {len(ts) - 1} step(s) with afs={afs}, denoise={denoise} "
                              "would call the network zero times")
-        return GraphKey(batch=int(noise.shape[0]), image_shape=tuple(noise.shape[1:]),
-                        dtype=_as_dtype(dtype if dtype is not None else self.dtype), solver=solver,
-                        ts=tuple(float(t) for t in ts), schedule=schedule, afs=bool(afs),
-                        denoise=bool(denoise), backend=self.backend, device=str(self.device))
+        key = GraphKey(batch=int(x_T.shape[0]), image_shape=tuple(x_T.shape[1:]), dtype=x_T.dtype,
+                       net_dtype=net_dtype, solver=solver, ts=tuple(ts.tolist()), schedule=schedule,
+                       afs=afs, denoise=bool(denoise), backend=self.backend, device=str(self.device),
+                       kw=tuple(sorted(solver_kw.items())),
+                       tf32=tf32 if net_dtype == torch.float32 else None)
+        plan = self._plans.get(key)
+        if plan is None:
+            with torch.inference_mode(False), torch.no_grad():
+                plan = Plan(schedule, ts, key.batch, self.device, x_T.dtype, self.backend)
+            self._plans[key] = plan
+            if len(self._plans) > 4 * self.max_graphs + 16:
+                self._plans.popitem(last=False)
+        else:
+            self._plans.move_to_end(key)
+        if len(self._memo) > 256:
+            self._memo.clear()
+        self._memo[memo_key] = (key, plan, spent)
+        return key, plan, spent
 
-    @staticmethod
-    def nfe_of(key: GraphKey) -> int:
-        """Network evaluations of a run (`solvers.nfe_of`): AFS saves one, denoising adds one."""
-        return nfe_of(key.solver, len(key.ts) - 1, key.afs, key.denoise)
+    def nfe_of(self, key: GraphKey) -> int:
+        """Network evaluations per sample of a run (`solvers.nfe_of`)."""
+        return nfe_of(key.solver, len(key.ts) - 1, key.afs, key.denoise, evals_per_call(self.model))
 
     def cache_info(self) -> dict:
-        return {"graphs": len(self._graphs), "max_graphs": self.max_graphs,
+        return {"graphs": len(self._graphs), "max_graphs": self.max_graphs, "plans": len(self._plans),
                 "eager_keys": len(self._eager_keys), **self.stats}
 
     def clear(self):
@@ -309,54 +417,46 @@ class SamplingEngine:
         self._graphs.clear()
         self._eager_keys.clear()
 
-    # ------------------------------------------------------------------ the loop
-    def _loop(self, net, x_T: torch.Tensor, key: GraphKey, prog: _Program, stages: bool) -> torch.Tensor:
-        """The NFE loop on device tensors, float32 x_T -> float32 x0. Graph-safe: no host reads."""
-        rows, t_net, backend, N = prog.rows, prog.t_net, key.backend, prog.num_steps
-        rng = nvtx_range if stages else _no_range
-        has_head = callable(getattr(net, "eps_and_head", None))
-        x_bar = x_T * rows[0, COL["scale"]].to(torch.float32)   # x_bar_0 = x_T sqrt(1 + gamma_0^2)
-        x = x_T.to(key.dtype)
-        x0_prev = torch.zeros_like(x_bar)                      # DPM-Solver++: weight b = 0 on step 0
-        for n in range(N):
-            with rng("step"):
-                if n == 0 and key.afs:
-                    eps = x_T                                  # AFS: eps(x_T, 1) ~ x_T, d eps/d gamma = 0
-                else:
-                    with rng("network"):
-                        if key.solver != "genie":
-                            eps, head_out = net(x, t_net[n]), None
-                        elif has_head:   # raw [h1|h2|h3], combined inside the fused step
-                            eps, head_out = net.eps_and_head(x, t_net[n])
-                        else:            # d eps / d gamma itself
-                            eps, deps = net.eps_and_deps(x, t_net[n])
-                with rng("update"):
-                    if key.solver == "dpmpp_2m":
-                        x_bar, x, x0_prev = ops.dpmpp_2m_step(x_bar, eps, x0_prev, rows[n], backend=backend)
-                    elif key.solver == "ddim" or (n == 0 and key.afs):
-                        x_bar, x = ops.ddim_step(x_bar, eps, rows[n], backend=backend)
-                    elif has_head:
-                        x_bar, x = ops.genie_step(x_bar, eps, head_out, rows[n], backend=backend)
-                    else:
-                        x_bar, x = ops.taylor_step(x_bar, eps, deps, rows[n], backend=backend)
-                    if x.dtype != key.dtype:                   # the AFS step's x follows x_T's float32
-                        x = x.to(key.dtype)
-        if key.denoise:
-            with rng("step"):
-                with rng("network"):
-                    eps = net(x, t_net[N])
-                with rng("update"):
-                    return ops.denoise_step(x_bar, eps, rows[N - 1], backend=backend)
-        return x_bar * rows[N - 1, COL["inv_scale_next"]].to(torch.float32)
+    # ------------------------------------------------------------------ public entry
+    @torch.no_grad()
+    def sample(self, noise: torch.Tensor | None = None, *, n: int | None = None, shape=None, seed: int = 0,
+               solver: str = DEFAULT_SOLVER, nfe: int | None = None, steps: int | None = None, grid="auto",
+               afs: bool = DEFAULT_AFS, denoise: bool = False, dtype=None, net_dtype=None, schedule=None,
+               **solver_kw):
+        """Sample x0 from noise x_T with `solver`; returns (x0 (B, *shape) in `dtype` on the engine's
+        device, NFE per sample). The arguments and defaults are those of `genie_fast.sample`."""
+        with nvtx_range("sample"), torch.inference_mode(False), torch.no_grad():
+            x_T = self._state_noise(noise, n, shape, seed, dtype)
+            key, plan, spent = self._prepare(x_T, solver, nfe, steps, grid, afs, denoise, net_dtype, schedule,
+                                             solver_kw)
+            return self._run(key, plan, x_T), spent
 
-    def _check_model(self, net, key: GraphKey):
-        if key.solver == "genie" and not (callable(getattr(net, "eps_and_head", None))
-                                          or callable(getattr(net, "eps_and_deps", None))):
-            raise TypeError(f"solver 'genie' needs a model with eps_and_head(x, t) or eps_and_deps(x, t) "
-                            f"(a GenieModel); {type(net).__name__} has neither: use solver='ddim' or "
-                            "'dpmpp_2m', or wrap the network and its head in genie_fast.models.GenieModel")
+    def _run(self, key: GraphKey, plan: Plan, x_T: torch.Tensor) -> torch.Tensor:
+        self._sync_weights()
+        net = self.network(key.net_dtype)
+        if not self.use_graphs or key in self._eager_keys:
+            return self._eager(net, key, plan, x_T)
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._new_graph(net, key, plan, x_T)
+            if entry is None:
+                return self._eager(net, key, plan, x_T)
+        else:
+            self._graphs.move_to_end(key)
+            entry.x_in.copy_(x_T)
+        with nvtx_range("replay"):
+            entry.graph.replay()
+        self.stats["replays"] += 1
+        return entry.out.clone()
 
-    def _eager(self, net, x_T, key, prog) -> torch.Tensor:
+    def _solve(self, net, key: GraphKey, plan: Plan, x_T: torch.Tensor) -> torch.Tensor:
+        """The solver itself on the plan: the one loop, eager or under capture."""
+        x0, _ = SOLVERS[key.solver](net, x_T, plan.ts, key.schedule, afs=key.afs, denoise=key.denoise,
+                                    backend=key.backend, net_dtype=key.net_dtype, plan=plan, **dict(key.kw))
+        return x0
+
+    def _eager(self, net, key, plan, x_T) -> torch.Tensor:
+        self.stats["eager_runs"] += 1
         head = getattr(net, "head", None)
         hooks = []
         if isinstance(head, nn.Module):  # a "head" range nested in "network" (GenieModel)
@@ -367,23 +467,25 @@ class SamplingEngine:
                 pop()
             hooks = [head.register_forward_pre_hook(open_head), head.register_forward_hook(close_head)]
         try:
-            return self._loop(net, x_T, key, prog, stages=True)
+            return self._solve(net, key, plan, x_T)
         finally:
             for h in hooks:
                 h.remove()
 
-    def _capture(self, net, key: GraphKey, prog: _Program, x_T: torch.Tensor) -> _Entry:
-        """Warm up on a side stream, then capture the loop into the shared pool.
+    # ------------------------------------------------------------------ graphs
+    def _capture(self, net, key: GraphKey, plan: Plan, x_T: torch.Tensor) -> _Entry:
+        """Warm up on a side stream, then capture the solver call into the shared pool.
 
-        The first warm-up run absorbs one-time work (handles, lazy init, autotuning, which may
-        sync); the last runs under `torch.cuda.set_sync_debug_mode("error")`, so a model that
-        syncs host and device is found before any capture starts. Errors of the model itself
-        propagate; what makes a model uncapturable raises `_Uncapturable`.
+        The first warm-up run absorbs one-time work (handles, lazy init, autotuning, the plan's
+        solver tables, which copy to the device); the last runs under
+        `torch.cuda.set_sync_debug_mode("error")`, so a model that syncs host and device is found
+        before any capture starts. Errors of the model itself propagate; what makes a model
+        uncapturable raises `_Uncapturable`.
         """
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
             self._stream = torch.cuda.Stream(device=self.device)
-        x_in = torch.empty_like(x_T, dtype=torch.float32, memory_format=torch.contiguous_format)
+        x_in = torch.empty_like(x_T, memory_format=torch.contiguous_format)
         x_in.copy_(x_T)
         s = self._stream
         s.wait_stream(torch.cuda.current_stream(self.device))
@@ -391,75 +493,30 @@ class SamplingEngine:
             for i in range(self.warmup):
                 if i == self.warmup - 1 and self.warmup > 1:
                     with _sync_check():
-                        self._loop(net, x_in, key, prog, stages=False)
+                        self._solve(net, key, plan, x_in)
                 else:
-                    self._loop(net, x_in, key, prog, stages=False)
+                    self._solve(net, key, plan, x_in)
         torch.cuda.current_stream(self.device).wait_stream(s)
         graph = torch.cuda.CUDAGraph()
         t0 = time.perf_counter()
         try:
             with nvtx_range("capture"), torch.cuda.graph(graph, pool=self._pool, stream=s):
-                out = self._loop(net, x_in, key, prog, stages=False)
+                out = self._solve(net, key, plan, x_in)
         except Exception as err:
             raise _Uncapturable(f"capture failed: {type(err).__name__}: {err}") from err
         torch.cuda.synchronize(self.device)
-        return _Entry(graph=graph, x_in=x_in, out=out, tables=(prog.rows, prog.t_net),
-                      capture_s=time.perf_counter() - t0)
+        return _Entry(graph=graph, x_in=x_in, out=out, plan=plan, capture_s=time.perf_counter() - t0)
 
     def _warn_eager(self, net, err: BaseException):
         if not self._warned:
             self._warned = True
             warnings.warn(f"genie_fast engine: {type(net).__name__} could not be captured into a CUDA graph "
                           f"({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
-                          "this engine runs such runs eagerly", RuntimeWarning, stacklevel=4)
+                          "this engine runs such runs eagerly", RuntimeWarning, stacklevel=5)
 
-    # ------------------------------------------------------------------ public entry
-    @torch.no_grad()
-    def sample(self, noise: torch.Tensor | None = None, *, n: int | None = None, shape=None, seed: int = 0,
-               solver: str = "genie", nfe: int | None = 10, grid="quadratic", afs: bool = False,
-               denoise: bool = False, dtype=None, schedule=None):
-        """Sample x0 (float32, on the engine's device) from noise x_T; returns (x0, nfe).
-
-        Arguments as in `genie_fast.sample`: noise x_T (B, C, ...) (moved to the device, read as
-        float32), or n samples of `shape` (default: the model's image shape) drawn with
-        `draw_noise(seed)`; solver "genie", "ddim" or "dpmpp_2m"; nfe with a grid name, or grid as
-        the times themselves (nfe may then be None); afs, denoise as in `genie_fast.solvers`.
-        dtype: the network's dtype for this call (default: the engine's).
-        """
-        with nvtx_range("sample"):
-            if noise is None:
-                if n is None:
-                    raise ValueError("give noise, or n (and optionally shape and seed)")
-                noise = draw_noise(n, shape or _image_shape(self.model), seed, self.device)
-            key = self.key(noise, solver=solver, nfe=nfe, grid=grid, afs=afs, denoise=denoise, dtype=dtype,
-                           schedule=schedule)
-            self._sync_weights()
-            net = self.network(key.dtype)
-            self._check_model(net, key)
-            x_T = noise.to(self.device, torch.float32)
-            if not self.use_graphs or key in self._eager_keys:
-                return self._run_eager(net, x_T, key), self.nfe_of(key)
-            entry = self._graphs.get(key)
-            if entry is None:
-                entry = self._new_graph(net, key, x_T)
-                if entry is None:
-                    return self._run_eager(net, x_T, key), self.nfe_of(key)
-            else:
-                self._graphs.move_to_end(key)
-                entry.x_in.copy_(x_T)
-            with nvtx_range("replay"):
-                entry.graph.replay()
-            self.stats["replays"] += 1
-            return entry.out.clone(), self.nfe_of(key)
-
-    def _run_eager(self, net, x_T, key):
-        self.stats["eager_runs"] += 1
-        return self._eager(net, x_T, key, _Program(key, self.device))
-
-    def _new_graph(self, net, key: GraphKey, x_T: torch.Tensor) -> _Entry | None:
-        prog = _Program(key, self.device)
+    def _new_graph(self, net, key: GraphKey, plan: Plan, x_T: torch.Tensor) -> _Entry | None:
         try:
-            entry = self._capture(net, key, prog, x_T)
+            entry = self._capture(net, key, plan, x_T)
         except _Uncapturable as err:  # the model does something a graph cannot hold
             try:
                 torch.cuda.synchronize(self.device)
@@ -476,6 +533,46 @@ class SamplingEngine:
         self.stats["captures"] += 1
         self.stats["capture_ms_total"] += round(entry.capture_s * 1e3)
         return entry
+
+
+def _sampling_grid(solver, nfe, steps, grid, afs, denoise, schedule, evals) -> torch.Tensor:
+    """The decreasing float64 grid of a sampling call: from steps=, the nfe= budget (default
+    `DEFAULT_NFE`), or an explicit grid of times (which needs neither, and is checked against them)."""
+    if nfe is not None and steps is not None:
+        raise ValueError(f"give nfe= or steps=, not both (got nfe={nfe}, steps={steps})")
+    grid = grid_for(solver, grid)
+    if isinstance(grid, str):
+        if steps is None:
+            budget = DEFAULT_NFE if nfe is None else nfe
+            if isinstance(budget, bool) or int(budget) != budget:
+                raise ValueError(f"nfe must be an integer budget, got {nfe!r}")
+            steps = steps_for_nfe(solver, int(budget), afs, denoise, evals)
+            if steps < 1 or nfe_of(solver, steps, afs, denoise, evals) < 1:  # (one AFS step calls nothing)
+                raise ValueError(f"nfe={budget} is too small for {solver} (afs={afs}, denoise={denoise}): the "
+                                 f"smallest run that calls the network needs "
+                                 f"{nfe_of(solver, steps + 1, afs, denoise, evals)}")
+        elif isinstance(steps, bool) or int(steps) != steps or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        return time_grid(schedule, int(steps), grid)
+    if not isinstance(grid, (Sequence, torch.Tensor)):
+        raise TypeError(f"grid must be a name or a sequence of times, got {type(grid).__name__}")
+    ts = time_grid(schedule, None, grid)
+    if ts[-1] > ts[0]:
+        raise ValueError("sampling runs from noise to data: the grid must decrease strictly (t = 1 -> t_end)")
+    if steps is not None and steps != len(ts) - 1:
+        raise ValueError(f"steps={steps} disagrees with the given grid of {len(ts) - 1} steps")
+    need = nfe_of(solver, len(ts) - 1, afs, denoise, evals)
+    if nfe is not None and need > nfe:
+        raise ValueError(f"the given grid of {len(ts) - 1} steps needs {need} NFE with {solver}, over nfe={nfe}")
+    return ts
+
+
+def _grid_key(grid) -> tuple:
+    if isinstance(grid, torch.Tensor):
+        return tuple(grid.detach().cpu().flatten().tolist())
+    if isinstance(grid, Sequence):
+        return tuple(float(t) for t in grid)
+    return (grid,)  # refused later with its own message
 
 
 class _Uncapturable(RuntimeError):
@@ -498,9 +595,9 @@ class _sync_check:
 
 def _converted_copy(model: nn.Module, device, dtype) -> nn.Module:
     """deepcopy of `model` whose floating parameters and buffers are converted tensor by tensor
-    (no full-precision intermediate copy on the device), in eval mode, without gradients."""
+    (no full-precision intermediate copy on the device), without gradients, in the model's mode."""
     memo = {}
-    with torch.no_grad():
+    with torch.inference_mode(False), torch.no_grad():
         for p in model.parameters():
             if id(p) not in memo:
                 memo[id(p)] = nn.Parameter(p.detach().to(device=device, dtype=dtype if p.is_floating_point()
@@ -509,22 +606,7 @@ def _converted_copy(model: nn.Module, device, dtype) -> nn.Module:
             if id(b) not in memo:
                 memo[id(b)] = b.detach().to(device=device, dtype=dtype if b.is_floating_point() else b.dtype,
                                             copy=True)
-    return copy.deepcopy(model, memo).eval()
-
-
-def _no_range(name):
-    return _NULL
-
-
-class _Null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-_NULL = _Null()
+        return copy.deepcopy(model, memo)
 
 
 def _is_weakrefable(obj) -> bool:
@@ -544,17 +626,19 @@ def _image_shape(model) -> tuple:
         return tuple(model.image_shape)
     cfg = getattr(model, "config", None) or getattr(getattr(model, "unet", None), "config", None)
     if cfg is None or not hasattr(cfg, "in_channels") or not hasattr(cfg, "image_size"):
-        raise ValueError("cannot tell the model's image shape: pass noise or image_shape=(C, H, W)")
+        raise ValueError("the model has no .image_shape: pass noise=, or shape=(C, H, W)")
     return (cfg.in_channels, cfg.image_size, cfg.image_size)
 
 
-# One engine per (model, device), kept while the model lives: genie_fast.sample(device="cuda") uses it.
+# One engine per (model, device, backend), kept while the model lives: genie_fast.sample uses it.
 _ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def engine_for(model, device=None, backend: str = "auto") -> SamplingEngine:
     """The cached engine of `model` on `device` (created on first use, dropped with the model)."""
-    device = torch.device(device if device is not None else "cuda")
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
     if not _is_weakrefable(model):  # cannot be cached without keeping it alive: a fresh engine
         return SamplingEngine(model, device=device, backend=backend)
     per_model = _ENGINES.setdefault(model, {})
@@ -563,22 +647,3 @@ def engine_for(model, device=None, backend: str = "auto") -> SamplingEngine:
     if eng is None:
         eng = per_model[key] = SamplingEngine(model, device=device, backend=backend, _keep_alive=False)
     return eng
-
-
-def engine_solver_name(fn) -> str | None:
-    """The engine's name for a solver function from `solvers.SOLVERS`, or None if it has no graph path."""
-    for name in ENGINE_SOLVERS:
-        if SOLVERS.get(name) is fn:
-            return name
-    return None
-
-
-def sample_on_device(model, noise, ts, schedule, *, solver="genie", afs=False, denoise=False,
-                     backend="auto", dtype=None):
-    """The hook `genie_fast.sample` calls on a CUDA device: graph-captured, fp16 by default
-    (or the noise's dtype when it is fp16/bf16). Returns (x0 float32, nfe)."""
-    eng = engine_for(model, noise.device, backend)
-    if dtype is None and noise.dtype in (torch.float16, torch.bfloat16):
-        dtype = noise.dtype
-    return eng.sample(noise, solver=solver, nfe=None, grid=ts, afs=afs, denoise=denoise, dtype=dtype,
-                      schedule=schedule)

@@ -208,27 +208,31 @@ GRIDS = ("uniform", "quadratic", "logsnr", "edm")
 
 def time_grid(schedule: _Schedule, num_steps: int, kind="quadratic", t_start: float = 1.0,
               t_end: float | None = None, rho: float = 7.0) -> torch.Tensor:
-    """Decreasing float64 times t_0 = t_start > ... > t_N = t_end (num_steps + 1 points).
+    """float64 times t_0 = t_start, ..., t_N = t_end (num_steps + 1 points), strictly monotone.
 
+    Sampling runs from t_start = 1 down to t_end = schedule.t_end (the defaults); swapping them
+    (t_start = schedule.t_end, t_end = 1) gives the same grid increasing, for encoding.
     kind: "uniform" in t, "quadratic" (uniform in sqrt t: GENIE's quadratic striding),
     "logsnr" (uniform in logSNR), "edm" (Karras et al. polynomial in gamma with exponent rho,
-    gamma being EDM's sigma), or a user-given 1-D sequence of times, which is validated and
-    returned as is.
+    gamma being EDM's sigma), or a user-given 1-D sequence of times, which is validated
+    (strictly monotone, in (0, 1]) and returned as is.
     """
     if not isinstance(kind, str):
         ts = torch.as_tensor(kind, dtype=torch.float64).flatten()
         if len(ts) < 2:
             raise ValueError("a user-given time grid needs at least two times")
-        if not bool((ts[1:] < ts[:-1]).all()):
-            raise ValueError("a user-given time grid must decrease strictly (sampling runs from t=1 to t_end)")
-        if not (ts[-1] > 0 and ts[0] <= 1):
-            raise ValueError(f"a user-given time grid must lie in (0, 1], got [{float(ts[-1])}, {float(ts[0])}]")
+        d = ts[1:] - ts[:-1]
+        if not (bool((d < 0).all()) or bool((d > 0).all())):
+            raise ValueError("a user-given time grid must be strictly monotone (decreasing for sampling, "
+                             "from t=1 to t_end)")
+        if not (ts.min() > 0 and ts.max() <= 1):
+            raise ValueError(f"a user-given time grid must lie in (0, 1], got [{float(ts.min())}, {float(ts.max())}]")
         return ts
     if int(num_steps) != num_steps or num_steps < 1:
         raise ValueError(f"num_steps must be a positive integer, got {num_steps}")
     t_end = schedule.t_end if t_end is None else float(t_end)
-    if not 0.0 < t_end < t_start <= 1.0:
-        raise ValueError(f"need 0 < t_end < t_start <= 1, got t_end={t_end}, t_start={t_start}")
+    if not (0.0 < min(t_start, t_end) and max(t_start, t_end) <= 1.0 and t_start != t_end):
+        raise ValueError(f"need t_start != t_end, both in (0, 1], got t_start={t_start}, t_end={t_end}")
     u = torch.linspace(0.0, 1.0, num_steps + 1, dtype=torch.float64)
     if kind == "uniform":
         ts = t_start + u * (t_end - t_start)
@@ -252,7 +256,7 @@ COEFF_COLUMNS = (
     "t_next",      # t_{n+1}
     "gamma",       # gamma_n
     "gamma_next",  # gamma_{n+1}
-    "h",           # gamma_{n+1} - gamma_n (negative when sampling)
+    "h",           # gamma_{n+1} - gamma_n (negative when sampling, positive when encoding)
     "half_h2",     # h^2 / 2, the Taylor coefficient of d eps / d gamma
     "w1",          # head weight of h1: -1 / gamma_n
     "w2",          # head weight of h2: gamma_n / (1 + gamma_n^2)

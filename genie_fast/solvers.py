@@ -1,4 +1,4 @@
-"""Reference samplers for the VP probability-flow ODE, all written in GENIE's DDIM coordinates.
+"""Samplers for the VP probability-flow ODE, each written once, in GENIE's DDIM coordinates.
 
 With gamma = sigma / alpha and x_bar = x / alpha = x sqrt(1 + gamma^2), the probability-flow ODE
 reads d x_bar / d gamma = eps(x, t(gamma)) (GENIE eq. 5). The data prediction is
@@ -7,45 +7,257 @@ takes a short form here too: x_bar_next = r x_bar + (1 - r) x0 + ...  with r = g
 
 Every solver has one signature
 
-    solver(model, x, ts, schedule, *, afs=False, denoise=False, backend="auto", **kw) -> (x0, nfe)
+    solver(model, x, ts, schedule, *, afs=False, denoise=False, backend="auto",
+           net_dtype=None, plan=None, **kw) -> (x_out, nfe)
 
-model: eps model, called as model(x, schedule.model_time(t)) with t of shape (B,);
-x: x_T, (B, C, ...) float32 or float64, the network input at ts[0];
-ts: strictly decreasing times (e.g. `time_grid(schedule, N)`), ts[0] = 1 normally;
+model: eps model, called as model(x, schedule.model_time(t)) with t of shape (B,). A model may
+    declare ``evals_per_call`` (an int, default 1): the network evaluations one call costs per
+    sample (e.g. 2 for a classifier-free-guidance wrapper that runs a doubled batch); every NFE
+    count is multiplied by it.
+x: the state at ts[0] (x_T when sampling), (B, C, ...). The ODE state x_bar runs in float64 when x
+    is float64, else in float32; the result comes back in x's dtype.
+ts: strictly monotone times, e.g. `time_grid(schedule, N)`. Decreasing (t = 1 -> t_end) samples;
+    increasing (t_end -> 1) integrates the same ODE forward, i.e. encodes data into latents.
 afs: analytical first step, the network evaluation at (x_T, ts[0]) is replaced by eps = x_T
-     (and d eps / d gamma = 0), 0 NFE (GENIE sec. 3.3);
-denoise: a final step x0 = x_bar_N - gamma_N eps(x_N, t_N), +1 NFE;
-returns the samples (x's dtype) and the network evaluations spent (`nfe_of` gives it ahead).
+    (and d eps / d gamma = 0), 1 NFE less (GENIE sec. 3.3). Sampling only.
+denoise: a final step x0 = x_bar_N - gamma_N eps(x_N, t_N), +1 NFE. Sampling only.
+net_dtype: the dtype the network receives x in (default x's dtype): a float32 state with a
+    half-precision network is what `SamplingEngine` runs on a GPU.
+plan: the `Plan` of (schedule, ts, batch, device, state dtype): every per-step coefficient and
+    network time on x's device, built once. None builds one here, before the loop;
+    `SamplingEngine` memoises one per key.
+returns the result (x's dtype) and the network evaluations spent per sample (`nfe_of`).
 
-Step math goes through `genie_fast.ops` (one row of `coeff_table` per step) where an op exists,
-so fused kernels slot in behind `ops`; the other solvers write the PyTorch math here with
-per-step scalars computed once on the host. Nothing in a loop syncs host and device.
+Capture safety: with its plan built, a solver's loop reads nothing from the host, copies nothing
+to the device and allocates nothing whose size depends on data, so `SamplingEngine` captures
+the whole call into one CUDA graph. The step math goes through `genie_fast.ops` where a fused op
+exists (one row of the plan's coefficient table per step); the other solvers write the PyTorch
+math here with per-step weights computed on the host once per plan.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 
 from . import ops
-from .schedule import COL, coeff_table
+from .profiling import pop, push
+from .schedule import COL, VPSchedule, coeff_table
 
-__all__ = ["SOLVERS", "NFE_PER_STEP", "nfe_of", "steps_for_nfe", "exact_deps",
+__all__ = ["SOLVERS", "NFE_PER_STEP", "JVP_NFE", "nfe_of", "steps_for_nfe", "evals_per_call",
+           "Plan", "check_grid", "jvp", "exact_deps",
+           "DEFAULT_SOLVER", "DEFAULT_NFE", "DEFAULT_AFS", "AUTO_GRID", "AUTO_AFS", "grid_for",
            "ddim", "genie", "genie_exact", "heun", "dpm_solver_2", "dpmpp_2m", "dpmpp_3m",
            "unipc", "ipndm"]
+
+
+# --------------------------------------------------------------------------- the device plan
+
+def check_grid(ts) -> torch.Tensor:
+    """ts as host float64 (N + 1,), checked: at least two positive, strictly monotone times."""
+    ts = torch.as_tensor(ts, dtype=torch.float64).detach().cpu().flatten()
+    if len(ts) < 2:
+        raise ValueError("ts needs at least two times (one step)")
+    d = ts[1:] - ts[:-1]
+    if not (bool((d < 0).all()) or bool((d > 0).all())) or not bool((ts > 0).all()):
+        raise ValueError("ts must be positive and strictly monotone (decreasing: sampling, increasing: "
+                         f"encoding), got {ts.tolist()}")
+    return ts
+
+
+def _per_sample(values: torch.Tensor, batch: int) -> torch.Tensor:
+    """(M,) -> (M, B) contiguous: row n is what the network (or a JVP primal) gets for every sample."""
+    return values[:, None].expand(-1, batch).contiguous()
+
+
+class Plan:
+    """The device-side constants of one run, built once per (schedule, ts, batch, device, dtype).
+
+    rows: (N, len(COEFF_COLUMNS)) float64 coefficient table on the device; for a `VPSchedule` on a
+        CPU or CUDA device the fused `ops.schedule_table` computes it there from the grid (one
+        host-to-device copy of N + 1 times), other schedules copy the host `coeff_table`;
+    t, t_net: (N + 1, B) continuous times and network (model) times in the state dtype;
+    gammas: host float64 gamma at the grid times, for solver weights computed on the host.
+    Solver-specific tables (`table`, `times`, `weights`) are built on their first use and kept:
+    a solver's first run fills the plan, later runs only read it (no host-to-device copy), which
+    is what makes a run after the first capturable.
+    """
+
+    def __init__(self, schedule, ts, batch: int, device, state_dtype=torch.float32, backend: str = "auto"):
+        if state_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"the ODE state is float32 or float64, got {state_dtype}")
+        self.schedule, self.batch, self.backend = schedule, int(batch), backend
+        self.device, self.state_dtype = torch.device(device), state_dtype
+        self.ts = check_grid(ts)
+        self.num_steps = len(self.ts) - 1
+        self.increasing = bool(self.ts[1] > self.ts[0])
+        self.gammas = schedule.gamma(self.ts)
+        self.rows = self._coefficients(self.ts)
+        self.t = self._device(_per_sample(self.ts.to(state_dtype), self.batch))
+        self.t_net = self._device(_per_sample(schedule.model_time(self.ts.to(state_dtype)), self.batch))
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def _device(self, host: torch.Tensor, dtype=None) -> torch.Tensor:
+        return host.to(self.device, dtype or host.dtype)
+
+    def _coefficients(self, ts: torch.Tensor) -> torch.Tensor:
+        if type(self.schedule) is VPSchedule and self.device.type in ("cpu", "cuda"):
+            return ops.schedule_table(self.schedule, ts.to(self.device), backend=self.backend)
+        return coeff_table(self.schedule, ts).to(self.device)
+
+    def _cached(self, name, build):
+        value = self._cache.get(name)
+        if value is None:
+            value = self._cache[name] = build()
+        return value
+
+    def table(self, name: str, times) -> torch.Tensor:
+        """The coefficient table of another grid, times() -> host times (e.g. half steps), on the device."""
+        return self._cached(name, lambda: self._coefficients(check_grid(times())))
+
+    def times(self, name: str, times) -> torch.Tensor:
+        """(M, B) network times of times() -> host float64 times, in the state dtype, on the device."""
+        return self._cached(name, lambda: self._device(_per_sample(
+            self.schedule.model_time(torch.as_tensor(times(), dtype=torch.float64).to(self.state_dtype)),
+            self.batch)))
+
+    def weights(self, name: str, build) -> torch.Tensor:
+        """Per-step solver weights: build() -> host float64 values, kept on the device in the state dtype."""
+        return self._cached(name, lambda: self._device(torch.as_tensor(build(), dtype=torch.float64),
+                                                       self.state_dtype))
+
+    def check(self, x: torch.Tensor, ts, schedule, state_dtype):
+        """Refuse a plan built for another run (a wrong plan would silently give wrong samples)."""
+        if (self.batch, self.device, self.state_dtype) != (x.shape[0], x.device, state_dtype) \
+                or self.schedule is not schedule:
+            raise ValueError(f"plan built for batch {self.batch}, {self.device}, {self.state_dtype}, "
+                             f"{self.schedule!r}; this run has batch {x.shape[0]}, {x.device}, "
+                             f"{state_dtype}, {schedule!r}")
+        if ts is not self.ts and not torch.equal(torch.as_tensor(ts, dtype=torch.float64).cpu().flatten(), self.ts):
+            raise ValueError("plan built for another time grid")
+
+
+# --------------------------------------------------------------------------- NFE accounting
+
+# A forward-mode JVP through the network counts as this many network evaluations: its cost measured
+# against one forward of the bundled model on the CPU (bench/bench_overhead.py prints the ratio;
+# torch forward AD, batch 1 to 64: 3.9 to 4.9 forwards, bench/RESULTS.md "Sampling engine").
+JVP_NFE = 4
+
+SOLVERS: dict = {}  # filled below: name -> solver function
+# Network evaluations per step; genie_exact: eps (1) + its JVP (JVP_NFE).
+NFE_PER_STEP: dict = {}
+
+
+def evals_per_call(model) -> int:
+    """Network evaluations one call of `model` costs per sample (its ``evals_per_call``, default 1)."""
+    k = getattr(model, "evals_per_call", 1)
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"evals_per_call must be a positive int, got {k!r}")
+    return k
+
+
+def _check_solver(solver: str):
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; choose one of {sorted(SOLVERS)}")
+
+
+def nfe_of(solver: str, steps: int, afs: bool = False, denoise: bool = False, evals_per_call: int = 1) -> int:
+    """Network evaluations per sample that `solver` spends on `steps` steps (what it returns as nfe).
+
+    AFS saves the evaluation at t = 1 (genie_exact: its whole first step, JVP included); denoising
+    adds one; a model with ``evals_per_call = k`` multiplies everything by k.
+    """
+    _check_solver(solver)
+    per_step = NFE_PER_STEP[solver]
+    afs_saving = per_step if solver == "genie_exact" else 1
+    return (steps * per_step - (afs_saving if afs else 0) + (1 if denoise else 0)) * evals_per_call
+
+
+def steps_for_nfe(solver: str, nfe: int, afs: bool = False, denoise: bool = False, evals_per_call: int = 1) -> int:
+    """The most steps whose cost fits the NFE budget (0 when not even one step fits).
+
+    A budget that does not divide is rounded down: e.g. heun with nfe=9 takes 4 steps, 8 NFE.
+    """
+    _check_solver(solver)
+    steps = 0
+    while nfe_of(solver, steps + 1, afs, denoise, evals_per_call) <= nfe:
+        steps += 1
+    return steps
+
+
+# --------------------------------------------------------------------------- JVPs
+
+class _ContiguousNormTangents(TorchFunctionMode):
+    """group_norm's forward-mode derivative views its tangent and fails on a non-contiguous one
+    ("view size is not compatible ..."), which the transposes of attention blocks produce (e.g.
+    diffusers' UNet2DModel); inside this mode such an input is copied to a contiguous one first
+    (primal and tangent: a dual's tangent keeps its primal's layout)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if (func is F.group_norm or func is torch.group_norm) and args:
+            tangent = fwAD.unpack_dual(args[0]).tangent
+            if tangent is not None and not tangent.is_contiguous():
+                args = (args[0].clone(memory_format=torch.contiguous_format), *args[1:])
+        return func(*args, **(kwargs or {}))
+
+
+def jvp(fn, primals: tuple, tangents: tuple):
+    """(fn(*primals), the derivative of fn along tangents) by forward-mode AD (dual numbers).
+
+    Runs through attention and GroupNorm, which PyTorch's forward AD does not cover by default:
+    4-D ``scaled_dot_product_attention`` dispatches to fused kernels (CPU flash, CUDA flash and
+    memory-efficient) without a forward-mode derivative, so inside the JVP the math backend (plain
+    matmul + softmax, which have one) is forced; group_norm's forward derivative needs a contiguous
+    tangent (`_ContiguousNormTangents`). Inference mode would silently drop the tangent, so it is
+    switched off inside. Primals must not be expanded (stride-0) views. Checked against central
+    finite differences in float64 through the bundled U-Net and a diffusers UNet2DModel with
+    attention (tests/test_solvers.py). Cost: about 4 forwards on the CPU (`JVP_NFE`).
+    """
+    grad = torch.is_grad_enabled()  # leaving inference mode turns grad mode on: keep the caller's
+    with torch.inference_mode(False), torch.set_grad_enabled(grad), fwAD.dual_level(), \
+            sdpa_kernel([SDPBackend.MATH]), _ContiguousNormTangents():
+        out = fn(*(fwAD.make_dual(p, t) for p, t in zip(primals, tangents)))
+        primal, tangent = fwAD.unpack_dual(out)
+        return primal, (torch.zeros_like(primal) if tangent is None else tangent)
+
+
+def _jvp_along_ode(model, x, t, dx, dt, schedule):
+    _, deps = jvp(lambda x_, t_: model(x_, schedule.model_time(t_)), (x, t), (dx, dt))
+    return deps
+
+
+def exact_deps(model, x, t, eps, schedule):
+    """d eps / d gamma along the ODE at (x, t) by one forward-mode JVP (GENIE sec. 3.1).
+
+    x: (B, C, ...) network input at the continuous times t (B,); eps = model(x, model_time(t)).
+    The tangent is dx/dgamma = eps / sqrt(1 + gamma^2) - x gamma / (1 + gamma^2) and dt/dgamma.
+    (Inside `genie_exact` the same JVP takes these coefficients from the plan instead.)
+    """
+    t = t.contiguous()
+    gamma = schedule.gamma(t)
+    one_g2 = (1.0 + gamma * gamma).view(-1, *([1] * (x.dim() - 1)))
+    dx = (eps / one_g2.sqrt() - x * gamma.view_as(one_g2) / one_g2).to(x.dtype)
+    dt = schedule.dt_dgamma(gamma).to(t.dtype)
+    return _jvp_along_ode(model, x, t, dx, dt, schedule)
 
 
 # --------------------------------------------------------------------------- shared preamble
 
 class _Run:
-    """What every solver sets up before its loop, factored once.
+    """What every solver sets up around its loop, factored once.
 
-    Validates the inputs, puts the coefficient table and the grid times on x's device, builds
-    x_bar_0, counts network evaluations (a python int: no sync) and implements AFS and the
-    final denoising step.
+    Validates the inputs, takes (or builds) the plan, builds x_bar_0, counts network evaluations
+    (a python int: no sync), converts the network input to net_dtype, emits the NVTX ranges
+    (``step`` per step, ``network`` per evaluation) and implements AFS and the final denoising.
     """
 
-    def __init__(self, model, x, ts, schedule, afs, backend):
+    def __init__(self, model, x, ts, schedule, afs, denoise, backend, net_dtype, plan):
         if not callable(model):
             raise TypeError(f"model must be a callable eps(x, t), got {type(model).__name__}")
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2:
@@ -54,85 +266,104 @@ class _Run:
                                 else type(x).__name__))
         if backend not in ops.BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {ops.BACKENDS}")
-        ts = torch.as_tensor(ts, dtype=torch.float64).detach().cpu().flatten()
-        if len(ts) < 2:
-            raise ValueError("ts needs at least two times (one step)")
-        if not bool((ts[1:] < ts[:-1]).all()) or not bool((ts > 0).all()):
-            raise ValueError(f"ts must be positive and strictly decreasing, got {ts.tolist()}")
-        self.model, self.schedule, self.afs, self.backend = model, schedule, bool(afs), backend
-        self.ts = ts                                  # host float64, N + 1 times
-        self.num_steps = len(ts) - 1
-        self.gammas = schedule.gamma(ts)              # host float64
-        self.table = coeff_table(schedule, ts).to(x.device)
         self.state_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        self.time_dtype = self.state_dtype
-        self.x_T = x
-        self.t = self.device_vector(ts)
-        self.batch = x.shape[0]
+        if plan is None:
+            plan = Plan(schedule, ts, x.shape[0], x.device, self.state_dtype, backend)
+        else:
+            plan.check(x, ts, schedule, self.state_dtype)
+        if plan.increasing and (afs or denoise):
+            raise ValueError("afs and denoise belong to sampling (a decreasing grid from t = 1); "
+                             "this grid increases (encoding)")
+        self.model, self.schedule, self.plan, self.backend = model, schedule, plan, backend
+        self.afs, self.denoise = bool(afs), bool(denoise)
+        self.rows, self.num_steps = plan.rows, plan.num_steps
+        self.net_dtype = x.dtype if net_dtype is None else net_dtype
+        self.evals = evals_per_call(model)
         self.nfe = 0
-        self.x_bar = x.to(self.state_dtype) * self.table[0, COL["scale"]].to(self.state_dtype)
+        self.x_T = x
+        self.x_bar = x.to(self.state_dtype) * self.rows[0, COL["scale"]].to(self.state_dtype)
 
-    def device_vector(self, values) -> torch.Tensor:
-        """Host float64 values -> one tensor on x's device (copied once, before the loop)."""
-        values = torch.as_tensor(values, dtype=torch.float64)
-        return values.to(self.x_T.device, self.time_dtype)
+    def steps(self):
+        """range(N), each step inside an NVTX ``step`` range."""
+        for n in range(self.num_steps):
+            push("step")
+            try:
+                yield n
+            finally:
+                pop()
 
-    def call(self, fn, x, t):
-        """fn(x, model time) at the continuous time t (a 0-d device tensor); counts one NFE."""
-        self.nfe += 1
-        return fn(x, self.schedule.model_time(t.expand(self.batch)))
+    def call(self, fn, x, t_net):
+        """fn(x in net_dtype, t_net) (t_net: (B,) network times from the plan); counts its NFE."""
+        if x.dtype != self.net_dtype:
+            x = x.to(self.net_dtype)
+        push("network")
+        try:
+            out = fn(x, t_net)
+        finally:
+            pop()
+        self.nfe += self.evals
+        return out
 
     def eps(self, x, n):
         """eps at grid time t_n; with AFS the evaluation at (x_T, t_0) is x_T itself, 0 NFE."""
         if n == 0 and self.afs:
             return self.x_T
-        return self.call(self.model, x, self.t[n])
+        return self.call(self.model, x, self.plan.t_net[n])
+
+    def afs_step(self, n) -> bool:
+        """True when step n is the analytical first step (a DDIM step with eps = x_T, deps = 0)."""
+        return n == 0 and self.afs
+
+    def exact_deps(self, x, eps, n, dt_dgamma):
+        """d eps/d gamma at grid point n by a JVP, tangent coefficients from the plan (JVP_NFE NFE)."""
+        c = self.rows[n].to(self.state_dtype)
+        if x.dtype != self.net_dtype:
+            x = x.to(self.net_dtype)
+        # dx/dgamma = eps / sqrt(1 + gamma^2) - x gamma / (1 + gamma^2);  dt/dgamma from the plan
+        dx = (eps.to(self.state_dtype) / c[COL["scale"]] - x.to(self.state_dtype) * c[COL["w2"]]).to(x.dtype)
+        push("network")
+        try:
+            deps = _jvp_along_ode(self.model, x, self.plan.t[n], dx, dt_dgamma[n], self.schedule)
+        finally:
+            pop()
+        self.nfe += JVP_NFE * self.evals
+        return deps
 
     def x0_pred(self, x_bar, eps, n):
         """Data prediction x0 = x_bar - gamma_n eps at grid point n (state dtype)."""
-        return x_bar - self.table[n, COL["gamma"]].to(self.state_dtype) * eps.to(self.state_dtype)
+        return x_bar - self.rows[n, COL["gamma"]].to(self.state_dtype) * eps.to(self.state_dtype)
 
-    def finish(self, x_bar, x, denoise):
-        """Final denoising (x0 = x_bar_N - gamma_N eps(x_N, t_N), +1 NFE) or the plain x_N."""
-        if denoise:
-            eps = self.call(self.model, x, self.t[-1])
-            x = ops.denoise_step(x_bar, eps, self.table[-1], backend=self.backend)
-        return x.to(self.x_T.dtype), self.nfe
+    def x_next(self, x_bar_next, n):
+        """The network input at t_{n+1} from x_bar_{n+1} (state dtype; `call` converts it)."""
+        return x_bar_next * self.rows[n, COL["inv_scale_next"]].to(self.state_dtype)
 
-
-def _afs_step(run, n):
-    """True when step n is the analytical first step (a DDIM step with eps = x_T, deps = 0)."""
-    return n == 0 and run.afs
-
-
-def exact_deps(model, x, t, eps, schedule):
-    """d eps / d gamma along the ODE at (x, t) by one forward-mode JVP (GENIE sec. 3.1).
-
-    x: (B, C, ...) network input at the continuous times t (B,); eps = model(x, model_time(t)).
-    The tangent is dx/dgamma = eps / sqrt(1 + gamma^2) - x gamma / (1 + gamma^2) and dt/dgamma.
-    The JVP evaluates the network's primal again and carries the tangent (about two forward
-    passes of work), so `genie_exact` counts it as 2 NFE.
-    """
-    t = t.contiguous()  # forward AD refuses expanded (stride-0) primals
-    gamma = schedule.gamma(t)
-    one_g2 = (1.0 + gamma * gamma).view(-1, *([1] * (x.dim() - 1)))
-    dx = (eps / one_g2.sqrt() - x * gamma.view_as(one_g2) / one_g2).to(x.dtype)
-    dt = schedule.dt_dgamma(gamma).to(t.dtype)
-    _, deps = torch.func.jvp(lambda x_, t_: model(x_, schedule.model_time(t_)), (x, t), (dx, dt))
-    return deps
+    def finish(self, x_bar, x):
+        """Final denoising (x0 = x_bar_N - gamma_N eps(x_N, t_N), +1 NFE) or x_N, in x_T's dtype."""
+        if self.denoise:
+            push("step")
+            try:
+                eps = self.call(self.model, x, self.plan.t_net[-1])
+                out = ops.denoise_step(x_bar, eps, self.rows[-1], backend=self.backend)
+            finally:
+                pop()
+        elif x.dtype == self.state_dtype:
+            out = x
+        else:  # x_N went to the network's dtype: the sample is taken from the state instead
+            out = self.x_next(x_bar, self.num_steps - 1)
+        return out.to(self.x_T.dtype), self.nfe
 
 
 # --------------------------------------------------------------------------- Taylor solvers
 
-def ddim(model, x, ts, schedule, *, afs=False, denoise=False, backend="auto"):
+def ddim(model, x, ts, schedule, *, afs=False, denoise=False, backend="auto", net_dtype=None, plan=None):
     """DDIM (Song et al. 2021) = Euler in gamma on d x_bar / d gamma = eps. 1 NFE per step."""
-    run = _Run(model, x, ts, schedule, afs, backend)
+    run = _Run(model, x, ts, schedule, afs, denoise, backend, net_dtype, plan)
     x_bar, x_n = run.x_bar, x
-    for n in range(run.num_steps):
+    for n in run.steps():
         eps = run.eps(x_n, n)
         # x_bar_{n+1} = x_bar_n + h eps_n
-        x_bar, x_n = ops.ddim_step(x_bar, eps, run.table[n], backend=backend)
-    return run.finish(x_bar, x_n, denoise)
+        x_bar, x_n = ops.ddim_step(x_bar, eps, run.rows[n], backend=backend)
+    return run.finish(x_bar, x_n)
 
 
 def _genie_eval(model, head):
@@ -155,111 +386,116 @@ def _genie_eval(model, head):
         "for exact derivatives by autodiff use solver 'genie_exact'")
 
 
-def genie(model, x, ts, schedule, *, afs=False, denoise=False, backend="auto", head=None):
+def genie(model, x, ts, schedule, *, afs=False, denoise=False, backend="auto", net_dtype=None, plan=None,
+          head=None):
     """GENIE (Dockhorn et al. 2022, eq. 9): second-order truncated Taylor step in gamma,
 
         x_bar_{n+1} = x_bar_n + h eps_n + h^2 / 2 * (d eps / d gamma)_n,
 
     with d eps/d gamma from the distilled head: model.eps_and_head (raw [h1|h2|h3], combined in
     the fused op), model.eps_and_deps, or head(x, t, eps) -> deps (t: the model time the network
-    received, eps: its output). 1 NFE per step (the paper's
-    accounting: the head costs a few percent of a network evaluation).
+    received, eps: its output). 1 NFE per step (the paper's accounting: the head counts as part
+    of the evaluation).
     """
     evaluate, kind = _genie_eval(model, head)
-    run = _Run(model, x, ts, schedule, afs, backend)
+    run = _Run(model, x, ts, schedule, afs, denoise, backend, net_dtype, plan)
     x_bar, x_n = run.x_bar, x
-    for n in range(run.num_steps):
-        row = run.table[n]
-        if _afs_step(run, n):  # eps = x_T, deps = 0: a DDIM step
+    for n in run.steps():
+        row = run.rows[n]
+        if run.afs_step(n):  # eps = x_T, deps = 0: a DDIM step
             x_bar, x_n = ops.ddim_step(x_bar, run.x_T, row, backend=backend)
             continue
-        eps, d = run.call(evaluate, x_n, run.t[n])
+        eps, d = run.call(evaluate, x_n, run.plan.t_net[n])
         if kind == "head":
             x_bar, x_n = ops.genie_step(x_bar, eps, d, row, backend=backend)
         else:
             x_bar, x_n = ops.taylor_step(x_bar, eps, d, row, backend=backend)
-    return run.finish(x_bar, x_n, denoise)
+    return run.finish(x_bar, x_n)
 
 
-def genie_exact(model, x, ts, schedule, *, afs=False, denoise=False, backend="auto"):
+def genie_exact(model, x, ts, schedule, *, afs=False, denoise=False, backend="auto", net_dtype=None, plan=None):
     """GENIE's Taylor step with d eps/d gamma from forward-mode autodiff (the head's teacher).
 
-    3 NFE per step: eps (1) and a JVP through the network (`exact_deps`, counted 2).
-    With AFS the first step (a DDIM step with eps = x_T) costs nothing.
+    1 + JVP_NFE NFE per step: eps and a JVP through the network (`jvp`). With AFS the first step
+    (a DDIM step with eps = x_T) costs nothing.
     """
-    run = _Run(model, x, ts, schedule, afs, backend)
+    run = _Run(model, x, ts, schedule, afs, denoise, backend, net_dtype, plan)
+    dt_dgamma = run.plan.weights("dt_dgamma", lambda: _per_sample(
+        schedule.dt_dgamma(run.plan.gammas[:-1]), run.plan.batch))
     x_bar, x_n = run.x_bar, x
-    for n in range(run.num_steps):
-        row = run.table[n]
-        if _afs_step(run, n):
+    for n in run.steps():
+        row = run.rows[n]
+        if run.afs_step(n):
             x_bar, x_n = ops.ddim_step(x_bar, run.x_T, row, backend=backend)
             continue
         eps = run.eps(x_n, n)
-        deps = exact_deps(model, x_n, run.t[n].expand(run.batch), eps, schedule)
-        run.nfe += 2
+        deps = run.exact_deps(x_n, eps, n, dt_dgamma)
         x_bar, x_n = ops.taylor_step(x_bar, eps, deps, row, backend=backend)
-    return run.finish(x_bar, x_n, denoise)
+    return run.finish(x_bar, x_n)
 
 
 # --------------------------------------------------------------------------- Runge-Kutta solvers
 
-def heun(model, x, ts, schedule, *, afs=False, denoise=False, backend="auto"):
+def heun(model, x, ts, schedule, *, afs=False, denoise=False, backend="auto", net_dtype=None, plan=None):
     """Heun's method in gamma (Karras et al. 2022, Alg. 1, on the DDIM ODE). 2 NFE per step.
 
     x_bar' = x_bar_n + h eps_n;  x_bar_{n+1} = x_bar_n + h (eps_n + eps(x', t_{n+1})) / 2.
     """
-    run = _Run(model, x, ts, schedule, afs, backend)
+    run = _Run(model, x, ts, schedule, afs, denoise, backend, net_dtype, plan)
     x_bar, x_n = run.x_bar, x
-    for n in range(run.num_steps):
-        row = run.table[n]
+    for n in run.steps():
+        row = run.rows[n]
         eps = run.eps(x_n, n)
         _, x_pred = ops.ddim_step(x_bar, eps, row, backend=backend)
         eps_pred = run.eps(x_pred, n + 1)
         x_bar, x_n = ops.ddim_step(x_bar, 0.5 * (eps + eps_pred), row, backend=backend)
-    return run.finish(x_bar, x_n, denoise)
+    return run.finish(x_bar, x_n)
 
 
-def dpm_solver_2(model, x, ts, schedule, *, afs=False, denoise=False, backend="auto"):
+def dpm_solver_2(model, x, ts, schedule, *, afs=False, denoise=False, backend="auto", net_dtype=None, plan=None):
     """DPM-Solver-2 (Lu et al. 2022, Alg. 1, r1 = 1/2), singlestep, noise prediction. 2 NFE/step.
 
     In x_bar it is the midpoint rule in gamma with the midpoint at half logSNR,
     gamma_mid = sqrt(gamma_n gamma_{n+1}):
     u_bar = x_bar_n + (gamma_mid - gamma_n) eps_n;  x_bar_{n+1} = x_bar_n + h eps(u, t_mid).
     """
-    run = _Run(model, x, ts, schedule, afs, backend)
-    g = run.gammas
-    t_mid = schedule.t_of_gamma(torch.sqrt(g[:-1] * g[1:]))
-    # coefficient rows of the half steps t_n -> t_mid_n: the even rows of the interleaved grid
-    interleaved = torch.cat([torch.stack([run.ts[:-1], t_mid], 1).flatten(), run.ts[-1:]])
-    half = coeff_table(schedule, interleaved)[0::2].to(x.device)
-    t_mid = run.device_vector(t_mid)
+    run = _Run(model, x, ts, schedule, afs, denoise, backend, net_dtype, plan)
+    g, t = run.plan.gammas, run.plan.ts
+
+    def t_mid():
+        return schedule.t_of_gamma(torch.sqrt(g[:-1] * g[1:]))
+
+    # rows of the half steps t_n -> t_mid_n: the even rows of the interleaved grid
+    half = run.plan.table("dpm2_interleaved", lambda: torch.cat([torch.stack([t[:-1], t_mid()], 1).flatten(),
+                                                                 t[-1:]]))
+    t_mid_net = run.plan.times("dpm2_t_mid", t_mid)
     x_bar, x_n = run.x_bar, x
-    for n in range(run.num_steps):
+    for n in run.steps():
         eps = run.eps(x_n, n)
-        _, u = ops.ddim_step(x_bar, eps, half[n], backend=backend)
-        eps_mid = run.call(model, u, t_mid[n])
-        x_bar, x_n = ops.ddim_step(x_bar, eps_mid, run.table[n], backend=backend)
-    return run.finish(x_bar, x_n, denoise)
+        _, u = ops.ddim_step(x_bar, eps, half[2 * n], backend=backend)
+        eps_mid = run.call(model, u, t_mid_net[n])
+        x_bar, x_n = ops.ddim_step(x_bar, eps_mid, run.rows[n], backend=backend)
+    return run.finish(x_bar, x_n)
 
 
 # --------------------------------------------------------------------------- multistep solvers
 
-def dpmpp_2m(model, x, ts, schedule, *, afs=False, denoise=False, backend="auto"):
+def dpmpp_2m(model, x, ts, schedule, *, afs=False, denoise=False, backend="auto", net_dtype=None, plan=None):
     """DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2), data prediction, 1 NFE per step.
 
     x_bar_{n+1} = r x_bar_n + (1 - r) (a x0_n + b x0_{n-1}); the first step is DDIM (b = 0).
     """
-    run = _Run(model, x, ts, schedule, afs, backend)
+    run = _Run(model, x, ts, schedule, afs, denoise, backend, net_dtype, plan)
     x_bar, x_n = run.x_bar, x
     x0_prev = torch.zeros_like(x_bar)
-    for n in range(run.num_steps):
+    for n in run.steps():
         eps = run.eps(x_n, n)
-        x_bar, x_n, x0_prev = ops.dpmpp_2m_step(x_bar, eps, x0_prev, run.table[n], backend=backend)
-    return run.finish(x_bar, x_n, denoise)
+        x_bar, x_n, x0_prev = ops.dpmpp_2m_step(x_bar, eps, x0_prev, run.rows[n], backend=backend)
+    return run.finish(x_bar, x_n)
 
 
 def _exp_integrals(h: float, order: int) -> list[float]:
-    """I_k = e^{-h} int_0^h tau^k / k! e^tau dtau, k = 0..order (h > 0: one step in lambda).
+    """I_k = e^{-h} int_0^h tau^k / k! e^tau dtau, k = 0..order (h: one step in lambda, either sign).
 
     They weigh the Taylor terms of x0(lambda) in the exact solution
     x_bar_next = r x_bar + sum_k I_k d^k x0 / d lambda^k  (r = e^{-h}).
@@ -277,30 +513,34 @@ def _solve_weights(nodes, rhs) -> torch.Tensor:
     return torch.linalg.solve(vander, torch.as_tensor(rhs, dtype=torch.float64))
 
 
-def _lambdas(run) -> list[float]:
-    return (-torch.log(run.gammas)).tolist()  # half-logSNR lambda = -log gamma, increasing
+def _lambdas(plan) -> list[float]:
+    return (-torch.log(plan.gammas)).tolist()  # half-logSNR lambda = -log gamma
 
 
-def dpmpp_3m(model, x, ts, schedule, *, afs=False, denoise=False, backend="auto"):
+def _dpmpp_3m_weights(plan) -> list:
+    """Per step: r, c0 = I_0, c1 = I_1 / h, c2 = 2 I_2 / h^2, r0, r1 (see `dpmpp_3m`)."""
+    lam, rows = _lambdas(plan), []
+    for n in range(plan.num_steps):
+        h = lam[n + 1] - lam[n]
+        i0, i1, i2 = _exp_integrals(h, 2)
+        r0 = (lam[n] - lam[n - 1]) / h if n >= 1 else 1.0
+        r1 = (lam[n - 1] - lam[n - 2]) / h if n >= 2 else 1.0
+        rows.append([math.exp(-h), i0, i1 / h if n >= 1 else 0.0, 2 * i2 / h ** 2 if n >= 2 else 0.0, r0, r1])
+    return rows
+
+
+def dpmpp_3m(model, x, ts, schedule, *, afs=False, denoise=False, backend="auto", net_dtype=None, plan=None):
     """DPM-Solver++(3M) (Lu et al. 2022b, multistep order 3), data prediction, 1 NFE per step.
 
     With x0(lambda) expanded around lambda_n, D1 ~ h x0' and D2 ~ h^2 x0'' / 2 from the last three
     data predictions:  x_bar_{n+1} = r x_bar_n + I_0 x0_n + (I_1 / h) D1 + (2 I_2 / h^2) D2.
     Steps 0 and 1 use orders 1 and 2.
     """
-    run = _Run(model, x, ts, schedule, afs, backend)
-    lam = _lambdas(run)
-    rows = []  # per step: r, c0 = I_0, c1 = I_1 / h, c2 = 2 I_2 / h^2, r0, r1
-    for n in range(run.num_steps):
-        h = lam[n + 1] - lam[n]
-        i0, i1, i2 = _exp_integrals(h, 2)
-        r0 = (lam[n] - lam[n - 1]) / h if n >= 1 else 1.0
-        r1 = (lam[n - 1] - lam[n - 2]) / h if n >= 2 else 1.0
-        rows.append([math.exp(-h), i0, i1 / h if n >= 1 else 0.0, 2 * i2 / h ** 2 if n >= 2 else 0.0, r0, r1])
-    coef = run.device_vector(rows).to(run.state_dtype)
+    run = _Run(model, x, ts, schedule, afs, denoise, backend, net_dtype, plan)
+    coef = run.plan.weights("dpmpp_3m", lambda: _dpmpp_3m_weights(run.plan))
     x_bar, x_n = run.x_bar, x
     m1 = m2 = torch.zeros_like(x_bar)  # x0 at the two previous grid points
-    for n in range(run.num_steps):
+    for n in run.steps():
         r, c0, c1, c2, r0, r1 = coef[n]
         m0 = run.x0_pred(x_bar, run.eps(x_n, n), n)
         d1_0 = (m0 - m1) / r0
@@ -308,28 +548,15 @@ def dpmpp_3m(model, x, ts, schedule, *, afs=False, denoise=False, backend="auto"
         d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1) if n >= 2 else d1_0
         d2 = (d1_0 - d1_1) / (r0 + r1)
         x_bar = r * x_bar + c0 * m0 + c1 * d1 + c2 * d2
-        x_n = (x_bar * run.table[n, COL["inv_scale_next"]].to(run.state_dtype)).to(x.dtype)
+        x_n = run.x_next(x_bar, n)
         m1, m2 = m0, m1
-    return run.finish(x_bar, x_n, denoise)
+    return run.finish(x_bar, x_n)
 
 
-def unipc(model, x, ts, schedule, *, afs=False, denoise=False, backend="auto", order=2):
-    """UniPC (Zhao et al. 2023) with B(h) = expm1(-h) ("bh2"), data prediction. 1 NFE per step.
-
-    Predictor UniP-p from the last p data predictions, then corrector UniC with the model output
-    at the predicted point, which the next step reuses (no extra NFE). The last step has no
-    corrector (it would cost one more evaluation). With r_j = (lambda_j - lambda_n) / h and
-    D_j = (x0_j - x0_n) / r_j:  x_bar_{n+1} = r x_bar_n + I_0 x0_n + sum_j a_j D_j, where the a_j
-    solve sum_j a_j r_j^(k-1) = k! I_k / h^k (k = 1..p), except the bh2 choices a = -B(h) / 2 for
-    the order-2 predictor and the order-1 corrector.
-    """
-    if order not in (1, 2, 3):
-        raise ValueError(f"unipc order must be 1, 2 or 3, got {order}")
-    run = _Run(model, x, ts, schedule, afs, backend)
-    lam, N = _lambdas(run), run.num_steps
-    # per step, on the host: predictor (r, I_0, a_j), corrector weights (a_j, a_new), the r_j of the D_j
-    pred, corr, r_rows = [], [], []
-    for n in range(N):
+def _unipc_weights(plan, order: int) -> tuple[list, list, list]:
+    """Per step: predictor (r, I_0, a_j), corrector (a_j, a_new) and the r_j of the D_j (see `unipc`)."""
+    lam, pred, corr, r_rows = _lambdas(plan), [], [], []
+    for n in range(plan.num_steps):
         h = lam[n + 1] - lam[n]
         p = min(order, n + 1)  # model values available: x0_n and p - 1 earlier ones
         ints = _exp_integrals(h, p)
@@ -346,32 +573,68 @@ def unipc(model, x, ts, schedule, *, afs=False, denoise=False, backend="auto", o
         pred.append([math.exp(-h), ints[0]] + a_pred + [0.0] * (order - 1 - len(a_pred)))
         corr.append(a_corr + [0.0] * (order - len(a_corr)))
         r_rows.append(r_hist + [1.0] * (order - p))
-    pred_c, corr_c, r_c = (run.device_vector(rows).to(run.state_dtype) for rows in (pred, corr, r_rows))
+    return pred, corr, r_rows
+
+
+def unipc(model, x, ts, schedule, *, afs=False, denoise=False, backend="auto", net_dtype=None, plan=None,
+          order=2):
+    """UniPC (Zhao et al. 2023) with B(h) = expm1(-h) ("bh2"), data prediction. 1 NFE per step.
+
+    Predictor UniP-p from the last p data predictions, then corrector UniC with the model output
+    at the predicted point, which the next step reuses (no extra NFE). The last step has no
+    corrector (it would cost one more evaluation). With r_j = (lambda_j - lambda_n) / h and
+    D_j = (x0_j - x0_n) / r_j:  x_bar_{n+1} = r x_bar_n + I_0 x0_n + sum_j a_j D_j, where the a_j
+    solve sum_j a_j r_j^(k-1) = k! I_k / h^k (k = 1..p), except the bh2 choices a = -B(h) / 2 for
+    the order-2 predictor and the order-1 corrector.
+    """
+    if order not in (1, 2, 3):
+        raise ValueError(f"unipc order must be 1, 2 or 3, got {order}")
+    run = _Run(model, x, ts, schedule, afs, denoise, backend, net_dtype, plan)
+    host = []  # the three host tables, computed once when the plan first needs them
+
+    def table(i):
+        host[:] = host or _unipc_weights(run.plan, order)
+        return host[i]
+    pred_c, corr_c, r_c = (run.plan.weights(f"unipc{order}_{i}", lambda i=i: table(i)) for i in range(3))
+    N = run.num_steps
     x_bar, x_n = run.x_bar, x
     m0 = run.x0_pred(x_bar, run.eps(x_n, 0), 0)
     history = []  # earlier data predictions, most recent first
-    for n in range(N):
+    for n in run.steps():
         p = min(order, n + 1)
         c, a_c = pred_c[n], corr_c[n]
         d = [(history[j] - m0) / r_c[n, j] for j in range(p - 1)]
         # predictor: x_bar_{n+1} = r x_bar_n + I_0 x0_n + sum_j a_j D_j
         base = c[0] * x_bar + c[1] * m0
         x_bar_next = base + sum((c[2 + j] * d[j] for j in range(p - 1)), torch.zeros_like(base))
-        x_next = (x_bar_next * run.table[n, COL["inv_scale_next"]].to(run.state_dtype)).to(x.dtype)
+        x_next = run.x_next(x_bar_next, n)
         if n + 1 < N:
             m_next = run.x0_pred(x_bar_next, run.eps(x_next, n + 1), n + 1)
             # corrector: the same form with the new point (r = 1) joining the history
             d_new = m_next - m0
             x_bar_next = base + a_c[p - 1] * d_new + sum((a_c[j] * d[j] for j in range(p - 1)),
                                                           torch.zeros_like(base))
-            x_next = (x_bar_next * run.table[n, COL["inv_scale_next"]].to(run.state_dtype)).to(x.dtype)
+            x_next = run.x_next(x_bar_next, n)
             history = [m0] + history[:order - 2]
             m0 = m_next
         x_bar, x_n = x_bar_next, x_next
-    return run.finish(x_bar, x_n, denoise)
+    return run.finish(x_bar, x_n)
 
 
-def ipndm(model, x, ts, schedule, *, afs=False, denoise=False, backend="auto", order=4):
+def _ipndm_weights(plan, order: int) -> list:
+    """Per step: Adams-Bashforth weights w_j of eps_{n-j} over the step in gamma (see `ipndm`)."""
+    g, rows = plan.gammas.tolist(), []
+    for n in range(plan.num_steps):
+        p = min(order, n + 1)
+        h = g[n + 1] - g[n]
+        nodes = [(g[n - j] - g[n]) / h for j in range(p)]  # node s of gamma = gamma_n + s h
+        w = _solve_weights(nodes, [1.0 / (i + 1) for i in range(p)]).tolist()
+        rows.append(w + [0.0] * (order - p))
+    return rows
+
+
+def ipndm(model, x, ts, schedule, *, afs=False, denoise=False, backend="auto", net_dtype=None, plan=None,
+          order=4):
     """Improved PNDM (Zhang & Chen 2023, DEIS sec. 4), with variable-step coefficients.
 
     Adams-Bashforth of order p = min(order, n + 1) on d x_bar / d gamma = eps: the weights
@@ -380,27 +643,19 @@ def ipndm(model, x, ts, schedule, *, afs=False, denoise=False, backend="auto", o
     """
     if order not in (1, 2, 3, 4):
         raise ValueError(f"ipndm order must be 1..4, got {order}")
-    run = _Run(model, x, ts, schedule, afs, backend)
-    g, N = run.gammas.tolist(), run.num_steps
-    rows = []
-    for n in range(N):
-        p = min(order, n + 1)
-        h = g[n + 1] - g[n]
-        nodes = [(g[n - j] - g[n]) / h for j in range(p)]  # node s of gamma = gamma_n + s h
-        w = _solve_weights(nodes, [1.0 / (i + 1) for i in range(p)]).tolist()
-        rows.append(w + [0.0] * (order - p))
-    weights = run.device_vector(rows).to(run.state_dtype)
+    run = _Run(model, x, ts, schedule, afs, denoise, backend, net_dtype, plan)
+    weights = run.plan.weights(f"ipndm{order}", lambda: _ipndm_weights(run.plan, order))
     x_bar, x_n = run.x_bar, x
     history = []  # eps_n, eps_{n-1}, ... (most recent first)
-    for n in range(N):
+    for n in run.steps():
         history = [run.eps(x_n, n).to(run.state_dtype)] + history[:order - 1]
         # x_bar_{n+1} = x_bar_n + h sum_j w_j eps_{n-j}
         eps_ab = sum(weights[n, j] * e for j, e in enumerate(history))
-        x_bar, x_n = ops.ddim_step(x_bar, eps_ab, run.table[n], backend=backend)
-    return run.finish(x_bar, x_n, denoise)
+        x_bar, x_n = ops.ddim_step(x_bar, eps_ab, run.rows[n], backend=backend)
+    return run.finish(x_bar, x_n)
 
 
-SOLVERS = {
+SOLVERS.update({
     "ddim": ddim,
     "genie": genie,
     "genie_exact": genie_exact,
@@ -410,32 +665,36 @@ SOLVERS = {
     "dpmpp_3m": dpmpp_3m,
     "unipc": unipc,
     "ipndm": ipndm,
+})
+NFE_PER_STEP.update({name: 1 for name in SOLVERS} | {"heun": 2, "dpm_solver_2": 2, "genie_exact": 1 + JVP_NFE})
+
+
+# --------------------------------------------------------------------------- defaults
+
+DEFAULT_SOLVER = "genie"
+DEFAULT_NFE = 10
+# AFS saves the network evaluation at t = 1 for one more step: measured better or equal for every
+# solver at 5 and 10 NFE on the bundled model (bench/bench_grids.py), so it is on by default.
+DEFAULT_AFS = True
+# grid="auto": the grid with the lowest ODE error for each solver on the bundled model at NFE 5, 10
+# and 20 with AFS (bench/bench_grids.py; the table is in README.md and bench/RESULTS.md).
+AUTO_GRID = {
+    "ddim": "uniform",
+    "genie": "uniform",
+    "genie_exact": "edm",
+    "heun": "edm",
+    "dpm_solver_2": "edm",
+    "dpmpp_2m": "edm",
+    "dpmpp_3m": "logsnr",
+    "unipc": "edm",
+    "ipndm": "uniform",
 }
-
-# Network evaluations per step; AFS saves one evaluation (genie_exact: the whole 3-NFE step).
-NFE_PER_STEP = {name: 1 for name in SOLVERS} | {"heun": 2, "dpm_solver_2": 2, "genie_exact": 3}
-
-
-def _check_solver(solver: str):
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; choose one of {sorted(SOLVERS)}")
+# afs=None: the solver's entry (as measured, DEFAULT_AFS for every solver).
+AUTO_AFS = {name: DEFAULT_AFS for name in SOLVERS}
 
 
-def nfe_of(solver: str, steps: int, afs: bool = False, denoise: bool = False) -> int:
-    """Network evaluations `solver` spends on `steps` steps (what it returns as nfe)."""
+def grid_for(solver: str, grid="auto"):
+    """The grid `grid="auto"` means for `solver` (`AUTO_GRID`; "logsnr" for a solver added later
+    without an entry); any other grid is returned as is."""
     _check_solver(solver)
-    per_step = NFE_PER_STEP[solver]
-    afs_saving = per_step if solver == "genie_exact" else 1
-    return steps * per_step - (afs_saving if afs else 0) + (1 if denoise else 0)
-
-
-def steps_for_nfe(solver: str, nfe: int, afs: bool = False, denoise: bool = False) -> int:
-    """The most steps whose cost fits the NFE budget (0 when not even one step fits).
-
-    A budget that does not divide is rounded down: e.g. heun with nfe=9 takes 4 steps, 8 NFE.
-    """
-    _check_solver(solver)
-    steps = 0
-    while nfe_of(solver, steps + 1, afs, denoise) <= nfe:
-        steps += 1
-    return steps
+    return AUTO_GRID.get(solver, "logsnr") if isinstance(grid, str) and grid == "auto" else grid

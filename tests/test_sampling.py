@@ -7,7 +7,7 @@ from genie_fast import models
 from genie_fast.models import GaussianMixture
 from genie_fast.sampling import make_noise
 from genie_fast.schedule import DiscreteVPSchedule, VPSchedule, time_grid
-from genie_fast.solvers import NFE_PER_STEP, SOLVERS, nfe_of, steps_for_nfe
+from genie_fast.solvers import NFE_PER_STEP, SOLVERS, DEFAULT_AFS, grid_for, nfe_of, steps_for_nfe
 
 SHAPE = (1, 4, 4)
 
@@ -48,7 +48,7 @@ def test_noise_is_per_sample():
 def test_nfe_budget_is_spent_not_exceeded(gmm, name, afs, denoise):
     for budget in range(3, 13):
         steps = steps_for_nfe(name, budget, afs, denoise)
-        if steps == 0:
+        if steps == 0 or nfe_of(name, steps, afs, denoise) == 0:  # one AFS step alone calls nothing
             with pytest.raises(ValueError, match="too small"):
                 genie_fast.sample(gmm, n=1, solver=name, nfe=budget, afs=afs, denoise=denoise, **_kw(name, gmm))
             continue
@@ -68,10 +68,12 @@ def test_sample_is_the_solver_on_the_same_grid(gmm):
 
 def test_explicit_grid(gmm):
     ts = [1.0, 0.5, 0.1, 0.01, 0.001]
-    out, nfe = genie_fast.sample(gmm, n=2, solver="dpmpp_3m", nfe=None, grid=ts)
-    assert nfe == 4 and out.shape == (2, *SHAPE)
+    out, nfe = genie_fast.sample(gmm, n=2, solver="dpmpp_3m", grid=ts)
+    assert nfe == 4 - DEFAULT_AFS and out.shape == (2, *SHAPE)
     with pytest.raises(ValueError, match="needs 8 NFE"):
-        genie_fast.sample(gmm, n=2, solver="heun", nfe=7, grid=ts)
+        genie_fast.sample(gmm, n=2, solver="heun", nfe=7, grid=ts, afs=False)
+    _, nfe = genie_fast.sample(gmm, n=2, solver="heun", steps=4, grid=ts, afs=False)
+    assert nfe == 8
     with pytest.raises(ValueError, match="strictly"):
         genie_fast.sample(gmm, n=2, solver="ddim", grid=[1.0, 0.5, 0.7])
 
@@ -81,7 +83,8 @@ def test_uses_the_models_schedule_and_shape():
     m = GaussianMixture.random(2, (2, 3, 3), seed=1, schedule=sched)
     out, _ = genie_fast.sample(m, n=2, solver="dpmpp_2m", nfe=8, seed=4)
     noise = make_noise(2, (2, 3, 3), seed=4)
-    want, _ = SOLVERS["dpmpp_2m"](m, noise, time_grid(sched, 8), sched)
+    steps = steps_for_nfe("dpmpp_2m", 8, DEFAULT_AFS)
+    want, _ = SOLVERS["dpmpp_2m"](m, noise, time_grid(sched, steps, grid_for("dpmpp_2m")), sched, afs=DEFAULT_AFS)
     torch.testing.assert_close(out, want, rtol=0, atol=0)
 
 
@@ -94,7 +97,7 @@ def test_plain_callable_needs_a_shape_and_gets_vp():
 
     with pytest.raises(ValueError, match="shape="):
         genie_fast.sample(eps, n=2, solver="ddim", nfe=4)
-    out, nfe = genie_fast.sample(eps, n=2, shape=(3, 2, 2), solver="ddim", nfe=4, dtype=torch.float64)
+    out, nfe = genie_fast.sample(eps, n=2, shape=(3, 2, 2), solver="ddim", nfe=4, dtype=torch.float64, afs=False)
     assert out.shape == (2, 3, 2, 2) and out.dtype == torch.float64 and nfe == 4
     assert calls[0].shape == (2,) and float(calls[0][0]) == VPSchedule().t_start == 1.0
 
@@ -127,4 +130,4 @@ def test_bad_arguments_are_clear_errors(gmm):
     with pytest.raises(TypeError, match="callable"):
         genie_fast.sample(42, n=1, shape=SHAPE)
     with pytest.raises(TypeError, match="genie needs d eps/d gamma"):
-        genie_fast.sample(gmm, n=1, solver="genie")
+        genie_fast.sample(lambda x, t: gmm(x, t), n=1, shape=SHAPE, solver="genie")

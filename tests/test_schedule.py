@@ -119,6 +119,15 @@ def test_grids_monotone_and_end_where_asked(sched, kind, n):
     assert float(ts[0]) == 0.8 and float(ts[-1]) == 0.01
 
 
+@pytest.mark.parametrize("kind", GRIDS)
+def test_encoding_grid_is_the_sampling_grid_reversed(sched, kind):
+    """Swapping t_start and t_end gives the same times in increasing order (the encoding direction)."""
+    down = time_grid(sched, 9, kind)
+    up = time_grid(sched, 9, kind, t_start=sched.t_end, t_end=1.0)
+    assert bool((up[1:] > up[:-1]).all()) and float(up[0]) == sched.t_end and float(up[-1]) == 1.0
+    torch.testing.assert_close(up, down.flip(0), rtol=1e-12, atol=0)
+
+
 def test_grid_shapes():
     s = VPSchedule()
     ts = time_grid(s, 10, "quadratic")
@@ -136,8 +145,13 @@ def test_user_grid_and_bad_grids():
     s = VPSchedule()
     ts = time_grid(s, 0, [1.0, 0.5, 0.1])
     assert ts.tolist() == [1.0, 0.5, 0.1]
-    with pytest.raises(ValueError, match="decrease"):
-        time_grid(s, 0, [0.1, 0.5])
+    assert time_grid(s, 0, [0.1, 0.5]).tolist() == [0.1, 0.5]  # increasing: encoding
+    with pytest.raises(ValueError, match="strictly monotone"):
+        time_grid(s, 0, [0.1, 0.5, 0.3])
+    with pytest.raises(ValueError, match="strictly monotone"):
+        time_grid(s, 0, [0.5, 0.5])
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        time_grid(s, 0, [1.5, 0.5])
     with pytest.raises(ValueError, match="unknown time grid"):
         time_grid(s, 5, "cubic")
     with pytest.raises(ValueError, match="positive integer"):

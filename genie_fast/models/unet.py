@@ -160,6 +160,15 @@ class ResBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
+    """Single-head self-attention over the H*W positions (DDPM++), residual, rescaled by 1/sqrt(2).
+
+    ``scaled_dot_product_attention`` gets 4-D ``(B, heads=1, L=H*W, D=C)`` inputs with a unit
+    last-dim stride: the layout the fused CUDA kernels (flash, memory-efficient) accept; 3-D
+    inputs send fp16 to the math path (fp32 upcast, the whole L x L matrix). On the CPU the
+    same 4-D call selects a flash kernel without forward-mode AD, so JVPs through this block run
+    under ``genie_fast.solvers.jvp`` (math attention; see there).
+    """
+
     def __init__(self, ch: int):
         super().__init__()
         self.norm = nn.GroupNorm(_groups(ch), ch, eps=1e-6)
@@ -170,9 +179,11 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).unbind(1)
-        h = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        h = self.proj(h.transpose(1, 2).reshape(B, C, H, W))
+        # (B, 3C, H, W) -> (B, HW, 3C) contiguous -> q, k, v of shape (B, 1, HW, C)
+        qkv = self.qkv(self.norm(x)).flatten(2).transpose(1, 2).contiguous()
+        q, k, v = qkv.view(B, 1, H * W, 3, C).unbind(3)
+        h = F.scaled_dot_product_attention(q, k, v)                     # (B, 1, HW, C)
+        h = self.proj(h.view(B, H * W, C).transpose(1, 2).reshape(B, C, H, W))
         return (x + h) / math.sqrt(2.0)
 
 
