@@ -17,6 +17,7 @@ from genie_fast.data import load_fashion_mnist
 from genie_fast.distill import load_unet_from_train_ckpt, ode_tangents
 from genie_fast.models.default import default_model_path, load_model
 from genie_fast.schedule import VPSchedule
+from genie_fast.solvers import jvp  # forward AD through attention and GroupNorm
 
 
 def load_unet(path: str):
@@ -40,8 +41,8 @@ def main():
         with torch.no_grad():
             eps = unet(xt, t)
             dx, dt = ode_tangents(eps, xt, t, s)
-            _, jx = torch.func.jvp(unet, (xt, t), (dx, torch.zeros_like(dt)))
-            _, jt = torch.func.jvp(unet, (xt, t), (torch.zeros_like(dx), dt))
+            _, jx = jvp(unet, (xt, t), (dx, torch.zeros_like(dt)))
+            _, jt = jvp(unet, (xt, t), (torch.zeros_like(dx), dt))
         deps, gam = jx + jt, s.gamma(tval)
         a = torch.stack([eps.flatten(), xt.flatten()], 1)
         resid = deps.flatten() - (a @ torch.linalg.lstsq(a, deps.flatten()[:, None]).solution).flatten()

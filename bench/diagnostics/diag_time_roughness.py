@@ -26,6 +26,7 @@ from genie_fast.data import load_fashion_mnist
 from genie_fast.distill import load_unet_from_train_ckpt, ode_tangents
 from genie_fast.models.default import load_model
 from genie_fast.schedule import VPSchedule
+from genie_fast.solvers import jvp  # forward AD through attention and GroupNorm
 
 TS = (0.02, 0.1, 0.3, 0.6)
 DELTAS = (1e-4, 1e-3, 3e-3, 1e-2, 3e-2)
@@ -46,8 +47,8 @@ def roughness(unet, schedule, x0: torch.Tensor, seed: int = 0) -> dict:
         with torch.no_grad():
             eps = unet(xt, t)
             dx, dtg = ode_tangents(eps, xt, t, schedule)  # per unit gamma
-            _, part_t = torch.func.jvp(unet, (xt, t), (torch.zeros_like(xt), torch.ones_like(t)))
-            _, total = torch.func.jvp(unet, (xt, t), (dx, dtg))
+            _, part_t = jvp(unet, (xt, t), (torch.zeros_like(xt), torch.ones_like(t)))
+            _, total = jvp(unet, (xt, t), (dx, dtg))
             row_t, row_ode = [], []
             for d in DELTAS:
                 if tval - d < schedule.t_end:  # the network is only defined on [t_end, 1]
