@@ -374,7 +374,10 @@ summary() {
     if [ -f "$OUT/versions.json" ]; then
         $PY - "$OUT/versions.json" <<'EOF'
 import json, sys
-v = json.load(open(sys.argv[1]))
+try:
+    v = json.load(open(sys.argv[1]))
+except Exception as e:  # the versions step failed: its log is in the archive
+    sys.exit(print(f"versions.json unreadable ({type(e).__name__}); see logs/versions.log"))
 print(f"{v['gpu']} | torch {v['torch']} | CUDA {v['cuda']} | triton {v['triton']} | python {v['python']} "
       f"| _C loaded: {v['ext_loaded']} | NVTX: {v['nvtx']['emitter']}")
 print(f"op backends ({v['device']}, auto): {v['op_backends_auto']}"
