@@ -16,7 +16,7 @@ from genie_fast.cli import main  # noqa: E402
 from genie_fast.models.diffusers import (DiffusersSchedule, DiffusersUNet, from_diffusers, load_diffusers,  # noqa: E402
                                          load_head, save_head, scheduler_grid)
 from genie_fast.models.head import GenieHead, HeadConfig  # noqa: E402
-from genie_fast.solvers import SOLVERS  # noqa: E402
+from genie_fast.solvers import SOLVERS, jvp  # noqa: E402
 
 U32 = 2.0 ** -24  # float32 unit round-off
 
@@ -246,41 +246,26 @@ def test_float32_times_land_on_the_steps():
     assert float(t.grad) == pytest.approx(1000.0)
 
 
-def _fwad_jvp(fn, primals, tangents):
-    import torch.autograd.forward_ad as fwAD
-    with fwAD.dual_level():
-        out = fn(*(fwAD.make_dual(p, t) for p, t in zip(primals, tangents)))
-        return fwAD.unpack_dual(out).tangent
-
-
-@pytest.mark.parametrize("mechanism", ["torch.func.jvp", "forward_ad"])
-def test_jvp_through_attention_and_groupnorm(unet, mechanism):
-    """Forward-mode JVPs through the UNet's attention blocks (which fail on a bare UNet2DModel: no
-    forward AD in the fused SDPA kernels, and group_norm's on a transposed input): the x part
-    against float64 central differences, the whole tangent against reverse-over-reverse."""
+def test_jvp_through_attention_and_groupnorm(unet):
+    """Forward-mode JVPs (solvers.jvp) through the adapter and the UNet's attention blocks: the x
+    part against float64 central differences, the whole tangent (t through the adapter's
+    tau = N t - 1 and the v_prediction conversion) against reverse-over-reverse."""
     model = from_diffusers(copy.deepcopy(unet).double(), {"beta_schedule": "linear", "prediction_type": "v_prediction"})
-
-    def run(primals, tangents):
-        if mechanism == "forward_ad":
-            return _fwad_jvp(model, primals, tangents)
-        return torch.func.jvp(model, primals, tangents)[1]
     x = _noise().double()
     t = torch.tensor([0.95, 0.5, 0.02], dtype=torch.float64)
     dx = _noise(seed=2).double()
     with torch.no_grad():
-        d_x = run((x, t), (dx, torch.zeros_like(t)))
+        _, d_x = jvp(model, (x, t), (dx, torch.zeros_like(t)))
         h = 1e-5
         fd = (model(x + h * dx, t) - model(x - h * dx, t)) / (2 * h)
     assert float((d_x - fd).abs().max()) <= 1e-7 * float(fd.abs().max())
     dt = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
     with torch.no_grad():
-        d_full = run((x, t), (dx, dt))
+        _, d_full = jvp(model, (x, t), (dx, dt))
     from torch.nn.attention import SDPBackend, sdpa_kernel
     with sdpa_kernel([SDPBackend.MATH]):
         _, d_ref = torch.autograd.functional.jvp(model, (x, t), (dx, dt))
     torch.testing.assert_close(d_full, d_ref, rtol=1e-10, atol=1e-10)
-    with pytest.raises(Exception):  # the bare UNet, for the record: its flash/GroupNorm paths have no forward AD
-        torch.func.jvp(lambda x_: model.unet(x_, 500.0).sample, (x,), (dx,))
 
 
 def test_every_solver_samples_the_adapter(model_dir, tmp_path):

@@ -50,14 +50,12 @@ after it: the user's module keeps its code, weights and hooks. ``genie-fast dist
 ``from_diffusers(..., head_path=stem)`` loads it, so the model offers ``eps_and_head`` like the
 bundled one. Without a head the model is a plain eps model (``genie`` then asks for one).
 
-JVPs (``genie_exact``, the distillation targets) go through the UNet's attention: while a forward-
-mode JVP is in flight the adapter runs the UNet with math attention and contiguous GroupNorm
-inputs (PyTorch's fused attention kernels and group_norm's forward derivative on the transposed
-layout of diffusers' attention output have no working forward AD); plain calls are untouched.
+JVPs (``genie_exact``, the distillation targets) through the UNet's attention blocks run with
+``genie_fast.solvers.jvp`` (math attention and contiguous GroupNorm tangents inside the JVP);
+``torch.func.jvp`` on the bare model fails in PyTorch's fused attention kernels.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -66,9 +64,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-import torch.nn.functional as F
-import torch.autograd.forward_ad as fwAD
-from torch.overrides import TorchFunctionMode
 
 from ..schedule import DiscreteVPSchedule
 from .head import GenieHead, GenieModel, HeadConfig
@@ -171,40 +166,6 @@ class _NetConfig:
     num_classes: int
 
 
-class _ContiguousGroupNormInput(TorchFunctionMode):
-    """group_norm's forward-mode derivative views its input and its tangent, and fails ("view size
-    is not compatible ...") on the transposed layout diffusers' attention blocks hand to the next
-    GroupNorm; inside this mode both are made contiguous first."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if (func is F.group_norm or func is torch.group_norm) and args:
-            x = args[0]
-            primal, tangent = fwAD.unpack_dual(x)
-            if tangent is not None:
-                if not (primal.is_contiguous() and tangent.is_contiguous()):
-                    x = fwAD.make_dual(primal.contiguous(), tangent.contiguous())
-            elif not x.is_contiguous():
-                x = x.contiguous()  # also a torch.func.jvp dual: contiguous() carries the tangent
-            args = (x, *args[1:])
-        return func(*args, **(kwargs or {}))
-
-
-def _forward_ad_active(*tensors) -> bool:
-    """True inside a forward-mode JVP (torch.autograd.forward_ad or torch.func.jvp)."""
-    wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda _: False)
-    return any(fwAD.unpack_dual(x).tangent is not None or wrapped(x) for x in tensors)
-
-
-@contextlib.contextmanager
-def _forward_ad_paths():
-    """What a JVP through a diffusers UNet needs: math attention (the CPU flash kernel and the
-    fused CUDA kernels have no forward-mode derivative) and contiguous GroupNorm inputs."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel([SDPBackend.MATH]), _ContiguousGroupNormInput():
-        yield
-
-
 class DiffusersUNet(nn.Module):
     """eps(x, t) of a diffusers UNet2DModel at genie_fast's continuous time t (B,) or scalar.
 
@@ -303,11 +264,8 @@ class DiffusersUNet(nn.Module):
             raise ValueError("labels were given but the UNet is not class-conditional (num_class_embeds is None)")
         captured = {}
         handles = self._capture_hooks(captured) if return_features else []
-        paths = _forward_ad_paths() if _forward_ad_active(x, tau) else contextlib.nullcontext()
-        try:
-            with paths:
-                # the UNet runs in its own dtype (e.g. float32 under a float64 ODE state)
-                out = self.unet(x.to(self.unet.dtype), tau, class_labels=class_labels, return_dict=False)[0]
+        try:  # the UNet runs in its own dtype (e.g. float32 under a float64 ODE state)
+            out = self.unet(x.to(self.unet.dtype), tau, class_labels=class_labels, return_dict=False)[0]
         finally:
             for h in handles:
                 h.remove()
