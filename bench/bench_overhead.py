@@ -15,6 +15,7 @@ behind `solvers.JVP_NFE`.
 
     PYTHONPATH=. python bench/bench_overhead.py --batches 1,64 --rounds 5 --json bench/results/overhead.json
     PYTHONPATH=. python bench/bench_overhead.py --precision     # half-precision network error per solver
+    PYTHONPATH=. python bench/bench_overhead.py --stub          # the loop alone, on a model costing nothing
 
 --precision: relative L2 error of x0 with an fp16 / bf16 network against the fp32 network (same
 noise, NFE 10, float32 state), every solver, random-weight tiny and fmnist_small U-Nets; the
@@ -168,16 +169,49 @@ def precision(args):
     return rows
 
 
+class _Stub(nn.Module):
+    """An eps model (with a head) that costs next to nothing: sample() time is then the loop's own."""
+
+    image_shape = (1, 32, 32)
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, x, t):
+        return x * self.w
+
+    def eps_and_head(self, x, t):
+        return x * self.w, torch.cat([x, x, x], 1)
+
+
+def stub(args):
+    """Whole sample() calls (defaults, batch 1) on `_Stub`: memo lookup, weight check and loop."""
+    model, rows = _Stub(), []
+    z = draw_noise(1, _Stub.image_shape, seed=0)
+    for solver in args.solvers.split(","):
+        genie_fast.sample(model, noise=z, solver=solver)
+        times = []
+        for _ in range(30):
+            t0 = time.perf_counter()
+            genie_fast.sample(model, noise=z, solver=solver)
+            times.append(time.perf_counter() - t0)
+        rows.append({"solver": solver, "min_ms": min(times) * 1e3, "median_ms": statistics.median(times) * 1e3})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batches", default="1,64")
     p.add_argument("--solvers", default=",".join(SOLVERS))
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--precision", action="store_true", help="half-precision network error instead")
+    p.add_argument("--stub", action="store_true", help="sample() on a model that costs nothing (the loop alone)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    rows = precision(args) if args.precision else overhead(args)
+    rows = precision(args) if args.precision else stub(args) if args.stub else overhead(args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"env": {"torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "threads": 1},

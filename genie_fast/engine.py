@@ -35,7 +35,7 @@ What runs where
       parameters and buffers converted, integer buffers kept), in the model's own train/eval mode.
       Before every call the version counters of the model's parameters and buffers are compared
       with those at the last copy (one attribute read per tensor: about 20 us for the bundled
-      model's 182 tensors, 50 us for the 920 of the DDPM++ deep U-Net on this project's CPU) and
+      model's 182 tensors, 50-75 us for the 920 of the DDPM++ deep U-Net on this project's CPU) and
       changed tensors are copied into the engine's copies in place (same addresses: graphs stay
       valid). So a model whose buffers are updated in place between calls (e.g. a guidance wrapper's
       labels and scale) replays the same graph with the new values. After replacing parameter

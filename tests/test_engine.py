@@ -34,11 +34,18 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 # Half-precision network against the fp32 network (TF32 off), relative L2 error of x0.
 # Measured on the CPU with the solvers called directly on an fp16 / bf16 copy (the engine refuses
 # half precision on the CPU): `python bench/bench_overhead.py --precision` (bench/RESULTS.md,
-# "Sampling engine"): NFE 10, every solver, tiny and fmnist_small U-Nets with random weights.
-# Each bound is about 3.5 times the largest measured error: GPU kernels add up in other orders
-# than the CPU's, and a real fault (a stale buffer, a wrong step, fp16 overflow) gives errors of order 1.
+# "One loop"): NFE 10, defaults, tiny and fmnist_small U-Nets with random weights: at most 4.1e-4
+# (fp16) and 3.2e-3 (bf16) for every solver but genie_exact, whose JVP in half precision gives
+# 2.6e-3 and 2.0e-2. The bounds are 3.5 to 5 times those: GPU kernels add up in other orders than
+# the CPU's, and a real fault (a stale buffer, a wrong step, fp16 overflow) gives errors of order 1.
 FP16_REL_BOUND = 2e-3
 BF16_REL_BOUND = 1.6e-2
+HALF_BOUNDS = {"genie_exact": (9e-3, 7e-2)}
+
+
+def half_bounds(solver):
+    """(fp16, bf16) relative-error bounds of `solver`."""
+    return HALF_BOUNDS.get(solver, (FP16_REL_BOUND, BF16_REL_BOUND))
 
 
 def random_model(config="tiny", seed=0, schedule=None):
@@ -782,7 +789,7 @@ def test_cuda_graph_replay_equals_eager(solver, no_tf32):
     h_graph, _ = SamplingEngine(model, device="cuda").sample(z, solver=solver, nfe=10, **_kw(solver))
     h_eager, _ = SamplingEngine(model, device="cuda", use_graphs=False).sample(z, solver=solver, nfe=10,
                                                                                **_kw(solver))
-    assert rel_err(h_graph, h_eager) < 0.1 * FP16_REL_BOUND
+    assert rel_err(h_graph, h_eager) < 0.1 * half_bounds(solver)[0]
 
 
 @pytest.mark.cuda
@@ -795,8 +802,9 @@ def test_cuda_fp16_graph_vs_fp32_eager(solver, no_tf32):
         z, solver=solver, nfe=10, **_kw(solver))
     x16, _ = SamplingEngine(model, device="cuda", net_dtype="fp16").sample(z, solver=solver, nfe=10, **_kw(solver))
     xbf, _ = SamplingEngine(model, device="cuda", net_dtype="bf16").sample(z, solver=solver, nfe=10, **_kw(solver))
-    assert 0 < rel_err(x16, ref) < FP16_REL_BOUND, rel_err(x16, ref)
-    assert 0 < rel_err(xbf, ref) < BF16_REL_BOUND, rel_err(xbf, ref)
+    fp16_bound, bf16_bound = half_bounds(solver)
+    assert 0 < rel_err(x16, ref) < fp16_bound, rel_err(x16, ref)
+    assert 0 < rel_err(xbf, ref) < bf16_bound, rel_err(xbf, ref)
 
 
 @pytest.mark.cuda
@@ -870,7 +878,7 @@ def test_cuda_public_sample_of_a_cpu_model(solver):
     x_cpu, nfe_cpu = genie_fast.sample(model, noise=z, solver=solver, nfe=8, **_kw(solver))
     eng = engine_mod.engine_for(model, "cuda")
     assert eng.stats["captures"] == 1 and eng.stats["replays"] == 1 and nfe == nfe_cpu
-    assert x_gpu.is_cuda and rel_err(x_gpu.cpu(), x_cpu) < FP16_REL_BOUND
+    assert x_gpu.is_cuda and rel_err(x_gpu.cpu(), x_cpu) < half_bounds(solver)[0]
     assert next(model.parameters()).device.type == "cpu"
 
 
