@@ -135,10 +135,11 @@ def _versions() -> dict:
 
     v = {"genie_fast": genie_fast.__version__, "torch": torch.__version__, "numpy": np.__version__,
          "python": platform.python_version()}
-    try:
-        import diffusers
-        v["diffusers"] = diffusers.__version__
-    except ImportError:
+    from importlib import metadata
+
+    try:  # the installed version, without importing diffusers for it
+        v["diffusers"] = metadata.version("diffusers")
+    except metadata.PackageNotFoundError:
         pass
     return v
 
@@ -274,6 +275,9 @@ class _Dist:
         """Wait for every rank; rank 0 calls while_waiting() about twice a second meanwhile."""
         if self.pg is None:
             return
+        if while_waiting is None:
+            self.pg.barrier()
+            return
         work = self.pg.barrier(async_op=True)
         while while_waiting is not None and not work.is_completed():
             while_waiting()
@@ -282,6 +286,9 @@ class _Dist:
 
     def close(self):
         if self.pg is not None and self.pg.is_initialized():
+            # every rank done talking before any tears its connections down (a gloo rank destroyed
+            # while its peer still sends can abort in a background thread)
+            self.pg.barrier()
             self.pg.destroy_process_group()
 
 
