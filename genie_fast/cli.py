@@ -49,12 +49,26 @@ def _cmd_distill(args):
 
 
 def _cmd_export(args):
+    from .checks import check_out_dir
     from .distill import model_from_ckpts
-    from .models.default import save_model
+    from .models.default import _stem, save_model
     import json
 
+    stem = _stem(args.out)
+    if stem.is_dir():
+        raise ValueError(f"--out {args.out} is a folder; give a stem such as {stem / 'model'} "
+                         f"(writes model.safetensors and model.json in it)")
+    check_out_dir(stem.parent, "--out")
+    existing = [f for f in (Path(f"{stem}.safetensors"), Path(f"{stem}.json")) if f.exists()]
+    if existing and not args.overwrite:
+        raise ValueError(f"{existing[0]} exists; pass --overwrite to replace it")
+    try:
+        prov = json.loads(args.provenance) if args.provenance else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--provenance is not valid JSON ({e}): {args.provenance!r}") from None
+    if not isinstance(prov, dict):
+        raise ValueError(f"--provenance must be a JSON object, got {args.provenance!r}")
     model = model_from_ckpts(args.unet_ckpt, args.head_ckpt)
-    prov = json.loads(args.provenance) if args.provenance else {}
     stem = save_model(model, args.out, provenance=prov)
     print(f"wrote {stem}.safetensors and {stem}.json")
 
@@ -91,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--head-ckpt", required=True)
     ex.add_argument("--out", required=True, help="output stem (writes STEM.safetensors, STEM.json)")
     ex.add_argument("--provenance", default=None, help="JSON object stored in the config")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing STEM.safetensors / STEM.json")
     ex.set_defaults(func=_cmd_export)
     sa = sub.add_parser("sample", help="sample a PNG grid (default: the bundled model)")
     # every default is genie_fast.sample's (one set of defaults for sample(), SamplingEngine, the CLI)
@@ -124,7 +139,9 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError, FloatingPointError) as e:
+        # a bad argument, file or place (ModelFileError is a ValueError), a run gone non-finite:
+        # one line naming it, as argparse does for its own errors
         print(f"genie-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

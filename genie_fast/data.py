@@ -33,13 +33,20 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read an IDX file (gzipped or not) into a numpy uint8 array of its declared shape."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (EOFError, OSError, gzip.BadGzipFile) as e:  # a truncated or corrupted .gz
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise ValueError(f"{path}: not an IDX file (bad magic)")
     dtype_code, ndim = raw[2], raw[3]
     if dtype_code != 0x08:
         raise ValueError(f"{path}: IDX dtype 0x{dtype_code:02x} unsupported (only unsigned byte)")
+    if len(raw) < 4 + 4 * ndim:
+        raise ValueError(f"{path}: truncated IDX header ({len(raw)} bytes for {ndim} dimensions)")
     shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
     offset = 4 + 4 * ndim  # 16 for images, 8 for labels
     data = np.frombuffer(raw, dtype=np.uint8, offset=offset)
@@ -60,7 +67,12 @@ def _find(root: Path, stem: str) -> Path:
 
 def to_model_range(images_u8: np.ndarray | torch.Tensor, pad_to: int = 32) -> torch.Tensor:
     """uint8 (N, H, W) -> float32 (N, 1, pad_to, pad_to) in [-1, 1], padded with background (-1)."""
-    x = torch.as_tensor(np.array(images_u8, dtype=np.uint8)).float().div(127.5).sub(1.0)[:, None]
+    dtype = getattr(images_u8, "dtype", None)
+    if dtype not in (np.uint8, torch.uint8):  # float images in [0, 1] would silently become all black
+        raise TypeError(f"images must be a uint8 array (0..255), got dtype {dtype}")
+    if images_u8.ndim != 3:
+        raise ValueError(f"images must be (N, H, W), got shape {tuple(images_u8.shape)}")
+    x = torch.as_tensor(np.asarray(images_u8)).float().div(127.5).sub(1.0)[:, None]
     ph, pw = pad_to - x.shape[-2], pad_to - x.shape[-1]
     if ph < 0 or pw < 0:
         raise ValueError(f"images {tuple(x.shape[-2:])} larger than pad_to={pad_to}")
@@ -86,7 +98,7 @@ def infinite_batches(data: torch.Tensor, batch_size: int, generator: torch.Gener
 
     With ``labels`` (N,) it yields ``(images, labels)`` pairs, else images alone."""
     n = data.shape[0]
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if n < batch_size:
         raise ValueError(f"dataset has {n} images, fewer than batch_size={batch_size}")

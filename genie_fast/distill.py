@@ -30,7 +30,9 @@ from .ops import head_combine_ref
 from .models.unet import UNet, UNetConfig, count_parameters
 from .schedule import VPSchedule
 from .solvers import jvp
-from .train import check_run_dir, drop_labels, ema_update, load_checkpoint, save_checkpoint
+from .checks import check_int
+from .train import (DISTILL_KEYS, check_finite_loss, check_run_args, drop_labels, ema_update, load_checkpoint,
+                    save_checkpoint)
 
 
 def ode_tangents(eps: torch.Tensor, x: torch.Tensor, t: torch.Tensor, schedule):
@@ -87,7 +89,7 @@ def sample_xt(x0: torch.Tensor, schedule, generator=None):
 
 
 def load_unet_from_train_ckpt(path: str | os.PathLike, use_ema: bool = True) -> UNet:
-    state = load_checkpoint(Path(path))
+    state = load_checkpoint(Path(path), ("config", "ema" if use_ema else "model"))
     unet = UNet(UNetConfig.from_dict(state["config"]))
     unet.load_state_dict(state["ema" if use_ema else "model"])
     return unet.eval()
@@ -126,23 +128,28 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     return p
 
 
+def check_distill_args(args):
+    """Refuse impossible settings of a distillation run, and an unusable --out, before any work."""
+    if args.width is not None:
+        check_int("--width", args.width, 1)
+    check_int("--head-blocks", args.head_blocks, 0)
+    check_run_args(args)
+
+
 def distill(args) -> Path:
     if getattr(args, "diffusers", None):  # a diffusers UNet2DModel: its own data and head format
         from .distill_diffusers import distill_diffusers
         return distill_diffusers(args)
+    check_distill_args(args)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "ckpt.pt"
     schedule = VPSchedule()
-    check_run_dir(out, args.resume, getattr(args, "overwrite", False))
-    if args.batch < 1 or args.steps < 0:
-        raise ValueError(f"--batch must be >= 1 and --steps >= 0, got {args.batch} and {args.steps}")
     unet = load_unet_from_train_ckpt(args.unet_ckpt)
     for p in unet.parameters():
         p.requires_grad_(False)
 
-    state = load_checkpoint(ckpt_path) if (args.resume and ckpt_path.exists()) else None
+    state = load_checkpoint(ckpt_path, DISTILL_KEYS) if (args.resume and ckpt_path.exists()) else None
     init_head = None
     if state is None:
         torch.manual_seed(args.seed)
@@ -176,6 +183,7 @@ def distill(args) -> Path:
     batches = infinite_batches(x_train, args.batch, gen, labels=y_train if num_classes else None)
     meta = {"head_config": head_cfg.to_dict(), "head_params": count_parameters(model.head),
             "unet_params": count_parameters(unet), "args": _jsonable_args(args)}
+    out.mkdir(parents=True, exist_ok=True)  # only now: a run refused above leaves no folder behind
     (out / "run.json").write_text(json.dumps(meta, indent=2))
     log = open(out / "log.txt", "a")
     log.write(f"# start step={step} {json.dumps(meta)}\n")
@@ -185,7 +193,7 @@ def distill(args) -> Path:
                                     "ema_head": ema_head.state_dict(), "opt": opt.state_dict(),
                                     "step": step, "wall_s": wall, "unet_ckpt": str(args.unet_ckpt)})
 
-    last_ckpt = time.time()
+    last_ckpt, saved_step = time.time(), step
     t_seg, acc_loss, acc_rel, n_acc = time.time(), 0.0, 0.0, 0
     bar = tqdm(total=args.steps, initial=step, desc="distill", dynamic_ncols=True)
     while step < args.steps:
@@ -200,14 +208,17 @@ def distill(args) -> Path:
             x0 = next(batches)
         x_t, t = sample_xt(x0, schedule, gen)
         loss, rel = head_loss(model, x_t, t, labels)
+        loss_value = loss.item()
+        check_finite_loss(loss_value, step, ckpt_path, saved_step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.head.parameters(), args.clip)
+        check_finite_loss(float(torch.nn.utils.clip_grad_norm_(model.head.parameters(), args.clip)), step,
+                          ckpt_path, saved_step)
         opt.step()
         step += 1
         ema_update(ema_head, model.head, min(args.ema, (1 + step) / (10 + step)))
         wall += time.time() - t0
-        acc_loss, acc_rel, n_acc = acc_loss + loss.item(), acc_rel + rel.item(), n_acc + 1
+        acc_loss, acc_rel, n_acc = acc_loss + loss_value, acc_rel + rel.item(), n_acc + 1
         bar.update(1)
         if step % args.log_every == 0:
             sps = n_acc / (time.time() - t_seg)
@@ -218,7 +229,7 @@ def distill(args) -> Path:
             t_seg, acc_loss, acc_rel, n_acc = time.time(), 0.0, 0.0, 0
         if time.time() - last_ckpt > 60 * args.ckpt_minutes:
             checkpoint()
-            last_ckpt = time.time()
+            last_ckpt, saved_step = time.time(), step
     checkpoint()
     bar.close()
     log.write(f"# done step={step} wall_s={wall:.0f}\n")
@@ -229,7 +240,7 @@ def distill(args) -> Path:
 def model_from_ckpts(unet_ckpt, head_ckpt, use_ema: bool = True) -> GenieModel:
     """GenieModel from a training checkpoint and a distillation checkpoint (EMA weights)."""
     unet = load_unet_from_train_ckpt(unet_ckpt, use_ema)
-    state = load_checkpoint(Path(head_ckpt))
+    state = load_checkpoint(Path(head_ckpt), ("head_config", "ema_head" if use_ema else "head"))
     head = GenieHead(HeadConfig.from_dict(state["head_config"]))
     head.load_state_dict(state["ema_head" if use_ema else "head"])
     return GenieModel(unet, head, VPSchedule()).eval()

@@ -117,26 +117,32 @@ def distill_diffusers(args) -> Path:
     from .data import infinite_batches
     from .generate import weights_hash
     from .models.diffusers import DiffusersGenieModel, load_diffusers, load_head, save_head
+    from .models.diffusers import _stem as _head_stem
     from .models.head import GenieHead, HeadConfig
     from .models.unet import count_parameters
-    from .train import check_run_dir, drop_labels, ema_update, load_checkpoint, save_checkpoint
+    from .checks import check_int
+    from .distill import check_distill_args
+    from .train import DISTILL_KEYS, check_finite_loss, drop_labels, ema_update, load_checkpoint, save_checkpoint
 
-    torch.set_num_threads(args.threads)
-    if args.batch < 1 or args.steps < 0 or args.pool < 1 or args.pool_nfe < 2:
-        raise ValueError(f"--batch, --pool must be >= 1, --steps >= 0, --pool-nfe >= 2; got {args.batch}, "
-                         f"{args.pool}, {args.steps}, {args.pool_nfe}")
+    check_int("--pool", args.pool, 1)
+    check_int("--pool-nfe", args.pool_nfe, 2)
+    check_distill_args(args)
     model_dir = Path(args.diffusers)
+    head_stem = _head_stem(args.head_out or model_dir)
+    if Path(f"{head_stem}.safetensors").exists() and not (args.resume or args.overwrite):
+        raise ValueError(f"{head_stem}.safetensors exists and this run would replace it at the end; pass "
+                         f"--overwrite (or --head-out elsewhere)")
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "ckpt.pt"
-    check_run_dir(out, args.resume, args.overwrite)
     net = load_diffusers(model_dir, head=None)
     for p in net.parameters():
         p.requires_grad_(False)
     unet_sha = weights_hash(net.unet)
     schedule = net.schedule
 
-    state = load_checkpoint(ckpt_path) if (args.resume and ckpt_path.exists()) else None
+    state = load_checkpoint(ckpt_path, DISTILL_KEYS) if (args.resume and ckpt_path.exists()) else None
     if state is not None and state.get("unet_sha256") != unet_sha:
         raise ValueError(f"{ckpt_path} was distilled for other UNet weights than {model_dir}'s; "
                          f"use another --out or --overwrite")
@@ -166,8 +172,12 @@ def distill_diffusers(args) -> Path:
     else:
         pool_path = out / "pool.pt"
         if pool_path.exists():
-            pool = torch.load(pool_path, map_location="cpu", weights_only=True)
-            x_train, y_train = pool["x0"], pool["labels"]
+            try:  # tensors only (weights_only): a crafted file cannot run code
+                pool = torch.load(pool_path, map_location="cpu", weights_only=True)
+                x_train, y_train = pool["x0"], pool["labels"]
+            except Exception as e:
+                raise ValueError(f"{pool_path} cannot be read as a sample pool ({type(e).__name__}); "
+                                 f"remove it to draw the pool again") from None
         else:
             x_train, y_train = model_pool(net, args.pool, args.pool_nfe, args.batch, seed=args.seed)
             torch.save({"x0": x_train, "labels": y_train}, f"{pool_path}.tmp")
@@ -190,7 +200,7 @@ def distill_diffusers(args) -> Path:
                                     "ema_head": ema_head.state_dict(), "opt": opt.state_dict(), "step": step,
                                     "wall_s": wall, "unet_sha256": unet_sha, "diffusers": str(model_dir)})
 
-    last_ckpt = time.time()
+    last_ckpt, saved_step = time.time(), step
     t_seg, acc_loss, acc_rel, n_acc = time.time(), 0.0, 0.0, 0
     bar = tqdm(total=args.steps, initial=step, desc="distill (diffusers)", dynamic_ncols=True)
     while step < args.steps:
@@ -205,14 +215,17 @@ def distill_diffusers(args) -> Path:
             x0 = next(batches)
         x_t, t = sample_xt(x0, schedule, gen)
         loss, rel = head_loss(model, x_t, t, labels)
+        loss_value = loss.item()
+        check_finite_loss(loss_value, step, ckpt_path, saved_step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.head.parameters(), args.clip)
+        check_finite_loss(float(torch.nn.utils.clip_grad_norm_(model.head.parameters(), args.clip)), step,
+                          ckpt_path, saved_step)
         opt.step()
         step += 1
         ema_update(ema_head, model.head, min(args.ema, (1 + step) / (10 + step)))
         wall += time.time() - t0
-        acc_loss, acc_rel, n_acc = acc_loss + loss.item(), acc_rel + rel.item(), n_acc + 1
+        acc_loss, acc_rel, n_acc = acc_loss + loss_value, acc_rel + rel.item(), n_acc + 1
         bar.update(1)
         if step % args.log_every == 0 or step == args.steps:
             sps = n_acc / max(time.time() - t_seg, 1e-9)
@@ -223,7 +236,7 @@ def distill_diffusers(args) -> Path:
             t_seg, acc_loss, acc_rel, n_acc = time.time(), 0.0, 0.0, 0
         if time.time() - last_ckpt > 60 * args.ckpt_minutes:
             checkpoint()
-            last_ckpt = time.time()
+            last_ckpt, saved_step = time.time(), step
     checkpoint()
     bar.close()
     stem = save_head(ema_head, args.head_out or model_dir, unet_sha256=unet_sha,

@@ -44,12 +44,13 @@ import numpy as np
 import torch
 
 __all__ = ["parse_seeds", "format_seeds", "seed_noise", "weights_hash", "to_uint8", "generate",
-           "build_parser", "main"]
+           "build_parser", "check_args", "main"]
 
 FORMAT = "genie_fast.generate"
 VERSION = 1
 IDENTITY_KEYS = ("model_sha256", "solver", "nfe", "steps", "grid", "afs", "denoise", "labels", "guidance_scale",
                  "image_shape", "format")
+MAX_SEEDS = 10_000_000  # 200 FID sets of 50k; a larger range is more likely a typo than a plan
 _BATCH_FILE = re.compile(r"^(\d+)_(\d+)\.npz$")
 _PNG_FILE = re.compile(r"^(\d+)\.png$")
 
@@ -66,6 +67,8 @@ def parse_seeds(spec: str) -> list[int]:
         a, b = int(m.group(1)), int(m.group(2) or m.group(1))
         if b < a:
             raise ValueError(f"--seeds {spec!r}: range {part} is empty")
+        if len(seeds) + b + 1 - a > MAX_SEEDS:  # checked before the list is built: no hang, no OOM
+            raise ValueError(f"--seeds {spec!r}: more than {MAX_SEEDS:,} seeds in one run")
         seeds.extend(range(a, b + 1))
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds {spec!r}: a seed appears twice")
@@ -169,8 +172,12 @@ class _Folder:
             return {int(_PNG_FILE.match(n).group(1)) for n in self.names()}
         done = set()
         for n in self.names():
-            with np.load(self.data / n) as f:
-                done.update(int(s) for s in f["seeds"])
+            try:  # batch files are written atomically: an unreadable one was damaged after the fact
+                with np.load(self.data / n) as f:
+                    done.update(int(s) for s in f["seeds"])
+            except Exception as e:
+                raise ValueError(f"{self.data / n} cannot be read ({type(e).__name__}: {e}); remove it and "
+                                 f"rerun to sample its seeds again") from None
         return done
 
     def remove_stale_tmp(self):
@@ -293,9 +300,11 @@ class _Dist:
 
 
 def _device(spec: str | None) -> torch.device:
+    from .checks import check_device
+
     if spec in (None, "auto"):
         spec = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(spec)
+    device = check_device(spec, "--device")
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     if device.type == "cuda":
@@ -349,16 +358,20 @@ def generate(model, seeds, outdir, *, model_info: dict | None = None, batch: int
     model: an eps model (``.schedule``, ``.image_shape``); labels: None, an int class or "cycle";
     guidance_scale: classifier-free guidance scale (diffusers convention) with labels.
     Call it on every rank of a torchrun job (or alone)."""
+    from .checks import check_int, check_number
     from .guidance import DEFAULT_GUIDANCE_SCALE, Conditioned, check_labels
     from .sampling import sample
 
     if fmt not in ("npz", "png"):
         raise ValueError(f"--format must be npz or png, got {fmt!r}")
-    if int(batch) != batch or batch < 1:
-        raise ValueError(f"--batch must be a positive integer, got {batch}")
-    seeds = list(seeds)
+    check_int("--batch", batch, 1)
+    seeds = [check_int("seeds", s, 0) for s in seeds]
     if not seeds:
         raise ValueError("no seeds to sample")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError("seeds: a seed appears twice (each seed names one image)")
+    if guidance_scale is not None:
+        check_number("--guidance-scale", guidance_scale)
     if guidance_scale is not None and labels is None:
         raise ValueError("--guidance-scale needs --labels (guidance mixes conditional and unconditional predictions)")
     solver, nfe, steps, grid, afs = _resolve(solver, nfe, steps, grid, afs)
@@ -389,7 +402,7 @@ def generate(model, seeds, outdir, *, model_info: dict | None = None, batch: int
         if dist.rank == 0:
             try:
                 plan = _plan(outdir, folder, manifest_path, identity, info, seeds, batch)
-            except (OSError, ValueError, KeyError) as e:  # every rank must hear of it, not wait forever
+            except Exception as e:  # every rank must hear of it, not wait forever
                 plan = f"{outdir}: {type(e).__name__}: {e}"
         plan = dist.broadcast(plan)
         if isinstance(plan, str):
@@ -530,17 +543,42 @@ def load_for_generate(model_stem=None, diffusers_dir=None):
     return load_default(), {"kind": "genie_fast", "source": str(default_model_path())}
 
 
-def run(args) -> dict:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def check_args(args):
+    """Refuse bad arguments and an unusable --outdir before a model is loaded (one line each)."""
+    from .checks import check_int, check_number, check_out_dir
+    from .schedule import GRIDS
+    from .solvers import SOLVERS
+
+    check_out_dir(args.outdir, "--outdir")
+    _device(args.device)
+    check_int("--threads", args.threads, 0)
+    check_int("--batch", args.batch, 1)
+    for flag in ("nfe", "steps"):
+        if getattr(args, flag) is not None:
+            check_int("--" + flag, getattr(args, flag), 1)
+    if args.nfe is not None and args.steps is not None:
+        raise ValueError("give --nfe or --steps, not both")
+    if args.solver is not None and args.solver not in SOLVERS:
+        raise ValueError(f"--solver {args.solver!r} is not a solver; choose one of {sorted(SOLVERS)}")
+    if args.grid is not None and args.grid not in ("auto", *GRIDS):
+        raise ValueError(f"--grid {args.grid!r} is not a grid; choose one of {('auto', *GRIDS)}")
+    if args.guidance_scale is not None:
+        check_number("--guidance-scale", args.guidance_scale)
     labels = args.labels
     if labels is not None and labels != "cycle":
         try:
-            labels = int(labels)
+            labels = check_int("--labels", int(labels), 0)
         except ValueError:
-            raise ValueError(f"--labels must be a class index or 'cycle', got {labels!r}") from None
+            raise ValueError(f"--labels must be a class index (0, 1, ...) or 'cycle', got {labels!r}") from None
+    return parse_seeds(args.seeds), labels
+
+
+def run(args) -> dict:
+    seeds, labels = check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, info = load_for_generate(args.model, args.diffusers)
-    manifest = generate(model.eval(), parse_seeds(args.seeds), args.outdir, model_info=info, batch=args.batch,
+    manifest = generate(model.eval(), seeds, args.outdir, model_info=info, batch=args.batch,
                         solver=args.solver, nfe=args.nfe, steps=args.steps, grid=args.grid, afs=args.afs,
                         denoise=args.denoise, labels=labels, guidance_scale=args.guidance_scale, fmt=args.format,
                         device=args.device, progress=not args.no_progress)

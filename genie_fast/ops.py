@@ -143,32 +143,35 @@ def _triton_error(device_type: str) -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
-def _pick_cached(op: str, device_type: str, backend: str) -> str:
+def _check_backend_device(backend: str, device_type: str, op: str):
+    """Refuse a named backend that cannot run on this device type at all, whatever the op."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "cpp" and device_type != "cpu":
+        raise ValueError(f"backend 'cpp' runs on the CPU, but the tensors are on {device_type}")
+    if backend == "cuda" and device_type != "cuda":
+        raise ValueError(f"backend 'cuda' runs on CUDA tensors, but the tensors are on {device_type}")
+    if backend == "triton":
+        why = _triton_error(device_type)
+        if why is not None:
+            raise RuntimeError(f"backend 'triton' for {op} is unavailable: {why}")
+
+
+@functools.lru_cache(maxsize=None)
+def _pick_cached(op: str, device_type: str, backend: str) -> str:
+    _check_backend_device(backend, device_type, op)
     if backend == "auto":
         if device_type == "cuda":
             if has_op(op, "cuda"):
                 return "cuda"
             return "triton" if _triton_error("cuda") is None else "torch"
         return "cpp" if device_type == "cpu" and has_op(op, "cpu") else "torch"
-    if backend == "cpp":
-        if device_type != "cpu":
-            raise ValueError(f"backend 'cpp' runs on the CPU, but the tensors are on {device_type}")
-        if not has_op(op, "cpu"):
-            raise RuntimeError(f"backend 'cpp' asked for, but genie_fast._C (op {op}) is not built; "
-                               "rebuild with `pip install --no-build-isolation -e .`")
-    if backend == "cuda":
-        if device_type != "cuda":
-            raise ValueError(f"backend 'cuda' runs on CUDA tensors, but the tensors are on {device_type}")
-        if not has_op(op, "cuda"):
-            raise RuntimeError(f"backend 'cuda' asked for, but genie_fast._C has no CUDA kernel for {op}: "
-                               "build it with a CUDA torch and nvcc (GENIE_FAST_CUDA=ON)")
-    if backend == "triton":
-        why = _triton_error(device_type)
-        if why is not None:
-            raise RuntimeError(f"backend 'triton' for {op} is unavailable: {why}")
+    if backend == "cpp" and not has_op(op, "cpu"):
+        raise RuntimeError(f"backend 'cpp' asked for, but genie_fast._C (op {op}) is not built; "
+                           "rebuild with `pip install --no-build-isolation -e .`")
+    if backend == "cuda" and not has_op(op, "cuda"):
+        raise RuntimeError(f"backend 'cuda' asked for, but genie_fast._C has no CUDA kernel for {op}: "
+                           "build it with a CUDA torch and nvcc (GENIE_FAST_CUDA=ON)")
     return backend
 
 
@@ -222,13 +225,13 @@ def _outs(out, n):
 def taylor_step(x_bar, eps, deps, coeffs, backend: str = "auto"):
     """Taylor step with an explicit d eps/d gamma (exact JVP or a deps callable).
 
-    Not fused (see the module docstring): every backend runs the reference.
+    Not fused (see the module docstring): every backend runs the reference, but a named backend
+    that cannot run on the tensors' device is refused as for the fused ops.
     """
     _check_step_args(x_bar, eps, coeffs)
     if deps is not None and deps.shape != x_bar.shape:
         raise ValueError(f"deps {tuple(deps.shape)} must have the shape of x_bar {tuple(x_bar.shape)}")
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    _check_backend_device(backend, x_bar.device.type, "taylor_step")
     return taylor_step_ref(x_bar, eps, deps, coeffs)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .checks import check_int, check_number, check_out_dir
 from .data import infinite_batches, load_fashion_mnist
 from .models.unet import CONFIGS, UNet, UNetConfig, count_parameters
 from .schedule import VPSchedule
@@ -55,12 +57,19 @@ def save_checkpoint(path: Path, state: dict):
     os.replace(tmp, path)  # atomic: a kill mid-write never corrupts the last good checkpoint
 
 
-def load_checkpoint(path: Path) -> dict:
+TRAIN_KEYS = ("config", "model", "ema", "opt", "step", "wall_s")            # genie-fast train
+DISTILL_KEYS = ("head_config", "head", "ema_head", "opt", "step", "wall_s")  # genie-fast distill
+
+
+def load_checkpoint(path: Path, keys: tuple[str, ...] = ()) -> dict:
     """A training state written by :func:`save_checkpoint`, loaded with ``weights_only=True``
-    (tensors and plain Python data only: a crafted file cannot run code)."""
+    (tensors and plain Python data only: a crafted file cannot run code). ``keys``: entries it
+    must hold (`TRAIN_KEYS`, `DISTILL_KEYS`); a checkpoint of the other kind is refused by name."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"checkpoint {path} is a folder; give its ckpt.pt")
     if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}; run without --resume to start fresh")
+        raise FileNotFoundError(f"no checkpoint at {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, corrupted, or holding objects that are not plain data
@@ -68,7 +77,38 @@ def load_checkpoint(path: Path) -> dict:
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     if not isinstance(state, dict) or "step" not in state:
         raise ValueError(f"checkpoint {path} is not a genie_fast training state (no 'step')")
+    missing = [k for k in keys if k not in state]
+    if missing:
+        kind = "a U-Net training checkpoint (genie-fast train)" if "ema" in keys else \
+            "a head distillation checkpoint (genie-fast distill)"
+        raise ValueError(f"checkpoint {path} is not {kind}: it has no {', '.join(map(repr, missing))} "
+                         f"(it holds {', '.join(sorted(map(str, state)))})")
     return state
+
+
+def check_run_args(args, numbers: dict | None = None):
+    """Refuse impossible settings of a train / distill run, and an unusable --out, before any work.
+
+    numbers: extra (flag -> (value, low, high)) ranges of the caller."""
+    for flag, least in (("batch", 1), ("steps", 0), ("warmup", 0), ("log_every", 1), ("threads", 1)):
+        check_int("--" + flag.replace("_", "-"), getattr(args, flag), least)
+    ranges = {"--lr": (args.lr, 0.0, math.inf), "--clip": (args.clip, 0.0, math.inf), "--ema": (args.ema, 0.0, 1.0),
+              "--ckpt-minutes": (args.ckpt_minutes, 0.0, math.inf),
+              "--label-dropout": (getattr(args, "label_dropout", 0.0), 0.0, 1.0), **(numbers or {})}
+    for flag, (value, low, high) in ranges.items():
+        check_number(flag, value, low, high, low_open=flag == "--clip")
+    if getattr(args, "resume", False) and getattr(args, "overwrite", False):
+        raise ValueError("--resume continues the run in --out, --overwrite starts it over: give one of them")
+    out = check_out_dir(args.out, "--out")
+    check_run_dir(out, args.resume, getattr(args, "overwrite", False))
+
+
+def check_finite_loss(loss: float, step: int, ckpt_path: Path, saved_step: int):
+    """Stop a run whose loss is NaN or inf before its update reaches the weights or a checkpoint."""
+    if not math.isfinite(loss):
+        kept = f"{ckpt_path} keeps step {saved_step}" if saved_step else f"nothing was saved to {ckpt_path}"
+        raise FloatingPointError(f"the loss at step {step + 1} is {loss} (not finite); stopped before that "
+                                 f"update ({kept}): lower --lr, or check the data and the initial weights")
 
 
 def check_run_dir(out: Path, resume: bool, overwrite: bool):
@@ -115,7 +155,7 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
 
 def init_from_checkpoint(model: UNet, path: str | os.PathLike) -> int:
     """Load the EMA weights of training checkpoint ``path`` into ``model``; returns its step."""
-    state = load_checkpoint(Path(path))
+    state = load_checkpoint(Path(path), ("config", "ema", "step"))
     theirs = {k: v.shape for k, v in state["ema"].items()}
     ours = {k: v.shape for k, v in model.state_dict().items()}
     if theirs != ours:
@@ -141,19 +181,18 @@ def init_from_model(model: UNet, stem: str | os.PathLike) -> None:
 
 
 def train(args) -> Path:
+    check_run_args(args, {"--label-lr-mult": (getattr(args, "label_lr_mult", 1.0), 0.0, math.inf)})
+    if args.config not in CONFIGS:
+        raise ValueError(f"--config {args.config!r} is not a U-Net config; choose one of {sorted(CONFIGS)}")
+    if getattr(args, "init_from", None) and getattr(args, "init_model", None):
+        raise ValueError("--init-from and --init-model both give the starting weights: give one of them")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "ckpt.pt"
     schedule = VPSchedule()
-    check_run_dir(out, args.resume, getattr(args, "overwrite", False))
-    if args.batch < 1 or args.steps < 0:
-        raise ValueError(f"--batch must be >= 1 and --steps >= 0, got {args.batch} and {args.steps}")
-    if not 0.0 <= args.label_dropout <= 1.0:
-        raise ValueError(f"--label-dropout must be in [0, 1], got {args.label_dropout}")
 
     if args.resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path)
+        state = load_checkpoint(ckpt_path, TRAIN_KEYS)
         config = UNetConfig.from_dict(state["config"])
         model = UNet(config)
         model.load_state_dict(state["model"])
@@ -194,6 +233,7 @@ def train(args) -> Path:
 
     meta = {"config": config.to_dict(), "schedule": {"beta_min": schedule.beta_min, "beta_d": schedule.beta_d,
             "t_end": schedule.t_end}, "args": _jsonable_args(args), "params": count_parameters(model)}
+    out.mkdir(parents=True, exist_ok=True)  # only now: a run refused above leaves no folder behind
     (out / "run.json").write_text(json.dumps(meta, indent=2))
     log = open(out / "log.txt", "a")
     log.write(f"# start step={step} params={meta['params']} args={json.dumps(_jsonable_args(args))}\n")
@@ -204,7 +244,7 @@ def train(args) -> Path:
                                     "wall_s": wall, "schedule": meta["schedule"]})
 
     model.train()
-    last_ckpt = time.time()
+    last_ckpt, saved_step = time.time(), step
     t_seg, loss_acc, n_acc = time.time(), 0.0, 0
     bar = tqdm(total=args.steps, initial=step, desc="train", dynamic_ncols=True)
     while step < args.steps:
@@ -216,15 +256,18 @@ def train(args) -> Path:
             loss = diffusion_loss(model, x0, schedule, gen, drop_labels(y, config.num_classes, args.label_dropout, gen))
         else:
             loss = diffusion_loss(model, next(batches), schedule, gen)
+        loss_value = loss.item()
+        check_finite_loss(loss_value, step, ckpt_path, saved_step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        check_finite_loss(float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)), step, ckpt_path,
+                          saved_step)  # an inf gradient of a finite loss would turn the weights to NaN
         opt.step()
         step += 1
         # EMA warm-up so early checkpoints are usable too.
         ema_update(ema, model, min(args.ema, (1 + step) / (10 + step)))
         wall += time.time() - t0
-        loss_acc, n_acc = loss_acc + loss.item(), n_acc + 1
+        loss_acc, n_acc = loss_acc + loss_value, n_acc + 1
         bar.update(1)
         if step % args.log_every == 0:
             sps = n_acc / (time.time() - t_seg)
@@ -234,7 +277,7 @@ def train(args) -> Path:
             t_seg, loss_acc, n_acc = time.time(), 0.0, 0
         if time.time() - last_ckpt > 60 * args.ckpt_minutes:
             checkpoint()
-            last_ckpt = time.time()
+            last_ckpt, saved_step = time.time(), step
     checkpoint()
     bar.close()
     log.write(f"# done step={step} wall_s={wall:.0f}\n")

@@ -74,6 +74,10 @@ def test_load_refuses_mismatch(model, tmp_path):
     cfg = json.loads((tmp_path / "m.json").read_text())
     cfg["unet"]["nf"] = 16
     (tmp_path / "m.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelFileError, match="the head reads"):  # a head that cannot read this U-Net
+        load_model(stem)
+    cfg["head"].update(feature_channels=16, temb_dim=64)
+    (tmp_path / "m.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelFileError, match="does not match the architecture.*shape mismatch"):
         load_model(stem)
     cfg["unet"]["bogus"] = 1

@@ -8,11 +8,14 @@ under ``unet.`` and the head under ``head.``) and ``<stem>.json``::
      "schedule": {"beta_min": 0.1, "beta_d": 19.9, "t_end": 0.001},
      "provenance": {...how the weights were made...}}
 
-Loading checks every tensor name and shape against the config and refuses a mismatch.
+Loading checks the config's values, and every tensor's name, shape and dtype (float32) against
+it, and that every weight is finite; a file that fails any check (or cannot be read at all) is
+refused with a :class:`ModelFileError` naming the file.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 from importlib import resources
 from pathlib import Path
@@ -30,7 +33,62 @@ DEFAULT_STEM = "fmnist_genie"
 
 
 class ModelFileError(ValueError):
-    pass
+    """A model or head file that cannot be used: unreadable, truncated, of another format, with
+    impossible config values, or with weights of the wrong name, shape or dtype, or not finite."""
+
+
+def read_json(path: Path) -> dict:
+    """A model's JSON config as a dict; ModelFileError naming the file otherwise."""
+    try:
+        config = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelFileError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ModelFileError(f"{path}: expected a JSON object, found {type(config).__name__}")
+    return config
+
+
+def read_weights(st_path: Path, expected: dict, config_path: Path | None = None,
+                 device: str | torch.device = "cpu") -> dict:
+    """The tensors of safetensors file ``st_path``, checked against ``expected`` (a state_dict):
+    the same names and shapes, the same dtype (never cast silently), every value finite."""
+    try:
+        tensors = load_file(str(st_path), device=str(device))
+    except Exception as e:  # truncated, corrupted, not a safetensors file at all
+        raise ModelFileError(f"{st_path}: cannot be read as safetensors ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    common = sorted(set(expected) & set(tensors))
+    wrong = [k for k in common if tuple(expected[k].shape) != tuple(tensors[k].shape)]
+    dtypes = [k for k in common if k not in wrong and tensors[k].dtype != expected[k].dtype]
+    if missing or unexpected or wrong or dtypes:
+        def few(keys):
+            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+        parts = []
+        if missing:
+            parts.append(f"missing tensors: {few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected tensors: {few(unexpected)}")
+        if wrong:
+            parts.append("shape mismatch: " + few([f"{k} {tuple(tensors[k].shape)} != {tuple(expected[k].shape)}"
+                                                   for k in wrong]))
+        if dtypes:
+            parts.append("dtype mismatch (not cast): " + few([f"{k} {tensors[k].dtype} != {expected[k].dtype}"
+                                                              for k in dtypes]))
+        where = f"the architecture in {config_path}" if config_path is not None else "the model"
+        raise ModelFileError(f"{st_path} does not match {where}: " + "; ".join(parts))
+    bad = [k for k in common if tensors[k].is_floating_point() and not bool(torch.isfinite(tensors[k]).all())]
+    if bad:
+        raise ModelFileError(f"{st_path}: non-finite (NaN or inf) weights in {', '.join(bad[:5])}"
+                             + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""))
+    return tensors
+
+
+def _check_numbers(path: Path, what: str, values: dict):
+    for k, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ModelFileError(f"{path}: {what}.{k} must be a finite number, got {v!r}")
 
 
 def _stem(path: str | os.PathLike) -> Path:
@@ -50,8 +108,15 @@ def save_model(model: GenieModel, path: str | os.PathLike, provenance: dict | No
               "schedule": {"beta_min": s.beta_min, "beta_d": s.beta_d, "t_end": s.t_end},
               "provenance": provenance or {}}
     tensors = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(tensors, str(stem) + ".safetensors", metadata={"format": FORMAT})
-    Path(str(stem) + ".json").write_text(json.dumps(config, indent=2) + "\n")
+    bad = [k for k, v in tensors.items() if not bool(torch.isfinite(v).all())]
+    if bad:  # load_model would refuse the file: refuse to write it
+        raise ValueError(f"the model has non-finite (NaN or inf) weights in {', '.join(bad[:5])}; not saved")
+    # each file under a temporary name first, then renamed: a kill never leaves a half-written model
+    st, js = Path(str(stem) + ".safetensors"), Path(str(stem) + ".json")
+    save_file(tensors, f"{st}.tmp", metadata={"format": FORMAT})
+    os.replace(f"{st}.tmp", st)
+    Path(f"{js}.tmp").write_text(json.dumps(config, indent=2) + "\n")
+    os.replace(f"{js}.tmp", js)
     return stem
 
 
@@ -62,39 +127,29 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     for f in (json_path, st_path):
         if not f.exists():
             raise FileNotFoundError(f"model file {f} not found (a model is <stem>.json + <stem>.safetensors)")
-    try:
-        config = json.loads(json_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelFileError(f"{json_path}: not valid JSON ({e})") from None
+    config = read_json(json_path)
     if config.get("format") != FORMAT or config.get("version") != VERSION:
         raise ModelFileError(f"{json_path}: expected format {FORMAT!r} version {VERSION}, "
                              f"found {config.get('format')!r} version {config.get('version')!r}")
     try:
-        unet = UNet(UNetConfig.from_dict(config["unet"]))
-        head = GenieHead(HeadConfig.from_dict(config["head"]))
+        unet_config = UNetConfig.from_dict(config["unet"])
+        head_config = HeadConfig.from_dict(config["head"])
+        if not isinstance(config["schedule"], dict):
+            raise ValueError(f"schedule must be a JSON object, got {config['schedule']!r}")
+        _check_numbers(json_path, "schedule", config["schedule"])
         schedule = VPSchedule(**config["schedule"])
     except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, ModelFileError):
+            raise
         raise ModelFileError(f"{json_path}: bad config ({type(e).__name__}: {e})") from None
-    model = GenieModel(unet, head, schedule)
-
-    tensors = load_file(str(st_path), device=str(map_location))
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(tensors) if tuple(expected[k].shape) != tuple(tensors[k].shape))
-    if missing or unexpected or wrong:
-        def few(keys):
-            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
-        parts = []
-        if missing:
-            parts.append(f"missing tensors: {few(missing)}")
-        if unexpected:
-            parts.append(f"unexpected tensors: {few(unexpected)}")
-        if wrong:
-            parts.append("shape mismatch: " + few([f"{k} {tuple(tensors[k].shape)} != {tuple(expected[k].shape)}"
-                                                   for k in wrong]))
-        raise ModelFileError(f"{st_path} does not match the architecture in {json_path}: " + "; ".join(parts))
-    model.load_state_dict(tensors)
+    unet = UNet(unet_config)
+    got = (head_config.in_channels, head_config.feature_channels, head_config.temb_dim)
+    want = (unet_config.in_channels, unet.feature_channels, unet.temb_dim)
+    if got != want:
+        raise ModelFileError(f"{json_path}: the head reads (channels, features, temb) = {got}, "
+                             f"its U-Net gives {want}")
+    model = GenieModel(unet, GenieHead(head_config), schedule)
+    model.load_state_dict(read_weights(st_path, model.state_dict(), json_path, map_location))
     model.provenance = config.get("provenance", {})
     return model.to(map_location).eval()
 

@@ -320,7 +320,7 @@ def save_head(head: GenieHead, path, unet_sha256: str | None = None, provenance:
 def load_head(path, net: DiffusersUNet | None = None, check_unet: bool = True) -> GenieHead:
     """Load a head saved by :func:`save_head`; with ``net``, check that it fits that network
     (feature / time-embedding sizes, and the UNet weights' hash it was distilled for)."""
-    from safetensors.torch import load_file
+    from .default import read_weights
 
     stem = _stem(path)
     js, st = Path(f"{stem}.json"), Path(f"{stem}.safetensors")
@@ -347,10 +347,7 @@ def load_head(path, net: DiffusersUNet | None = None, check_unet: bool = True) -
             if weights_hash(net.unet) != config["unet_sha256"]:
                 raise ValueError(f"{js}: the head was distilled for other UNet weights (sha256 "
                                  f"{config['unet_sha256'][:12]}...); pass check_unet=False to use it anyway")
-    try:
-        head.load_state_dict(load_file(str(st)))
-    except Exception as e:
-        raise ValueError(f"{st}: cannot load the head weights ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    head.load_state_dict(read_weights(st, head.state_dict(), js))  # names, shapes, float32, finite
     head.provenance = config.get("provenance", {})
     return head
 
@@ -404,7 +401,12 @@ def load_diffusers(path, head="auto", device=None, check_unet: bool = True):
     unet = diffusers.UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True, **kw).eval()
     if device is not None:
         unet = unet.to(device)
-    scheduler_config = json.loads(sched_file.read_text())
+    from .default import ModelFileError, read_json
+
+    bad = [k for k, v in unet.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ModelFileError(f"{unet_dir}: the UNet has non-finite (NaN or inf) weights in {', '.join(bad[:5])}")
+    scheduler_config = read_json(sched_file)
     if head == "auto":
         head = path / HEAD_STEM if Path(f"{path / HEAD_STEM}.safetensors").exists() else None
     model = from_diffusers(unet, scheduler_config, head_path=head, check_unet=check_unet)

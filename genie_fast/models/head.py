@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..ops import head_combine_ref
 from ..schedule import VPSchedule
+from ..checks import check_int
 from .unet import UNet, ResBlock, _groups
 
 
@@ -33,11 +34,17 @@ class HeadConfig:
     width: int = 32
     num_res_blocks: int = 1
 
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            check_int(f"HeadConfig.{f.name}", getattr(self, f.name), 0 if f.name == "num_res_blocks" else 1)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "HeadConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"a HeadConfig is a JSON object of its fields, got {type(d).__name__}")
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown HeadConfig fields: {sorted(unknown)}")

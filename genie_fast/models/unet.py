@@ -42,6 +42,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from ..checks import check_int
 from ..schedule import VPSchedule
 
 TIME_INPUTS = ("999t", "log_gamma")
@@ -64,14 +65,31 @@ class UNetConfig:
     def __post_init__(self):
         if self.time_input not in TIME_INPUTS:
             raise ValueError(f"unknown time_input {self.time_input!r}; known: {sorted(TIME_INPUTS)}")
-        if not isinstance(self.num_classes, int) or self.num_classes < 0:
+        if not isinstance(self.num_classes, int) or isinstance(self.num_classes, bool) or self.num_classes < 0:
             raise ValueError(f"num_classes must be an int >= 0 (0: unconditional), got {self.num_classes!r}")
+        for name, least in (("in_channels", 1), ("image_size", 1), ("nf", 1), ("num_res_blocks", 0)):
+            check_int(f"UNetConfig.{name}", getattr(self, name), least)
+        if not isinstance(self.ch_mult, tuple) or not self.ch_mult:
+            raise ValueError(f"UNetConfig.ch_mult must be a non-empty tuple of ints >= 1, got {self.ch_mult!r}")
+        for m in self.ch_mult:
+            check_int("UNetConfig.ch_mult", m, 1)
+        for r in self.attn_resolutions:
+            check_int("UNetConfig.attn_resolutions", r, 1)
+        # every down-sampling halves the image and the decoder doubles it back: it must divide exactly
+        levels = 2 ** (len(self.ch_mult) - 1)
+        if self.image_size % levels:
+            raise ValueError(f"UNetConfig.image_size {self.image_size} must be a multiple of {levels} "
+                             f"(2 ** (len(ch_mult) - 1), ch_mult {self.ch_mult})")
+        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"UNetConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "UNetConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"a UNetConfig is a JSON object of its fields, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -79,6 +97,8 @@ class UNetConfig:
         d = dict(d)
         for k in ("ch_mult", "attn_resolutions"):
             if k in d:
+                if not isinstance(d[k], (list, tuple)):
+                    raise ValueError(f"UNetConfig.{k} must be a list of ints, got {d[k]!r}")
                 d[k] = tuple(d[k])
         return cls(**d)
 
@@ -281,6 +301,10 @@ class UNet(nn.Module):
 
         labels: (B,) int64 in 0 .. num_classes (num_classes = the null class), or None (all null);
         must be None for an unconditional network."""
+        c, levels = self.config, 2 ** (len(self.config.ch_mult) - 1)
+        if x.dim() != 4 or x.shape[1] != c.in_channels or x.shape[2] % levels or x.shape[3] % levels:
+            raise ValueError(f"UNet input x must be (B, {c.in_channels}, H, W) with H and W multiples of {levels}, "
+                             f"got shape {tuple(x.shape)}")
         if t.dim() == 0:
             t = t.expand(x.shape[0])
         temb = self.temb(time_embedding(t, self.config.nf, self.config.time_input).to(x.dtype))
