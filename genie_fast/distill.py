@@ -32,7 +32,7 @@ from .schedule import VPSchedule
 from .solvers import jvp
 from .checks import check_int
 from .train import (DISTILL_KEYS, check_finite_loss, check_run_args, drop_labels, ema_update, load_checkpoint,
-                    save_checkpoint)
+                    load_state, save_checkpoint)
 
 
 def ode_tangents(eps: torch.Tensor, x: torch.Tensor, t: torch.Tensor, schedule):
@@ -91,7 +91,7 @@ def sample_xt(x0: torch.Tensor, schedule, generator=None):
 def load_unet_from_train_ckpt(path: str | os.PathLike, use_ema: bool = True) -> UNet:
     state = load_checkpoint(Path(path), ("config", "ema" if use_ema else "model"))
     unet = UNet(UNetConfig.from_dict(state["config"]))
-    unet.load_state_dict(state["ema" if use_ema else "model"])
+    load_state(unet, state, "ema" if use_ema else "model", path)
     return unet.eval()
 
 
@@ -172,8 +172,8 @@ def distill(args) -> Path:
     opt = torch.optim.Adam(model.head.parameters(), lr=args.lr)
     step, wall = 0, 0.0
     if state is not None:
-        model.head.load_state_dict(state["head"])
-        ema_head.load_state_dict(state["ema_head"])
+        load_state(model.head, state, "head", ckpt_path)
+        load_state(ema_head, state, "ema_head", ckpt_path)
         opt.load_state_dict(state["opt"])
         step, wall = state["step"], state["wall_s"]
 
@@ -242,7 +242,7 @@ def model_from_ckpts(unet_ckpt, head_ckpt, use_ema: bool = True) -> GenieModel:
     unet = load_unet_from_train_ckpt(unet_ckpt, use_ema)
     state = load_checkpoint(Path(head_ckpt), ("head_config", "ema_head" if use_ema else "head"))
     head = GenieHead(HeadConfig.from_dict(state["head_config"]))
-    head.load_state_dict(state["ema_head" if use_ema else "head"])
+    load_state(head, state, "ema_head" if use_ema else "head", head_ckpt)
     return GenieModel(unet, head, VPSchedule()).eval()
 
 

@@ -122,7 +122,8 @@ def distill_diffusers(args) -> Path:
     from .models.unet import count_parameters
     from .checks import check_int
     from .distill import check_distill_args
-    from .train import DISTILL_KEYS, check_finite_loss, drop_labels, ema_update, load_checkpoint, save_checkpoint
+    from .train import (DISTILL_KEYS, check_finite_loss, drop_labels, ema_update, load_checkpoint, load_state,
+                        save_checkpoint)
 
     check_int("--pool", args.pool, 1)
     check_int("--pool-nfe", args.pool_nfe, 2)
@@ -161,8 +162,8 @@ def distill_diffusers(args) -> Path:
     opt = torch.optim.Adam(model.head.parameters(), lr=args.lr)
     step, wall = 0, 0.0
     if state is not None:
-        model.head.load_state_dict(state["head"])
-        ema_head.load_state_dict(state["ema_head"])
+        load_state(model.head, state, "head", ckpt_path)
+        load_state(ema_head, state, "ema_head", ckpt_path)
         opt.load_state_dict(state["opt"])
         step, wall = state["step"], state["wall_s"]
 

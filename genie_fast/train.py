@@ -86,6 +86,24 @@ def load_checkpoint(path: Path, keys: tuple[str, ...] = ()) -> dict:
     return state
 
 
+def load_state(module: torch.nn.Module, state: dict, key: str, path) -> None:
+    """``module.load_state_dict(state[key])`` of checkpoint ``path``: weights that do not fit the
+    module, or of another dtype (never cast silently), are refused naming the file and the entry."""
+    weights, ours = state[key], module.state_dict()
+    if not isinstance(weights, dict):
+        raise ValueError(f"checkpoint {path}: {key!r} is not a state dict ({type(weights).__name__})")
+    for name, t in weights.items():
+        if name in ours and isinstance(t, torch.Tensor) and t.dtype != ours[name].dtype:
+            raise ValueError(f"checkpoint {path}: {key}.{name} is {t.dtype}, the network's is "
+                             f"{ours[name].dtype} (not cast)")
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint {path}: its {key!r} weights do not fit the network of its config "
+                         f"({str(e).splitlines()[-1].strip()})") from None
+    return None
+
+
 def check_run_args(args, numbers: dict | None = None):
     """Refuse impossible settings of a train / distill run, and an unusable --out, before any work.
 
@@ -162,7 +180,7 @@ def init_from_checkpoint(model: UNet, path: str | os.PathLike) -> int:
         diff = sorted(set(theirs.items()) ^ set(ours.items()))[:4]
         raise ValueError(f"--init-from {path}: its U-Net ({state['config']}) has other parameters than "
                          f"this config ({model.config.to_dict()}); first differences: {diff}")
-    model.load_state_dict(state["ema"])
+    load_state(model, state, "ema", path)
     return int(state["step"])
 
 
@@ -195,9 +213,9 @@ def train(args) -> Path:
         state = load_checkpoint(ckpt_path, TRAIN_KEYS)
         config = UNetConfig.from_dict(state["config"])
         model = UNet(config)
-        model.load_state_dict(state["model"])
+        load_state(model, state, "model", ckpt_path)
         ema = copy.deepcopy(model)
-        ema.load_state_dict(state["ema"])
+        load_state(ema, state, "ema", ckpt_path)
         step, wall = state["step"], state["wall_s"]
     else:
         if args.resume:

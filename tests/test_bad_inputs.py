@@ -252,6 +252,20 @@ def test_checkpoint_of_the_other_kind_and_truncated_resume(tmp_path, data_root, 
     assert rc == 2 and f"checkpoint {unet_ckpt} cannot be read" in err
 
 
+def test_checkpoint_weights_that_do_not_fit_or_of_another_dtype(tmp_path, data_root, capsys):
+    common = _common(data_root)
+    assert main(["train", "--config", "tiny", "--out", str(tmp_path / "u"), "--steps", "1", *common]) == 0
+    state = load_checkpoint(tmp_path / "u" / "ckpt.pt")
+    other = dict(state, config={**state["config"], "nf": 16})
+    save_checkpoint(tmp_path / "other.pt", other)
+    rc, err = _cli(capsys, "distill", "--unet-ckpt", tmp_path / "other.pt", "--out", tmp_path / "d", *common)
+    assert rc == 2 and "other.pt: its 'ema' weights do not fit the network of its config" in err
+    half = dict(state, ema={k: v.half() for k, v in state["ema"].items()})
+    save_checkpoint(tmp_path / "half.pt", half)
+    rc, err = _cli(capsys, "distill", "--unet-ckpt", tmp_path / "half.pt", "--out", tmp_path / "d", *common)
+    assert rc == 2 and "half.pt: ema." in err and "torch.float16" in err and "(not cast)" in err
+
+
 def test_truncated_or_bad_data_files(tmp_path):
     from genie_fast.data import read_idx, to_model_range
 

@@ -13,6 +13,7 @@ _LAZY = {
     "load_default": ".default",
     "load_model": ".default",
     "save_model": ".default",
+    "ModelFileError": ".default",
     "from_diffusers": ".diffusers",
     "load_diffusers": ".diffusers",
 }
