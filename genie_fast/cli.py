@@ -3,7 +3,9 @@
     genie-fast train   --out runs/fmnist --steps 8000 --resume
     genie-fast distill --unet-ckpt runs/fmnist/ckpt.pt --out runs/distill --steps 2000 --resume
     genie-fast export  --unet-ckpt runs/fmnist/ckpt.pt --head-ckpt runs/distill/ckpt.pt --out model
-    genie-fast sample  --n 64 --nfe 10 --out grid.png [--model STEM] [--solver genie]
+    genie-fast sample  --n 64 --out grid.png [--model STEM] [--solver genie] [--nfe 10 | --steps 5]
+    genie-fast sample  --labels 0,3,5 --guidance-scale 2 --n 8 --out classes.png    (one row per class)
+    genie-fast encode  --test-index 0,1,2 --steps 20 --out latents.safetensors --reconstruct recon.png
     genie-fast generate --seeds 0-49999 --outdir out/fid [--batch 64 --nfe 10]   (also under torchrun)
 """
 from __future__ import annotations
@@ -73,17 +75,104 @@ def _cmd_export(args):
     print(f"wrote {stem}.safetensors and {stem}.json")
 
 
+def _parse_labels(text: str | None) -> list[int] | None:
+    """--labels "3" or "0,2,5" or "all" (every class of the model: resolved later) -> ints."""
+    if text is None:
+        return None
+    if text.strip() == "all":
+        return ["all"]
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--labels must be a class index, a comma-separated list of them or 'all', "
+                         f"got {text!r}") from None
+
+
 def _cmd_sample(args):
     import genie_fast
-    from .models.default import load_model
+    from .models.default import load_default, load_model
 
     torch.set_num_threads(args.threads) if args.threads else None
-    model = load_model(args.model) if args.model else None
-    x0, nfe = genie_fast.sample(model=model, n=args.n, solver=args.solver, nfe=args.nfe, steps=args.steps,
-                                seed=args.seed, grid=args.grid, afs=args.afs, denoise=args.denoise,
-                                backend=args.backend, device=args.device, net_dtype=args.net_dtype)
-    out = save_grid(x0, args.out)
-    print(f"wrote {out} ({args.n} samples, solver {args.solver}, {nfe} NFE)")
+    labels = _parse_labels(args.labels)
+    model = load_model(args.model) if args.model else (load_default() if labels else None)
+    if labels == ["all"]:
+        labels = list(range(getattr(model, "num_classes", 0) or 0)) or [0]
+    nrow = None
+    if labels is not None:  # one row of --n samples per class
+        nrow, labels = args.n, torch.tensor(labels).repeat_interleave(args.n)
+    x0, nfe = genie_fast.sample(model=model, n=args.n if labels is None else len(labels), solver=args.solver,
+                                nfe=args.nfe, steps=args.steps, seed=args.seed, grid=args.grid, afs=args.afs,
+                                denoise=args.denoise, backend=args.backend, device=args.device,
+                                net_dtype=args.net_dtype, labels=labels, guidance_scale=args.guidance_scale)
+    out = save_grid(x0, args.out, nrow=nrow)
+    what = "" if labels is None else f", labels {args.labels}, guidance scale {args.guidance_scale or 'default'}"
+    print(f"wrote {out} ({len(x0)} samples, solver {args.solver}, {nfe} NFE per sample{what})")
+
+
+def _load_images(args, image_shape) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The images to encode, in the model's range [-1, 1]: PNG files, or Fashion-MNIST test images by index."""
+    from .data import load_fashion_mnist, to_model_range
+
+    if bool(args.images) == bool(args.test_index):
+        raise ValueError("give the images to encode: --images a.png [b.png ...] or --test-index 0,1,2")
+    if args.test_index:
+        x, y = load_fashion_mnist("test")
+        try:
+            idx = [int(v) for v in args.test_index.split(",")]
+        except ValueError:
+            raise ValueError(f"--test-index must be comma-separated integers, got {args.test_index!r}") from None
+        bad = [i for i in idx if not 0 <= i < len(x)]
+        if bad:
+            raise ValueError(f"--test-index {bad} outside the test set's 0..{len(x) - 1}")
+        return x[idx], y[idx]
+    import matplotlib.image
+
+    imgs = []
+    for path in args.images:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--images: no file {path}")
+        a = matplotlib.image.imread(path)
+        a = a[..., :3].mean(-1) if a.ndim == 3 else a  # to grey (the bundled model has one channel)
+        a = a * 255.0 if a.dtype.kind == "f" and a.max() <= 1.0 else a
+        x = to_model_range(np.asarray(a, dtype=np.uint8)[None], pad_to=image_shape[-1])
+        if tuple(x.shape[1:]) != tuple(image_shape):
+            raise ValueError(f"{path}: image {tuple(a.shape)} does not fit the model's {tuple(image_shape)}")
+        imgs.append(x)
+    return torch.cat(imgs), None
+
+
+def _cmd_encode(args):
+    import genie_fast
+    from safetensors.torch import save_file
+    from .models.default import load_default, load_model
+
+    torch.set_num_threads(args.threads) if args.threads else None
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out must name a .safetensors file, got {args.out}")
+    if args.reconstruct and Path(args.reconstruct).suffix.lower() != ".png":
+        raise ValueError(f"--reconstruct must name a .png file, got {args.reconstruct}")
+    model = load_model(args.model) if args.model else load_default()
+    x0, true_labels = _load_images(args, model.image_shape)
+    labels = _parse_labels(args.labels)
+    if labels == ["all"]:
+        raise ValueError("--labels all is for sampling; give one class or one per image")
+    if labels is not None:
+        labels = torch.tensor(labels if len(labels) > 1 else labels * len(x0))
+    kw = dict(solver=args.solver, nfe=args.nfe, steps=args.steps, grid=args.grid, labels=labels,
+              guidance_scale=args.guidance_scale, net_dtype=args.net_dtype, device=args.device)
+    x_T, nfe = genie_fast.encode(model, x0, **kw)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"solver": args.solver, "nfe": str(nfe), "grid": str(args.grid), "steps": str(args.steps),
+            "labels": "" if labels is None else ",".join(map(str, labels.tolist()))}
+    save_file({"latents": x_T.float().cpu().contiguous()}, str(out), metadata=meta)
+    msg = f"wrote {out} ({len(x0)} latents, solver {args.solver}, {nfe} NFE per image)"
+    if args.reconstruct:
+        back, _ = genie_fast.sample(model, noise=x_T, afs=False, **kw)
+        err = float((back.float().cpu() - x0).pow(2).mean().sqrt())
+        save_grid(torch.cat([x0, back.float().cpu()]), args.reconstruct, nrow=len(x0))
+        msg += f"; reconstruction (top: input, bottom: decoded) in {args.reconstruct}, RMSE {err:.4f}"
+    print(msg)
 
 
 def _cmd_generate(args):
@@ -128,8 +217,31 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--device", default=None, help="e.g. cuda (default: the model's device)")
     sa.add_argument("--model", default=None, help="model stem (default: bundled Fashion-MNIST model)")
     sa.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    sa.add_argument("--labels", default=None,
+                    help="class-conditional model: a class, a list (0,3,5: one row of --n samples each) or 'all'")
+    sa.add_argument("--guidance-scale", type=float, default=None,
+                    help="classifier-free guidance scale s (eps_u + s (eps_c - eps_u); default 2 with --labels)")
     sa.add_argument("--out", default="grid.png")
     sa.set_defaults(func=_cmd_sample)
+    en = sub.add_parser("encode", help="images -> latents by the probability-flow ODE (t_end -> 1)")
+    en.add_argument("--images", nargs="+", default=None, help="PNG files (grey, the model's size or 28x28)")
+    en.add_argument("--test-index", default=None, help="Fashion-MNIST test images by index, e.g. 0,1,2")
+    en.add_argument("--out", default="latents.safetensors", help="latents (tensor 'latents') as safetensors")
+    en.add_argument("--reconstruct", default=None, metavar="PNG",
+                    help="also decode the latents with the same solver and grid (AFS off) and write input "
+                         "and reconstruction rows to this PNG")
+    en.add_argument("--solver", default=DEFAULT_SOLVER, choices=sorted(SOLVERS))
+    en_budget = en.add_mutually_exclusive_group()
+    en_budget.add_argument("--nfe", type=int, default=None, help="network-evaluation budget (default: 10)")
+    en_budget.add_argument("--steps", type=int, default=None, help="number of steps, instead of --nfe")
+    en.add_argument("--grid", default="auto", help="as for sample (the grid runs reversed)")
+    en.add_argument("--labels", default=None, help="encode along a class's ODE: one class, or one per image")
+    en.add_argument("--guidance-scale", type=float, default=None, help="as for sample")
+    en.add_argument("--net-dtype", default=None)
+    en.add_argument("--device", default=None)
+    en.add_argument("--model", default=None, help="model stem (default: bundled)")
+    en.add_argument("--threads", type=int, default=0)
+    en.set_defaults(func=_cmd_encode)
     ge = sub.add_parser("generate", help="one image per seed, sharded over torchrun ranks, resumable (FID sets)")
     generate_mod.build_parser(ge).set_defaults(func=_cmd_generate)
     return p

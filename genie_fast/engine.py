@@ -362,12 +362,13 @@ class SamplingEngine:
         x_T = self._state_noise(noise, None, None, 0, dtype)
         return self._prepare(x_T, solver, nfe, steps, grid, afs, denoise, net_dtype, schedule, solver_kw)[0]
 
-    def _prepare(self, x_T, solver, nfe, steps, grid, afs, denoise, net_dtype, schedule, solver_kw):
-        """(GraphKey, Plan, nfe) of a call, memoised on its arguments."""
+    def _prepare(self, x_T, solver, nfe, steps, grid, afs, denoise, net_dtype, schedule, solver_kw, encode=False):
+        """(GraphKey, Plan, nfe) of a call, memoised on its arguments. encode: the grid runs from
+        t_end up to 1 (the reverse of the sampling grid the same arguments give; no AFS, no denoising)."""
         tf32 = _tf32_flags() if self.use_graphs else None
         try:
             memo_key = (solver, nfe, steps, grid if isinstance(grid, str) else _grid_key(grid), afs, denoise,
-                        x_T.dtype, x_T.shape, net_dtype, schedule, tuple(sorted(solver_kw.items())), tf32)
+                        x_T.dtype, x_T.shape, net_dtype, schedule, tuple(sorted(solver_kw.items())), tf32, encode)
             hash(memo_key)
         except TypeError as e:
             raise TypeError(f"solver keyword arguments are part of the graph key and must be hashable ({e})") from None
@@ -380,7 +381,7 @@ class SamplingEngine:
         net_dtype = self._resolve_net_dtype(net_dtype, x_T.dtype)
         afs = AUTO_AFS.get(solver, DEFAULT_AFS) if afs is None else bool(afs)
         evals = evals_per_call(self.model)
-        ts = _sampling_grid(solver, nfe, steps, grid, afs, bool(denoise), schedule, evals)
+        ts = _sampling_grid(solver, nfe, steps, grid, afs, bool(denoise), schedule, evals, encode)
         spent = nfe_of(solver, len(ts) - 1, afs, denoise, evals)
         if spent < 1:
             raise ValueError(f"a grid of {len(ts) - 1} step(s) with afs={afs}, denoise={denoise} "
@@ -430,6 +431,20 @@ class SamplingEngine:
             key, plan, spent = self._prepare(x_T, solver, nfe, steps, grid, afs, denoise, net_dtype, schedule,
                                              solver_kw)
             return self._run(key, plan, x_T), spent
+
+    @torch.no_grad()
+    def encode(self, x0: torch.Tensor, *, solver: str = DEFAULT_SOLVER, nfe: int | None = None,
+               steps: int | None = None, grid="auto", dtype=None, net_dtype=None, schedule=None, **solver_kw):
+        """Encode data x0 (the network input at t_end) into latents x_T by solving the probability-flow
+        ODE from t_end up to t = 1 on the reverse of the grid `sample` builds from the same solver,
+        nfe / steps and grid (with AFS and the denoising step off: neither applies to encoding; an
+        explicit grid may be given either way round). Returns (x_T in `dtype`, NFE per sample).
+        ``sample(noise=x_T, afs=False)`` with the same solver, nfe / steps and grid decodes it."""
+        with nvtx_range("encode"), torch.inference_mode(False), torch.no_grad():
+            x = self._state_noise(x0, None, None, 0, dtype)
+            key, plan, spent = self._prepare(x, solver, nfe, steps, grid, False, False, net_dtype, schedule,
+                                             solver_kw, encode=True)
+            return self._run(key, plan, x), spent
 
     def _run(self, key: GraphKey, plan: Plan, x_T: torch.Tensor) -> torch.Tensor:
         self._sync_weights()
@@ -535,9 +550,17 @@ class SamplingEngine:
         return entry
 
 
-def _sampling_grid(solver, nfe, steps, grid, afs, denoise, schedule, evals) -> torch.Tensor:
+def _sampling_grid(solver, nfe, steps, grid, afs, denoise, schedule, evals, encode=False) -> torch.Tensor:
     """The decreasing float64 grid of a sampling call: from steps=, the nfe= budget (default
-    `DEFAULT_NFE`), or an explicit grid of times (which needs neither, and is checked against them)."""
+    `DEFAULT_NFE`), or an explicit grid of times (which needs neither, and is checked against them).
+    encode: the same grid increasing (an explicit grid is accepted either way round)."""
+    if encode:
+        if afs or denoise:
+            raise ValueError("encoding runs from data to noise: AFS and the denoising step do not apply")
+        if not isinstance(grid, str) and isinstance(grid, (Sequence, torch.Tensor)):
+            ts = time_grid(schedule, None, grid)
+            grid = ts.flip(0) if ts[-1] > ts[0] else ts
+        return _sampling_grid(solver, nfe, steps, grid, False, False, schedule, evals).flip(0)
     if nfe is not None and steps is not None:
         raise ValueError(f"give nfe= or steps=, not both (got nfe={nfe}, steps={steps})")
     grid = grid_for(solver, grid)

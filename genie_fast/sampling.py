@@ -1,17 +1,20 @@
 """`genie_fast.sample`: noise in, samples out, for any eps model and any solver in SOLVERS."""
 from __future__ import annotations
 
+import collections
+
 import torch
 
 from .engine import engine_for, make_noise
+from .guidance import DEFAULT_GUIDANCE_SCALE, Conditioned, conditioned
 from .solvers import DEFAULT_AFS, DEFAULT_SOLVER
 
-__all__ = ["sample", "make_noise"]
+__all__ = ["sample", "encode", "make_noise"]
 
 
 def sample(model=None, noise=None, n=None, shape=None, solver=DEFAULT_SOLVER, nfe=None, steps=None, grid="auto",
            schedule=None, seed=0, afs=DEFAULT_AFS, denoise=False, backend="auto", device=None, dtype=None, net_dtype=None,
-           **solver_kw):
+           labels=None, guidance_scale=None, **solver_kw):
     """Draw samples from `model` with `solver`; returns (samples (B, *shape) on `device`, NFE per sample).
 
     model: an eps model ``model(x, t)`` with t of shape (B,) (None: the bundled default model).
@@ -41,6 +44,15 @@ def sample(model=None, noise=None, n=None, shape=None, solver=DEFAULT_SOLVER, nf
     net_dtype: the network's precision: default float16 on CUDA for a module with floating-point
         weights, else `dtype`; float16/bfloat16 on the CPU is refused.
     backend: of the fused step ops ("auto", "torch", "cpp", "triton", "cuda"; `genie_fast.ops`).
+    labels: for a class-conditional model (``model.num_classes`` > 0): an int (every sample) or
+        integers of shape (B,) in 0..num_classes-1 (num_classes itself is the null class). None:
+        unconditional (the null class).
+    guidance_scale: classifier-free guidance, eps = eps_u + s (eps_c - eps_u) (diffusers' convention;
+        GENIE's paper writes w = s - 1). Default with labels: `guidance.DEFAULT_GUIDANCE_SCALE` (2.0);
+        1 is the conditional model alone (one evaluation per step). A guided step evaluates both
+        branches in ONE batched network call on 2B inputs: it counts 2 network evaluations per
+        sample in `nfe` budgets and in the returned NFE (batched calls = NFE / 2). Labels and scale
+        are device inputs of the captured graph: changing them does not capture again.
 
     Every entry point shares these defaults: `SamplingEngine.sample` and ``genie-fast sample``.
     """
@@ -50,10 +62,74 @@ def sample(model=None, noise=None, n=None, shape=None, solver=DEFAULT_SOLVER, nf
         raise TypeError(f"model must be a callable eps(x, t), got {type(model).__name__}")
     if device is None:
         device = _model_device(model) or (noise.device if isinstance(noise, torch.Tensor) else "cpu")
+    model = _with_labels(model, labels, guidance_scale, noise.shape[0] if isinstance(noise, torch.Tensor) else n)
     engine = engine_for(model, device, backend)
     return engine.sample(noise, n=n, shape=shape, seed=seed, solver=solver, nfe=nfe, steps=steps, grid=grid,
                          afs=afs, denoise=denoise, dtype=dtype, net_dtype=net_dtype, schedule=schedule,
                          **solver_kw)
+
+
+def encode(model=None, x0=None, solver=DEFAULT_SOLVER, nfe=None, steps=None, grid="auto", schedule=None,
+           backend="auto", device=None, dtype=None, net_dtype=None, labels=None, guidance_scale=None, **solver_kw):
+    """Encode data into latents: the probability-flow ODE solved from t_end up to t = 1 with `solver`.
+
+    x0: data of shape (B, *image_shape), taken as the network input at t_end (the data point itself:
+        alpha(t_end) ~ 1, sigma(t_end) ~ 0.003 on the default schedule).
+    The grid is the reverse of the one ``sample`` builds from the same solver, nfe / steps and grid
+    (an explicit grid may be given decreasing or increasing), with AFS and the denoising step off:
+    neither applies to encoding. GENIE's Taylor step runs forward in gamma with the head at each
+    point; multistep solvers use their history the same way. labels / guidance_scale: as in
+    ``sample`` (encoding along the guided ODE). Returns (x_T, NFE per sample).
+
+    Decoding: ``sample(model, noise=x_T, solver=..., nfe=... or steps=..., grid=..., afs=False)``
+    with the same arguments runs the same grid back (AFS would replace the first evaluation by an
+    approximation and change the grid's step count).
+    """
+    if model is None:
+        model = _default_model()
+    if not callable(model):
+        raise TypeError(f"model must be a callable eps(x, t), got {type(model).__name__}")
+    if not isinstance(x0, torch.Tensor):
+        raise TypeError(f"x0 must be a tensor of data (B, *image_shape), got {type(x0).__name__}")
+    if solver_kw.get("afs") or solver_kw.get("denoise"):
+        raise ValueError("encoding runs from data to noise: AFS and the denoising step do not apply "
+                         "(decode with sample(..., afs=False))")
+    solver_kw.pop("afs", None)
+    solver_kw.pop("denoise", None)
+    if device is None:
+        device = _model_device(model) or x0.device
+    model = _with_labels(model, labels, guidance_scale, x0.shape[0] if x0.dim() else None)
+    engine = engine_for(model, device, backend)
+    return engine.encode(x0, solver=solver, nfe=nfe, steps=steps, grid=grid, dtype=dtype, net_dtype=net_dtype,
+                         schedule=schedule, **solver_kw)
+
+
+# The Conditioned wrappers of recent (model, batch, guided) combinations. The engine caches graphs
+# per model object, so a wrapper is reused across calls and only its label/scale buffers change
+# (in place): a new label set or scale replays the captured graph. Bounded: it keeps at most this
+# many models alive.
+_WRAPPERS: "collections.OrderedDict[tuple, Conditioned]" = collections.OrderedDict()
+_MAX_WRAPPERS = 8
+
+
+def _with_labels(model, labels, guidance_scale, batch):
+    """`model` itself without labels, else its (cached) Conditioned wrapper holding labels and scale."""
+    if labels is None:
+        return conditioned(model, None, guidance_scale, batch=0)  # refuses a scale without labels
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"labels need a positive integer batch: give noise= or n=, got n={batch!r}")
+    scale = DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale
+    first = conditioned(model, labels, scale, batch, _model_device(model))  # validates labels and scale
+    key = (id(model), batch, first.guided, str(first.labels.device))
+    cached = _WRAPPERS.get(key)
+    if cached is None or cached.model is not model:
+        _WRAPPERS[key] = first
+        if len(_WRAPPERS) > _MAX_WRAPPERS:
+            _WRAPPERS.popitem(last=False)
+        return first
+    _WRAPPERS.move_to_end(key)
+    cached.update(first.labels, float(first.scale))
+    return cached
 
 
 _DEFAULT = {}  # the loaded default model, per loader (tests replace the loader)
