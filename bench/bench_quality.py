@@ -184,6 +184,7 @@ def head_fidelity(model, n: int = 256, bins: int = 8, seed: int = 0) -> dict:
     """
     from genie_fast.data import load_fashion_mnist
     from genie_fast.distill import jvp_deps
+    from genie_fast.schedule import q_sample
 
     x_test, _ = load_fashion_mnist("test")
     g = torch.Generator().manual_seed(seed)
@@ -193,8 +194,7 @@ def head_fidelity(model, n: int = 256, bins: int = 8, seed: int = 0) -> dict:
     rows, num_w, den_w = [], 0.0, 0.0
     for lo, hi in zip(edges[:-1], edges[1:]):
         t = lo + (hi - lo) * torch.rand(n, generator=g)
-        z = torch.randn(x0.shape, generator=g)
-        x_t = s.alpha(t)[:, None, None, None] * x0 + s.sigma(t)[:, None, None, None] * z
+        x_t, _, _ = q_sample(x0, s, g, t)
         errs, bin_num, bin_den = [], 0.0, 0.0
         for i in range(0, n, 64):
             xb, tb = x_t[i:i + 64], t[i:i + 64]

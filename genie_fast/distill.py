@@ -18,31 +18,19 @@ import argparse
 import copy
 import json
 import os
-import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from .data import infinite_batches, load_fashion_mnist
 from .models.head import GenieHead, GenieModel, HeadConfig
 from .ops import head_combine_ref
 from .models.unet import UNet, UNetConfig, count_parameters
-from .schedule import VPSchedule
+from .schedule import VPSchedule, ode_tangents, q_sample
 from .solvers import jvp
 from .checks import check_int
-from .train import (DISTILL_KEYS, check_finite_loss, check_run_args, drop_labels, ema_update, load_checkpoint,
-                    load_state, save_checkpoint)
-
-
-def ode_tangents(eps: torch.Tensor, x: torch.Tensor, t: torch.Tensor, schedule):
-    """(dx/dgamma, dt/dgamma) along the DDIM ODE at (x, t), given eps = eps_theta(x, t)."""
-    gamma = schedule.gamma(t)
-    g = gamma[:, None, None, None].to(x.dtype)
-    one_g2 = 1.0 + g * g
-    dx = eps / torch.sqrt(one_g2) - x * g / one_g2
-    dt = schedule.dt_dgamma(gamma).to(t.dtype)
-    return dx, dt
+from .train import (DISTILL_KEYS, add_run_args, check_run_args, drop_labels, jsonable_args, load_checkpoint,
+                    load_state, open_run_log, run_steps, save_checkpoint)
 
 
 def jvp_deps(eps_fn, x: torch.Tensor, t: torch.Tensor, schedule, eps: torch.Tensor | None = None):
@@ -81,11 +69,41 @@ def head_loss(model: GenieModel, x_t: torch.Tensor, t: torch.Tensor, labels: tor
 
 
 def sample_xt(x0: torch.Tensor, schedule, generator=None):
-    b = x0.shape[0]
-    t = schedule.t_end + (1.0 - schedule.t_end) * torch.rand(b, generator=generator)
-    z = torch.randn(x0.shape, generator=generator)
-    a, s = schedule.alpha(t)[:, None, None, None], schedule.sigma(t)[:, None, None, None]
-    return a * x0 + s * z, t
+    """(x_t, t) of q(x_t | x_0) at t ~ U[t_end, 1] (`schedule.q_sample`)."""
+    x_t, t, _ = q_sample(x0, schedule, generator)
+    return x_t, t
+
+
+def head_state(model, state: dict | None, ckpt_path: Path, lr: float):
+    """(ema_head, opt, step, wall) of a head run on ``model.head``: fresh, or resumed from checkpoint ``state``."""
+    ema_head = copy.deepcopy(model.head)
+    opt = torch.optim.Adam(model.head.parameters(), lr=lr)
+    if state is None:
+        return ema_head, opt, 0, 0.0
+    load_state(model.head, state, "head", ckpt_path)
+    load_state(ema_head, state, "ema_head", ckpt_path)
+    opt.load_state_dict(state["opt"])
+    return ema_head, opt, state["step"], state["wall_s"]
+
+
+def train_head(args, model, ema_head, opt, step: int, wall: float, batches, gen: torch.Generator, num_classes: int,
+               checkpoint, ckpt_path: Path, log, desc: str) -> tuple[int, float]:
+    """`train.run_steps` with the head loss: x_0 (and labels, dropped to the null class at
+    ``args.label_dropout``) from ``batches``, x_t from q(x_t | x_0), the JVP target along their ODE."""
+    def step_loss():
+        labels = None
+        if num_classes:
+            x0, y = next(batches)
+            labels = drop_labels(y, num_classes, getattr(args, "label_dropout", 0.15), gen)
+        else:
+            x0 = next(batches)
+        x_t, t = sample_xt(x0, model.schedule, gen)
+        loss, rel = head_loss(model, x_t, t, labels)
+        return loss, {"rel_err": rel}
+
+    return run_steps(args, opt=opt, step=step, wall=wall, step_loss=step_loss, trained=model.head.parameters(),
+                     ema_pairs=[(ema_head, model.head)], checkpoint=checkpoint, ckpt_path=ckpt_path, log=log,
+                     desc=desc)
 
 
 def load_unet_from_train_ckpt(path: str | os.PathLike, use_ema: bool = True) -> UNet:
@@ -95,29 +113,12 @@ def load_unet_from_train_ckpt(path: str | os.PathLike, use_ema: bool = True) -> 
     return unet.eval()
 
 
-def _jsonable_args(args) -> dict:
-    return {k: v for k, v in vars(args).items() if k not in ("func", "command")}
-
-
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = p or argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--unet-ckpt", default="runs/fmnist/ckpt.pt", help="training checkpoint (EMA weights used)")
-    p.add_argument("--out", default="runs/distill")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--ema", type=float, default=0.995)
-    p.add_argument("--clip", type=float, default=1.0)
+    add_run_args(p, out="runs/distill", steps=2000, batch=32, lr=3e-4, warmup=100, ema=0.995, log_every=25)
     p.add_argument("--width", type=int, default=None, help="head width (default: the U-Net's nf)")
     p.add_argument("--head-blocks", type=int, default=1)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--ckpt-minutes", type=float, default=3.0)
-    p.add_argument("--log-every", type=int, default=25)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt")
-    p.add_argument("--overwrite", action="store_true", help="start fresh even if <out>/ckpt.pt exists")
     p.add_argument("--init-head", default=None, metavar="STEM",
                    help="start a fresh run from the head of an exported model (<STEM>.safetensors + .json) "
                         "of the same head shape")
@@ -168,70 +169,23 @@ def distill(args) -> Path:
     model = GenieModel(unet, GenieHead(head_cfg), schedule)
     if init_head is not None:
         model.head.load_state_dict(init_head.state_dict())
-    ema_head = copy.deepcopy(model.head)
-    opt = torch.optim.Adam(model.head.parameters(), lr=args.lr)
-    step, wall = 0, 0.0
-    if state is not None:
-        load_state(model.head, state, "head", ckpt_path)
-        load_state(ema_head, state, "ema_head", ckpt_path)
-        opt.load_state_dict(state["opt"])
-        step, wall = state["step"], state["wall_s"]
+    ema_head, opt, step, wall = head_state(model, state, ckpt_path, args.lr)
 
     x_train, y_train = load_fashion_mnist("train", root=args.data_root)
     gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step + 7)
     num_classes = unet.config.num_classes
     batches = infinite_batches(x_train, args.batch, gen, labels=y_train if num_classes else None)
     meta = {"head_config": head_cfg.to_dict(), "head_params": count_parameters(model.head),
-            "unet_params": count_parameters(unet), "args": _jsonable_args(args)}
-    out.mkdir(parents=True, exist_ok=True)  # only now: a run refused above leaves no folder behind
-    (out / "run.json").write_text(json.dumps(meta, indent=2))
-    log = open(out / "log.txt", "a")
-    log.write(f"# start step={step} {json.dumps(meta)}\n")
+            "unet_params": count_parameters(unet), "args": jsonable_args(args)}
+    log = open_run_log(out, meta, f"# start step={step} {json.dumps(meta)}")
 
-    def checkpoint():
+    def checkpoint(step, wall):
         save_checkpoint(ckpt_path, {"head_config": head_cfg.to_dict(), "head": model.head.state_dict(),
                                     "ema_head": ema_head.state_dict(), "opt": opt.state_dict(),
                                     "step": step, "wall_s": wall, "unet_ckpt": str(args.unet_ckpt)})
 
-    last_ckpt, saved_step = time.time(), step
-    t_seg, acc_loss, acc_rel, n_acc = time.time(), 0.0, 0.0, 0
-    bar = tqdm(total=args.steps, initial=step, desc="distill", dynamic_ncols=True)
-    while step < args.steps:
-        t0 = time.time()
-        for g in opt.param_groups:
-            g["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
-        labels = None
-        if num_classes:
-            x0, y = next(batches)
-            labels = drop_labels(y, num_classes, getattr(args, "label_dropout", 0.15), gen)
-        else:
-            x0 = next(batches)
-        x_t, t = sample_xt(x0, schedule, gen)
-        loss, rel = head_loss(model, x_t, t, labels)
-        loss_value = loss.item()
-        check_finite_loss(loss_value, step, ckpt_path, saved_step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        check_finite_loss(float(torch.nn.utils.clip_grad_norm_(model.head.parameters(), args.clip)), step,
-                          ckpt_path, saved_step)
-        opt.step()
-        step += 1
-        ema_update(ema_head, model.head, min(args.ema, (1 + step) / (10 + step)))
-        wall += time.time() - t0
-        acc_loss, acc_rel, n_acc = acc_loss + loss_value, acc_rel + rel.item(), n_acc + 1
-        bar.update(1)
-        if step % args.log_every == 0:
-            sps = n_acc / (time.time() - t_seg)
-            log.write(f"step {step} loss {acc_loss / n_acc:.5f} rel_err {acc_rel / n_acc:.4f} "
-                      f"steps_per_s {sps:.3f} wall_s {wall:.0f}\n")
-            log.flush()
-            bar.set_postfix(loss=f"{acc_loss / n_acc:.4f}", rel=f"{acc_rel / n_acc:.3f}")
-            t_seg, acc_loss, acc_rel, n_acc = time.time(), 0.0, 0.0, 0
-        if time.time() - last_ckpt > 60 * args.ckpt_minutes:
-            checkpoint()
-            last_ckpt, saved_step = time.time(), step
-    checkpoint()
-    bar.close()
+    step, wall = train_head(args, model, ema_head, opt, step, wall, batches, gen, num_classes, checkpoint, ckpt_path,
+                            log, "distill")
     log.write(f"# done step={step} wall_s={wall:.0f}\n")
     log.close()
     return ckpt_path

@@ -20,9 +20,7 @@ it), ``run.json`` and ``log.txt``. At the end the EMA head is written beside the
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -113,7 +111,7 @@ def model_pool(net, n: int, nfe: int, batch: int, seed: int = 0, progress: bool 
 
 def distill_diffusers(args) -> Path:
     """The ``distill --diffusers DIR`` run; returns the stem of the head written beside the model."""
-    from .distill import _jsonable_args, head_loss, sample_xt
+    from .distill import head_state, train_head
     from .data import infinite_batches
     from .generate import weights_hash
     from .models.diffusers import DiffusersGenieModel, load_diffusers, load_head, save_head
@@ -122,8 +120,7 @@ def distill_diffusers(args) -> Path:
     from .models.unet import count_parameters
     from .checks import check_int
     from .distill import check_distill_args
-    from .train import (DISTILL_KEYS, check_finite_loss, drop_labels, ema_update, load_checkpoint, load_state,
-                        save_checkpoint)
+    from .train import DISTILL_KEYS, jsonable_args, load_checkpoint, open_run_log, save_checkpoint
 
     check_int("--pool", args.pool, 1)
     check_int("--pool-nfe", args.pool_nfe, 2)
@@ -158,14 +155,7 @@ def distill_diffusers(args) -> Path:
     model = DiffusersGenieModel(net, GenieHead(head_cfg), schedule)
     if state is None and args.init_head:
         model.head.load_state_dict(init.state_dict())
-    ema_head = copy.deepcopy(model.head)
-    opt = torch.optim.Adam(model.head.parameters(), lr=args.lr)
-    step, wall = 0, 0.0
-    if state is not None:
-        load_state(model.head, state, "head", ckpt_path)
-        load_state(ema_head, state, "ema_head", ckpt_path)
-        opt.load_state_dict(state["opt"])
-        step, wall = state["step"], state["wall_s"]
+    ema_head, opt, step, wall = head_state(model, state, ckpt_path, args.lr)
 
     if args.data:
         x_train, y_train = load_images(args.data, net.image_shape)
@@ -191,55 +181,16 @@ def distill_diffusers(args) -> Path:
     batches = infinite_batches(x_train, args.batch, gen, hflip=False, labels=y_train if num_classes else None)
     meta = {"diffusers": str(model_dir), "unet_sha256": unet_sha, "data": data_desc,
             "head_config": head_cfg.to_dict(), "head_params": count_parameters(model.head),
-            "unet_params": count_parameters(net.unet), "args": _jsonable_args(args)}
-    (out / "run.json").write_text(json.dumps(meta, indent=2))
-    log = open(out / "log.txt", "a")
-    log.write(f"# start step={step} {json.dumps(meta)}\n")
+            "unet_params": count_parameters(net.unet), "args": jsonable_args(args)}
+    log = open_run_log(out, meta, f"# start step={step} {json.dumps(meta)}")
 
-    def checkpoint():
+    def checkpoint(step, wall):
         save_checkpoint(ckpt_path, {"head_config": head_cfg.to_dict(), "head": model.head.state_dict(),
                                     "ema_head": ema_head.state_dict(), "opt": opt.state_dict(), "step": step,
                                     "wall_s": wall, "unet_sha256": unet_sha, "diffusers": str(model_dir)})
 
-    last_ckpt, saved_step = time.time(), step
-    t_seg, acc_loss, acc_rel, n_acc = time.time(), 0.0, 0.0, 0
-    bar = tqdm(total=args.steps, initial=step, desc="distill (diffusers)", dynamic_ncols=True)
-    while step < args.steps:
-        t0 = time.time()
-        for g in opt.param_groups:
-            g["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
-        labels = None
-        if num_classes:
-            x0, y = next(batches)
-            labels = drop_labels(y, num_classes, args.label_dropout, gen)
-        else:
-            x0 = next(batches)
-        x_t, t = sample_xt(x0, schedule, gen)
-        loss, rel = head_loss(model, x_t, t, labels)
-        loss_value = loss.item()
-        check_finite_loss(loss_value, step, ckpt_path, saved_step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        check_finite_loss(float(torch.nn.utils.clip_grad_norm_(model.head.parameters(), args.clip)), step,
-                          ckpt_path, saved_step)
-        opt.step()
-        step += 1
-        ema_update(ema_head, model.head, min(args.ema, (1 + step) / (10 + step)))
-        wall += time.time() - t0
-        acc_loss, acc_rel, n_acc = acc_loss + loss_value, acc_rel + rel.item(), n_acc + 1
-        bar.update(1)
-        if step % args.log_every == 0 or step == args.steps:
-            sps = n_acc / max(time.time() - t_seg, 1e-9)
-            log.write(f"step {step} loss {acc_loss / n_acc:.5f} rel_err {acc_rel / n_acc:.4f} "
-                      f"steps_per_s {sps:.3f} wall_s {wall:.0f}\n")
-            log.flush()
-            bar.set_postfix(loss=f"{acc_loss / n_acc:.4f}", rel=f"{acc_rel / n_acc:.3f}")
-            t_seg, acc_loss, acc_rel, n_acc = time.time(), 0.0, 0.0, 0
-        if time.time() - last_ckpt > 60 * args.ckpt_minutes:
-            checkpoint()
-            last_ckpt, saved_step = time.time(), step
-    checkpoint()
-    bar.close()
+    step, wall = train_head(args, model, ema_head, opt, step, wall, batches, gen, num_classes, checkpoint, ckpt_path,
+                            log, "distill (diffusers)")
     stem = save_head(ema_head, args.head_out or model_dir, unet_sha256=unet_sha,
                      provenance={"distill_steps": step, "batch": args.batch, "lr": args.lr, "data": data_desc,
                                  "wall_s": round(wall, 1)})

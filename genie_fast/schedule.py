@@ -24,6 +24,8 @@ __all__ = [
     "coeff_table",
     "COEFF_COLUMNS",
     "GRIDS",
+    "q_sample",
+    "ode_tangents",
 ]
 
 
@@ -291,3 +293,30 @@ def coeff_table(schedule: _Schedule, ts) -> torch.Tensor:
             1.0 / (gam * one_g2), torch.sqrt(one_g2), torch.rsqrt(1.0 + gam_next * gam_next),
             gam_next / gam, 1.0 - dpm_b, dpm_b]
     return torch.stack(cols, dim=1)
+
+
+def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) per-sample values shaped (B, 1, ..., 1) to broadcast against ``like`` (B, C, ...)."""
+    return values.view(-1, *([1] * (like.dim() - 1)))
+
+
+def q_sample(x0: torch.Tensor, schedule: _Schedule, generator: torch.Generator | None = None, t=None):
+    """The forward process q(x_t | x_0): (x_t, t, z) with x_t = alpha_t x_0 + sigma_t z, z ~ N(0, I).
+
+    t: (B,) times, or None for t ~ U[t_end, 1] drawn from ``generator`` (drawn before z)."""
+    if t is None:
+        t = schedule.t_end + (1.0 - schedule.t_end) * torch.rand(x0.shape[0], generator=generator)
+    z = torch.randn(x0.shape, generator=generator)
+    return _per_sample(schedule.alpha(t), x0) * x0 + _per_sample(schedule.sigma(t), x0) * z, t, z
+
+
+def ode_tangents(eps: torch.Tensor, x: torch.Tensor, t: torch.Tensor, schedule: _Schedule):
+    """(dx/dgamma, dt/dgamma) along the DDIM ODE at (x, t) given eps = eps_theta(x, t): the tangent of
+    the one JVP that gives d eps/d gamma (docs/method.md).
+
+    dx/dgamma = eps / sqrt(1 + gamma^2) - x gamma / (1 + gamma^2), computed in t's precision, cast to x's."""
+    gamma = schedule.gamma(t)
+    g = _per_sample(gamma, x)
+    one_g2 = 1.0 + g * g
+    dx = (eps / one_g2.sqrt() - x * g / one_g2).to(x.dtype)
+    return dx, schedule.dt_dgamma(gamma).to(t.dtype)

@@ -47,7 +47,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import ops
 from .profiling import pop, push
-from .schedule import COL, VPSchedule, coeff_table
+from .schedule import COL, VPSchedule, coeff_table, ode_tangents
 
 __all__ = ["SOLVERS", "NFE_PER_STEP", "JVP_NFE", "nfe_of", "steps_for_nfe", "evals_per_call",
            "Plan", "check_grid", "jvp", "exact_deps",
@@ -236,14 +236,11 @@ def exact_deps(model, x, t, eps, schedule):
     """d eps / d gamma along the ODE at (x, t) by one forward-mode JVP (GENIE sec. 3.1).
 
     x: (B, C, ...) network input at the continuous times t (B,); eps = model(x, model_time(t)).
-    The tangent is dx/dgamma = eps / sqrt(1 + gamma^2) - x gamma / (1 + gamma^2) and dt/dgamma.
+    The tangent (dx/dgamma, dt/dgamma) is `schedule.ode_tangents`.
     (Inside `genie_exact` the same JVP takes these coefficients from the plan instead.)
     """
     t = t.contiguous()
-    gamma = schedule.gamma(t)
-    one_g2 = (1.0 + gamma * gamma).view(-1, *([1] * (x.dim() - 1)))
-    dx = (eps / one_g2.sqrt() - x * gamma.view_as(one_g2) / one_g2).to(x.dtype)
-    dt = schedule.dt_dgamma(gamma).to(t.dtype)
+    dx, dt = ode_tangents(eps, x, t, schedule)
     return _jvp_along_ode(model, x, t, dx, dt, schedule)
 
 

@@ -3,7 +3,8 @@
 Loss: || eps_theta(alpha_t x_0 + sigma_t z, t) - z ||^2 (mean over pixels). Adam with linear
 warmup, gradient clipping, EMA of the weights. Checkpoints (model, EMA, optimiser, step, RNG) are
 written atomically every few minutes; ``--resume`` continues from the last one. A line per log
-interval (step, loss, steps/s, wall time) goes to ``<out>/log.txt``.
+interval (step, loss, steps/s, wall time) goes to ``<out>/log.txt``. That loop, `run_steps`, is the
+one every training run uses (``genie_fast.distill`` and ``distill --diffusers`` give it their head loss).
 
     python -m genie_fast.train --out runs/fmnist --steps 8000 --resume
 """
@@ -23,18 +24,15 @@ from tqdm import tqdm
 from .checks import check_int, check_number, check_out_dir
 from .data import infinite_batches, load_fashion_mnist
 from .models.unet import CONFIGS, UNet, UNetConfig, count_parameters
-from .schedule import VPSchedule
+from .schedule import VPSchedule, q_sample
 
 
 def diffusion_loss(model, x0: torch.Tensor, schedule: VPSchedule, generator: torch.Generator | None = None,
                    labels: torch.Tensor | None = None):
     """Mean squared eps error at t ~ U[t_end, 1] (labels: for a class-conditional model)."""
-    b = x0.shape[0]
-    t = schedule.t_end + (1.0 - schedule.t_end) * torch.rand(b, generator=generator)
-    z = torch.randn(x0.shape, generator=generator)
-    a, s = schedule.alpha(t)[:, None, None, None], schedule.sigma(t)[:, None, None, None]
+    x_t, t, z = q_sample(x0, schedule, generator)
     kw = {} if labels is None else {"labels": labels}
-    return (model(a * x0 + s * z, t, **kw) - z).pow(2).mean()
+    return (model(x_t, t, **kw) - z).pow(2).mean()
 
 
 def drop_labels(labels: torch.Tensor, num_classes: int, p: float, generator: torch.Generator) -> torch.Tensor:
@@ -136,27 +134,94 @@ def check_run_dir(out: Path, resume: bool, overwrite: bool):
                          f"--overwrite to start over (its checkpoint is replaced at the first save)")
 
 
-def _jsonable_args(args) -> dict:
+def jsonable_args(args) -> dict:
     return {k: v for k, v in vars(args).items() if k not in ("func", "command")}
 
 
-def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = p or argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="runs/fmnist", help="run directory (checkpoint, log)")
-    p.add_argument("--config", default="fmnist_small", help=f"UNet config name, one of {sorted(CONFIGS)}")
-    p.add_argument("--steps", type=int, default=8000, help="total optimiser steps")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=4e-4)
-    p.add_argument("--warmup", type=int, default=200, help="linear lr warmup steps")
-    p.add_argument("--ema", type=float, default=0.999)
+def open_run_log(out: Path, meta: dict, first_line: str):
+    """Create the run folder ``out`` (only now: a run refused earlier leaves none), write ``run.json``
+    and open ``log.txt`` for appending with ``first_line``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run.json").write_text(json.dumps(meta, indent=2))
+    log = open(out / "log.txt", "a")
+    log.write(first_line + "\n")
+    return log
+
+
+def run_steps(args, *, opt, step: int, wall: float, step_loss, trained, ema_pairs, checkpoint, ckpt_path: Path,
+              log, desc: str) -> tuple[int, float]:
+    """The loop every training run shares (train, distill, distill --diffusers), from ``step`` to ``args.steps``.
+
+    Per step: linear lr warmup (``args.lr`` x a param group's ``lr_mult``), ``step_loss()`` ->
+    (loss, {name: value} logged beside it), a stop on a non-finite loss or gradient norm, gradient
+    clipping of ``trained`` at ``args.clip``, the optimiser step and EMA (``ema_pairs``: (ema, live)
+    modules, decay warming up to ``args.ema``). A log line every ``args.log_every`` steps and at the
+    end; ``checkpoint(step, wall)`` every ``args.ckpt_minutes`` and at the end. Returns (step, wall)."""
+    trained = list(trained)
+    last_ckpt, saved_step = time.time(), step
+    t_seg, sums, n_acc = time.time(), {}, 0
+    bar = tqdm(total=args.steps, initial=step, desc=desc, dynamic_ncols=True)
+    while step < args.steps:
+        t0 = time.time()
+        warmup = min(1.0, (step + 1) / max(1, args.warmup))
+        for g in opt.param_groups:
+            g["lr"] = args.lr * g.get("lr_mult", 1.0) * warmup
+        loss, extra = step_loss()
+        loss_value = loss.item()
+        check_finite_loss(loss_value, step, ckpt_path, saved_step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        check_finite_loss(float(torch.nn.utils.clip_grad_norm_(trained, args.clip)), step, ckpt_path,
+                          saved_step)  # an inf gradient of a finite loss would turn the weights to NaN
+        opt.step()
+        step += 1
+        decay = min(args.ema, (1 + step) / (10 + step))  # EMA warm-up: early checkpoints are usable too
+        for ema, live in ema_pairs:
+            ema_update(ema, live, decay)
+        wall += time.time() - t0
+        n_acc += 1
+        for name, value in {"loss": loss_value, **extra}.items():
+            sums[name] = sums.get(name, 0.0) + float(value)
+        bar.update(1)
+        if step % args.log_every == 0 or step == args.steps:
+            sps = n_acc / max(time.time() - t_seg, 1e-9)
+            means = {name: total / n_acc for name, total in sums.items()}
+            fields = " ".join(f"{name} {v:.5f}" if name == "loss" else f"{name} {v:.4f}" for name, v in means.items())
+            log.write(f"step {step} {fields} steps_per_s {sps:.3f} wall_s {wall:.0f}\n")
+            log.flush()
+            bar.set_postfix({name: f"{v:.4f}" for name, v in means.items()} | {"sps": f"{sps:.2f}"})
+            t_seg, sums, n_acc = time.time(), {}, 0
+        if time.time() - last_ckpt > 60 * args.ckpt_minutes:
+            checkpoint(step, wall)
+            last_ckpt, saved_step = time.time(), step
+    checkpoint(step, wall)
+    bar.close()
+    return step, wall
+
+
+def add_run_args(p: argparse.ArgumentParser, *, out: str, steps: int, batch: int, lr: float, warmup: int,
+                 ema: float, log_every: int):
+    """The flags every training run shares (train, distill): run folder, optimiser, EMA, checkpoints, log."""
+    p.add_argument("--out", default=out, help="run directory (checkpoint, log)")
+    p.add_argument("--steps", type=int, default=steps, help="total optimiser steps")
+    p.add_argument("--batch", type=int, default=batch)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--warmup", type=int, default=warmup, help="linear lr warmup steps")
+    p.add_argument("--ema", type=float, default=ema)
     p.add_argument("--clip", type=float, default=1.0, help="gradient norm clip")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--ckpt-minutes", type=float, default=3.0)
-    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--log-every", type=int, default=log_every)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-root", default=None)
     p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt")
     p.add_argument("--overwrite", action="store_true", help="start fresh even if <out>/ckpt.pt exists")
+
+
+def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = p or argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_run_args(p, out="runs/fmnist", steps=8000, batch=64, lr=4e-4, warmup=200, ema=0.999, log_every=50)
+    p.add_argument("--config", default="fmnist_small", help=f"UNet config name, one of {sorted(CONFIGS)}")
     p.add_argument("--init-from", default=None, metavar="CKPT",
                    help="start a fresh run from the EMA weights of another training checkpoint of the "
                         "same architecture (its time input may differ: the time MLP then re-learns)")
@@ -250,54 +315,23 @@ def train(args) -> Path:
     batches = infinite_batches(x_train, args.batch, gen, labels=y_train if conditional else None)
 
     meta = {"config": config.to_dict(), "schedule": {"beta_min": schedule.beta_min, "beta_d": schedule.beta_d,
-            "t_end": schedule.t_end}, "args": _jsonable_args(args), "params": count_parameters(model)}
-    out.mkdir(parents=True, exist_ok=True)  # only now: a run refused above leaves no folder behind
-    (out / "run.json").write_text(json.dumps(meta, indent=2))
-    log = open(out / "log.txt", "a")
-    log.write(f"# start step={step} params={meta['params']} args={json.dumps(_jsonable_args(args))}\n")
+            "t_end": schedule.t_end}, "args": jsonable_args(args), "params": count_parameters(model)}
+    log = open_run_log(out, meta, f"# start step={step} params={meta['params']} args={json.dumps(jsonable_args(args))}")
 
-    def checkpoint():
+    def checkpoint(step, wall):
         save_checkpoint(ckpt_path, {"config": config.to_dict(), "model": model.state_dict(),
                                     "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
                                     "wall_s": wall, "schedule": meta["schedule"]})
 
+    def step_loss():
+        if not conditional:
+            return diffusion_loss(model, next(batches), schedule, gen), {}
+        x0, y = next(batches)
+        return diffusion_loss(model, x0, schedule, gen, drop_labels(y, config.num_classes, args.label_dropout, gen)), {}
+
     model.train()
-    last_ckpt, saved_step = time.time(), step
-    t_seg, loss_acc, n_acc = time.time(), 0.0, 0
-    bar = tqdm(total=args.steps, initial=step, desc="train", dynamic_ncols=True)
-    while step < args.steps:
-        t0 = time.time()
-        for g in opt.param_groups:
-            g["lr"] = args.lr * g.get("lr_mult", 1.0) * min(1.0, (step + 1) / max(1, args.warmup))
-        if conditional:
-            x0, y = next(batches)
-            loss = diffusion_loss(model, x0, schedule, gen, drop_labels(y, config.num_classes, args.label_dropout, gen))
-        else:
-            loss = diffusion_loss(model, next(batches), schedule, gen)
-        loss_value = loss.item()
-        check_finite_loss(loss_value, step, ckpt_path, saved_step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        check_finite_loss(float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)), step, ckpt_path,
-                          saved_step)  # an inf gradient of a finite loss would turn the weights to NaN
-        opt.step()
-        step += 1
-        # EMA warm-up so early checkpoints are usable too.
-        ema_update(ema, model, min(args.ema, (1 + step) / (10 + step)))
-        wall += time.time() - t0
-        loss_acc, n_acc = loss_acc + loss_value, n_acc + 1
-        bar.update(1)
-        if step % args.log_every == 0:
-            sps = n_acc / (time.time() - t_seg)
-            log.write(f"step {step} loss {loss_acc / n_acc:.5f} steps_per_s {sps:.3f} wall_s {wall:.0f}\n")
-            log.flush()
-            bar.set_postfix(loss=f"{loss_acc / n_acc:.4f}", sps=f"{sps:.2f}")
-            t_seg, loss_acc, n_acc = time.time(), 0.0, 0
-        if time.time() - last_ckpt > 60 * args.ckpt_minutes:
-            checkpoint()
-            last_ckpt, saved_step = time.time(), step
-    checkpoint()
-    bar.close()
+    step, wall = run_steps(args, opt=opt, step=step, wall=wall, step_loss=step_loss, trained=model.parameters(),
+                           ema_pairs=[(ema, model)], checkpoint=checkpoint, ckpt_path=ckpt_path, log=log, desc="train")
     log.write(f"# done step={step} wall_s={wall:.0f}\n")
     log.close()
     return ckpt_path

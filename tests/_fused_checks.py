@@ -35,6 +35,16 @@ def randn(shape, dtype, seed, device="cpu"):
     return torch.randn(shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
 
 
+def state_dtype(net_dtype):
+    """The solver state's dtype beside a network of ``net_dtype``: float64 with float64, else float32."""
+    return torch.float64 if net_dtype == torch.float64 else torch.float32
+
+
+def step_inputs(shape, net_dtype, device):
+    """[x_bar (state dtype, scale 3), eps (net_dtype)]: the first two arguments of every step op."""
+    return [randn(shape, state_dtype(net_dtype), 0, device) * 3, randn(shape, net_dtype, 1, device)]
+
+
 def poisoned_like(t: torch.Tensor, dtype=None) -> torch.Tensor:
     """An output buffer full of NaN: any element a kernel fails to write stays NaN."""
     return torch.full(t.shape, float("nan"), dtype=dtype or t.dtype, device=t.device)

@@ -5,15 +5,10 @@ outputs, odd shapes, batch 1, layouts, in-place updates, opcheck and CUDA graphs
 import torch
 
 from genie_fast import ops
-from _fused_checks import StepOpTests, StepOp, coeff_rows, cpu_backends, randn
+from _fused_checks import StepOpTests, StepOp, coeff_rows, cpu_backends, randn, step_inputs
 
 
-def _make(shape, net_dtype, device):
-    state = torch.float64 if net_dtype == torch.float64 else torch.float32
-    return [randn(shape, state, 0, device) * 3, randn(shape, net_dtype, 1, device)]
-
-
-SPEC = StepOp("ddim_step", ops.ddim_step_ref, _make,
+SPEC = StepOp("ddim_step", ops.ddim_step_ref, step_inputs,
               lambda a: [(a[0], a[0].dtype), (a[0], a[1].dtype)],
               inplace=[(0, 0)])
 CPU = cpu_backends("ddim_step")
@@ -28,7 +23,7 @@ class TestDdimStep(StepOpTests):
 def test_wrong_coefficient_is_caught():
     """The reference check can fail: a step size off by one ulp-scale factor is detected."""
     c = coeff_rows()["late"].clone()
-    x_bar, eps = _make((2, 3, 4, 4), torch.float32, "cpu")
+    x_bar, eps = step_inputs((2, 3, 4, 4), torch.float32, "cpu")
     want = ops.ddim_step_ref(x_bar, eps, c)
     c[ops.COL["h"]] *= 1.001
     got = ops.ddim_step(x_bar, eps, c, backend="cpp")

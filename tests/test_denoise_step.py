@@ -5,15 +5,10 @@ outputs, odd shapes, batch 1, layouts, in-place updates, opcheck and CUDA graphs
 import torch
 
 from genie_fast import ops
-from _fused_checks import StepOpTests, StepOp, coeff_rows, cpu_backends, randn
+from _fused_checks import StepOpTests, StepOp, coeff_rows, cpu_backends, step_inputs
 
 
-def _make(shape, net_dtype, device):
-    state = torch.float64 if net_dtype == torch.float64 else torch.float32
-    return [randn(shape, state, 0, device) * 3, randn(shape, net_dtype, 1, device)]
-
-
-SPEC = StepOp("denoise_step", ops.denoise_step_ref, _make,
+SPEC = StepOp("denoise_step", ops.denoise_step_ref, step_inputs,
               lambda a: [(a[0], a[0].dtype)],
               inplace=[(0, 0)])
 CPU = cpu_backends("denoise_step")
@@ -28,7 +23,7 @@ class TestDenoiseStep(StepOpTests):
 def test_wrong_coefficient_is_caught():
     """Denoising must use gamma at the END of the step (gamma_next), not gamma_n."""
     c = coeff_rows()["late"]
-    x_bar, eps = _make((2, 3, 4, 4), torch.float32, "cpu")
+    x_bar, eps = step_inputs((2, 3, 4, 4), torch.float32, "cpu")
     wrong = x_bar - c[ops.COL["gamma"]].float() * eps
     for backend in CPU:
         got = ops.denoise_step(x_bar, eps, c, backend=backend)

@@ -21,12 +21,7 @@ from genie_fast.solvers import SOLVERS, jvp  # noqa: E402
 U32 = 2.0 ** -24  # float32 unit round-off
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny_unet(seed=0, **kw):

@@ -6,13 +6,11 @@ import pytest
 import torch
 
 from genie_fast import ops
-from _fused_checks import StepOpTests, StepOp, coeff_rows, cpu_backends, randn
+from _fused_checks import StepOpTests, StepOp, coeff_rows, cpu_backends, randn, state_dtype, step_inputs
 
 
 def _make(shape, net_dtype, device):
-    state = torch.float64 if net_dtype == torch.float64 else torch.float32
-    return [randn(shape, state, 0, device) * 3, randn(shape, net_dtype, 1, device),
-            randn(shape, state, 2, device)]
+    return step_inputs(shape, net_dtype, device) + [randn(shape, state_dtype(net_dtype), 2, device)]
 
 
 SPEC = StepOp("dpmpp_2m_step", ops.dpmpp_2m_step_ref, _make,

@@ -726,16 +726,33 @@ def test_nvtx_ranges_eager(monkeypatch):
 
 
 def test_profiling_noop_cost():
+    """With no profiler attached a range pair costs about a microsecond (measured 0.7-0.8 us, the nvtx
+    package's dummy domain or switched off); switched off, push/pop are the no-op function and a pair
+    costs a few bare ``nullcontext`` pairs (measured 3.8x). Best of 7 runs: load only adds time."""
     import time
 
     from genie_fast import profiling
 
-    t0 = time.perf_counter()
-    for _ in range(10000):
-        with profiling.nvtx_range("step"):
-            pass
-    per_pair_us = (time.perf_counter() - t0) / 10000 * 1e6
-    assert per_pair_us < 50, per_pair_us  # microseconds, against milliseconds per network call
+    def per_pair_us(make):
+        best = float("inf")
+        for _ in range(7):
+            t0 = time.perf_counter()
+            for _ in range(2000):
+                with make("step"):
+                    pass
+            best = min(best, (time.perf_counter() - t0) / 2000 * 1e6)
+        return best
+
+    assert per_pair_us(profiling.nvtx_range) < 5.0  # the emitter picked at import (none attached here)
+    before = profiling.emitter()
+    try:
+        assert profiling.configure("off") is None
+        assert profiling._push is profiling._noop and profiling._pop is profiling._noop
+        bare = per_pair_us(lambda name: contextlib.nullcontext())
+        ratio = per_pair_us(profiling.nvtx_range) / bare
+        assert ratio < 8.0, ratio
+    finally:
+        profiling.configure({None: "off", "nvtx": "nvtx", "torch.cuda.nvtx": "torch"}[before])
 
 
 def test_default_model_engine_matches_reference():

@@ -20,12 +20,7 @@ from genie_fast.sampling import make_noise
 ARGS = ["--solver", "ddim", "--nfe", "3", "--grid", "logsnr", "--threads", "1", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -4,14 +4,12 @@ import pytest
 import torch
 
 from genie_fast import ops
-from _fused_checks import StepOpTests, StepOp, coeff_rows, cpu_backends, randn
+from _fused_checks import StepOpTests, StepOp, coeff_rows, cpu_backends, randn, step_inputs
 
 
 def _make(shape, net_dtype, device):
-    state = torch.float64 if net_dtype == torch.float64 else torch.float32
     head_shape = (shape[0], 3 * shape[1], *shape[2:])
-    return [randn(shape, state, 0, device) * 3, randn(shape, net_dtype, 1, device),
-            randn(head_shape, net_dtype, 2, device)]
+    return step_inputs(shape, net_dtype, device) + [randn(head_shape, net_dtype, 2, device)]
 
 
 SPEC = StepOp("genie_step", ops.genie_step_ref, _make,

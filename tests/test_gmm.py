@@ -9,13 +9,7 @@ from genie_fast.reference import reference_solution
 from genie_fast.schedule import DiscreteVPSchedule, VPSchedule
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: extra threads only contend with whatever else runs on the machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _eps_by_autograd(gmm: GaussianMixture, x, t_cont):

@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from _helpers import randomize
 from genie_fast.models.default import ModelFileError, load_default, load_model, save_model, default_model_path
 from genie_fast.models.head import GenieHead, GenieModel, HeadConfig
 from genie_fast.models.unet import UNet, count_parameters
@@ -10,18 +11,10 @@ from genie_fast.ops import head_combine_ref
 from genie_fast.schedule import VPSchedule
 
 
-def _randomize(model, std=0.1, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
-
-
 @pytest.fixture
 def model():
     torch.manual_seed(0)
-    return _randomize(GenieModel(UNet("tiny"))).eval()
+    return randomize(GenieModel(UNet("tiny"))).eval()
 
 
 def test_head_shapes_and_combination(model):
@@ -48,7 +41,7 @@ def test_head_input_is_network_eps_and_detached_features(model):
 
 
 def test_head_starts_at_zero_derivative():
-    m = GenieModel(_randomize(UNet("tiny")))
+    m = GenieModel(randomize(UNet("tiny")))
     _, deps = m.eps_and_deps(torch.randn(2, 1, 8, 8), torch.rand(2))
     assert torch.count_nonzero(deps) == 0
 

@@ -7,26 +7,18 @@ from genie_fast import models
 from genie_fast.models import GaussianMixture
 from genie_fast.sampling import make_noise
 from genie_fast.schedule import DiscreteVPSchedule, VPSchedule, time_grid
+from _helpers import exact_head_kw as _kw
 from genie_fast.solvers import NFE_PER_STEP, SOLVERS, DEFAULT_AFS, grid_for, nfe_of, steps_for_nfe
 
 SHAPE = (1, 4, 4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def gmm():
     return GaussianMixture.random(3, SHAPE, seed=0)
-
-
-def _kw(name, model):
-    return {"head": lambda x, t, eps: model.exact_deps(x, t)} if name == "genie" else {}
 
 
 @pytest.mark.parametrize("name", list(SOLVERS))

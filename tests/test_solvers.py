@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from _helpers import exact_head_kw as _kw
 from genie_fast import ops
 from genie_fast.models import GaussianMixture
 from genie_fast.reference import reference_solution, rk4_solve
@@ -15,12 +16,7 @@ from genie_fast.solvers import JVP_NFE, NFE_PER_STEP, SOLVERS, Plan, exact_deps,
 SHAPE = (1, 4, 4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _noise(b=16, seed=0, shape=SHAPE):
@@ -38,11 +34,6 @@ def problems():
         "single": (single, x, single.ode_solution(x, 1.0, single.schedule.t_end)),
         "mixture": (mix, x, ref.x),
     }
-
-
-def _kw(name, model):
-    # genie with an ideal head (exact derivatives): what a perfectly distilled head would give
-    return {"head": lambda x, t, eps: model.exact_deps(x, t)} if name == "genie" else {}
 
 
 def _rmse(a, b):

@@ -3,24 +3,16 @@ import dataclasses
 import pytest
 import torch
 
+from _helpers import randomize
 from genie_fast.models.unet import CONFIGS, UNet, UNetConfig, count_parameters, log_gamma_vp, time_embedding, timestep_embedding
 from genie_fast.schedule import VPSchedule
-
-
-def _randomize(model, std=0.1, seed=0):
-    # The output conv and residual branches start at zero; random weights make tests meaningful.
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
 
 
 @pytest.mark.parametrize("shape", [(2, 1, 8, 8), (3, 1, 32, 32), (1, 3, 16, 16)])
 def test_shapes_and_features(shape):
     b, c, h, w = shape
     cfg = UNetConfig(in_channels=c, image_size=h, nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(h // 2,))
-    m = _randomize(UNet(cfg)).eval()
+    m = randomize(UNet(cfg)).eval()
     x, t = torch.randn(shape), torch.rand(b) * 0.999 + 1e-3
     eps = m(x, t)
     eps2, feats, temb = m(x, t, return_features=True)
@@ -34,12 +26,12 @@ def test_zero_init_output_and_scalar_t():
     m = UNet("tiny").eval()
     x = torch.randn(2, 1, 8, 8)
     assert torch.count_nonzero(m(x, torch.full((2,), 0.5))) == 0
-    _randomize(m)
+    randomize(m)
     assert torch.allclose(m(x, torch.tensor(0.5)), m(x, torch.full((2,), 0.5)))
 
 
 def test_batch_items_independent():
-    m = _randomize(UNet("tiny")).eval()
+    m = randomize(UNet("tiny")).eval()
     x, t = torch.randn(4, 1, 8, 8), torch.tensor([0.01, 0.2, 0.5, 1.0])
     full = m(x, t)
     for i in range(4):
@@ -51,7 +43,7 @@ def test_time_conditioning_uses_999t():
     emb = timestep_embedding(t, 8)
     # first frequency is 1: sin(999 t)
     assert torch.allclose(emb[:, 0], torch.sin(999.0 * t), atol=1e-5)
-    m = _randomize(UNet("tiny")).eval()
+    m = randomize(UNet("tiny")).eval()
     x = torch.randn(1, 1, 8, 8)
     assert not torch.allclose(m(x, torch.tensor([0.1])), m(x, torch.tensor([0.2])))
 
@@ -62,7 +54,7 @@ def test_log_gamma_time_input():
     assert CONFIGS["fmnist_small_lg"].time_input == "log_gamma"
     cfg = dataclasses.replace(CONFIGS["tiny"], time_input="log_gamma")
     a, b = UNet(CONFIGS["tiny"]), UNet(cfg)
-    b.load_state_dict(_randomize(a).state_dict())  # same parameters, other time features
+    b.load_state_dict(randomize(a).state_dict())  # same parameters, other time features
     x, tt = torch.randn(2, 1, 8, 8), torch.tensor([0.05, 0.7])
     assert not torch.allclose(a(x, tt), b(x, tt))
     # The point of it: at t = 0.3 the features move with t at the speed of log gamma (~5 per unit t),
@@ -79,7 +71,7 @@ def test_log_gamma_time_input():
 
 
 def test_gradients_flow_everywhere():
-    m = _randomize(UNet("tiny"))
+    m = randomize(UNet("tiny"))
     m(torch.randn(2, 1, 8, 8), torch.rand(2)).square().mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
 

@@ -1,0 +1,18 @@
+"""Small helpers shared by several test modules."""
+import torch
+
+
+def exact_head_kw(name: str, model) -> dict:
+    """sample() keywords of solver ``name`` on an exact-score model: genie gets an ideal head (the
+    exact d eps/d gamma, what a perfectly distilled head would give); other solvers need none."""
+    return {"head": lambda x, t, eps: model.exact_deps(x, t)} if name == "genie" else {}
+
+
+def randomize(model: torch.nn.Module, std: float = 0.1, seed: int = 0) -> torch.nn.Module:
+    """Every parameter drawn from N(0, std^2): the output conv and residual branches start at zero,
+    random weights make the tests meaningful."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
