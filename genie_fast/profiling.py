@@ -34,7 +34,7 @@ import contextlib
 import functools
 import os
 
-__all__ = ["DOMAIN", "nvtx_range", "push", "pop", "available", "emitter", "configure",
+__all__ = ["DOMAIN", "nvtx_range", "push", "pop", "emitter", "configure",
            "ncu_nvtx_filter", "EMITTERS"]
 
 DOMAIN = "genie_fast"
@@ -127,11 +127,6 @@ def emitter_info() -> dict:
     """The emitter, why it was chosen, and the ncu filter of the ``sample`` range (for reports)."""
     return {"emitter": _emitter, "why": _why, "nvtx_package": _nvtx is not None,
             "ncu_filter_sample": ncu_nvtx_filter("sample") if _emitter else None}
-
-
-def available() -> bool:
-    """True when ranges reach a profiler if one is attached (an emitter is in use)."""
-    return _emitter is not None
 
 
 def ncu_nvtx_filter(*names: str) -> str:
