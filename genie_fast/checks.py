@@ -13,9 +13,10 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
-__all__ = ["check_int", "check_number", "check_device", "check_out_dir", "check_out_file"]
+__all__ = ["check_int", "check_number", "check_flag", "check_device", "check_out_dir", "check_out_file"]
 
 
 def check_int(name: str, value, least: int | None = None) -> int:
@@ -43,6 +44,15 @@ def check_number(name: str, value, low: float = -math.inf, high: float = math.in
     return v
 
 
+def check_flag(name: str, value, allow_none: bool = False):
+    """``value`` as a bool (a numpy bool too); "no", 0 or 1 are refused, not read as truthiness."""
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False{' or None' if allow_none else ''}, got {value!r}")
+    return bool(value)
+
+
 def check_device(spec, name: str = "device") -> torch.device:
     """``spec`` as a torch.device that exists on this machine (a CUDA index below the GPU count)."""
     try:
@@ -51,10 +61,10 @@ def check_device(spec, name: str = "device") -> torch.device:
         raise ValueError(f"{name} {spec!r} is not a device (e.g. cpu, cuda, cuda:1): {e}") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"{name} {spec!r}: no CUDA GPU is available on this machine "
+            raise ValueError(f"{name} {str(spec)!r}: no CUDA GPU is available on this machine "
                              f"(torch {torch.__version__}, torch.cuda.is_available() is False); use cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"{name} {spec!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise ValueError(f"{name} {str(spec)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -66,18 +76,20 @@ def _writable(folder: Path) -> bool:
         return False
 
 
-def check_out_dir(path, name: str = "--out") -> Path:
-    """A folder that exists or can be made, and in which files can be written (nothing is created)."""
+def check_out_dir(path, name: str = "--out", shown=None) -> Path:
+    """A folder that exists or can be made, and in which files can be written (nothing is created).
+    shown: the path the message names (default `path`)."""
     path = Path(path)
+    shown = path if shown is None else shown
     if path.exists() and not path.is_dir():
-        raise ValueError(f"{name} {path} is a file, not a folder")
+        raise ValueError(f"{name} {shown}: {path} is a file, not a folder")
     probe = path
     while not probe.exists():  # the nearest existing folder is where the new ones would be made
         probe = probe.parent
     if not probe.is_dir():
-        raise ValueError(f"{name} {path}: {probe} is a file, so no folder can be made under it")
+        raise ValueError(f"{name} {shown}: {probe} is a file, so no folder can be made under it")
     if not _writable(probe):
-        raise ValueError(f"{name} {path}: cannot write in {probe} (permission denied or read-only)")
+        raise ValueError(f"{name} {shown}: cannot write in {probe} (permission denied or read-only)")
     return path
 
 
@@ -88,5 +100,5 @@ def check_out_file(path, extensions: tuple[str, ...], name: str = "--out") -> Pa
         raise ValueError(f"{name} {path} is a folder; give a file name such as {path / ('grid' + extensions[0])}")
     if path.suffix.lower() not in extensions:
         raise ValueError(f"{name} {path}: unknown extension {path.suffix!r}; allowed: {', '.join(extensions)}")
-    check_out_dir(path.parent, name)
+    check_out_dir(path.parent, name, shown=path)
     return path

@@ -88,12 +88,41 @@ def _parse_labels(text: str | None) -> list[int] | None:
                          f"got {text!r}") from None
 
 
+def _check_sampling_args(args):
+    """sample / encode: refuse bad numbers, device, backend, grid or precision before a model is loaded."""
+    from .checks import check_device, check_int, check_number
+    from .engine import DTYPES
+    from .ops import BACKENDS, check_backend
+    from .schedule import GRIDS
+
+    for flag in ("n", "nfe", "steps"):
+        if getattr(args, flag, None) is not None:
+            check_int("--" + flag, getattr(args, flag), 1)
+    check_int("--threads", args.threads, 0)
+    if getattr(args, "seed", None) is not None and not 0 <= args.seed < 2 ** 32:
+        raise ValueError(f"--seed must be in [0, 2**32), got {args.seed}")
+    if args.grid not in ("auto", *GRIDS):
+        raise ValueError(f"--grid {args.grid!r} is not a grid; choose one of {('auto', *GRIDS)}")
+    if args.net_dtype is not None and args.net_dtype not in DTYPES:
+        raise ValueError(f"--net-dtype {args.net_dtype!r} is not a dtype; choose one of {sorted(DTYPES)}")
+    device = check_device(args.device, "--device") if args.device is not None else torch.device("cpu")
+    backend = getattr(args, "backend", "auto")
+    if backend not in BACKENDS:
+        raise ValueError(f"--backend {backend!r} is not a backend; choose one of {BACKENDS}")
+    check_backend(backend, device)  # e.g. --backend cuda on the CPU: refused now, not after loading
+    if args.guidance_scale is not None:
+        check_number("--guidance-scale", args.guidance_scale)
+    return _parse_labels(args.labels)
+
+
 def _cmd_sample(args):
     import genie_fast
+    from .checks import check_out_file
     from .models.default import load_default, load_model
 
+    labels = _check_sampling_args(args)
+    check_out_file(args.out, (".png",), "--out")
     torch.set_num_threads(args.threads) if args.threads else None
-    labels = _parse_labels(args.labels)
     model = load_model(args.model) if args.model else (load_default() if labels else None)
     if labels == ["all"]:
         labels = list(range(getattr(model, "num_classes", 0) or 0)) or [0]
@@ -144,17 +173,16 @@ def _load_images(args, image_shape) -> tuple[torch.Tensor, torch.Tensor | None]:
 def _cmd_encode(args):
     import genie_fast
     from safetensors.torch import save_file
+    from .checks import check_out_file
     from .models.default import load_default, load_model
 
+    labels = _check_sampling_args(args)
+    out = check_out_file(args.out, (".safetensors",), "--out")
+    if args.reconstruct:
+        check_out_file(args.reconstruct, (".png",), "--reconstruct")
     torch.set_num_threads(args.threads) if args.threads else None
-    out = Path(args.out)
-    if out.suffix != ".safetensors":
-        raise ValueError(f"--out must name a .safetensors file, got {args.out}")
-    if args.reconstruct and Path(args.reconstruct).suffix.lower() != ".png":
-        raise ValueError(f"--reconstruct must name a .png file, got {args.reconstruct}")
     model = load_model(args.model) if args.model else load_default()
     x0, true_labels = _load_images(args, model.image_shape)
-    labels = _parse_labels(args.labels)
     if labels == ["all"]:
         raise ValueError("--labels all is for sampling; give one class or one per image")
     if labels is not None:

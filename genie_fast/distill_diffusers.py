@@ -93,16 +93,16 @@ def model_pool(net, n: int, nfe: int, batch: int, seed: int = 0, progress: bool 
     """n samples of the model itself (dpmpp_2m, logSNR grid, final denoising) and their labels.
 
     A class-conditional model samples uniform labels, unguided. Sample i uses noise seed
-    ``seed + i`` (``genie_fast.sampling.make_noise``)."""
+    ``seed + i`` (``genie_fast.sampling.seed_noise``)."""
     from .guidance import Conditioned
-    from .sampling import make_noise, sample
+    from .sampling import sample, seed_noise
 
     gen = torch.Generator().manual_seed(seed)
     labels = torch.randint(net.num_classes, (n,), generator=gen) if net.num_classes else None
     out = []
     for i in tqdm(range(0, n, batch), desc="data-free pool", disable=not progress, dynamic_ncols=True):
         b = min(batch, n - i)
-        noise = make_noise(b, net.image_shape, seed + i)
+        noise = seed_noise(range(seed + i, seed + i + b), net.image_shape)
         model = Conditioned(net, labels[i:i + b]) if labels is not None else net
         x0, _ = sample(model, noise=noise, solver="dpmpp_2m", nfe=nfe, grid="logsnr", denoise=True)
         out.append(x0.clamp(-1, 1))

@@ -58,8 +58,12 @@ What runs where
     as ``.item()``, or anything CUDA refuses during capture) runs eagerly instead, with one
     warning per engine. (Data-dependent Python control flow cannot be detected: a graph replays
     the path taken at capture.)
-  * Noise is drawn outside the graph (float32, sample i from its own CPU generator seeded
-    seed + i: the same x_T on every device) and copied into the static input.
+  * Noise is drawn outside the graph on the CPU in float32 (`make_noise` for a batch seed,
+    `seed_noise` for per-image seeds: the same x_T on every device) and copied into the static input.
+  * Finite results: a call checks once, after the loop, that its samples are finite (one host
+    sync; ``check_finite=False`` skips it). If not, it re-runs eagerly with a check at every
+    network call (`solvers.find_nonfinite`) and raises `NonFiniteError` naming the first step where
+    the state or the model's output stopped being finite.
   * Inference mode: the engine's persistent tensors (weight copies, plans, graph buffers) are
     always made with inference mode off, so a first call under ``torch.inference_mode()`` does not
     break later calls outside it.
@@ -84,13 +88,14 @@ import torch
 from torch import nn
 
 from . import ops
+from .checks import check_device, check_flag, check_int
 from .profiling import nvtx_range, pop, push
 from .schedule import VPSchedule, time_grid
-from .solvers import (AUTO_AFS, DEFAULT_AFS, DEFAULT_NFE, DEFAULT_SOLVER, SOLVERS, Plan, evals_per_call, grid_for, nfe_of,
-                      steps_for_nfe)
+from .solvers import (AUTO_AFS, DEFAULT_AFS, DEFAULT_NFE, DEFAULT_SOLVER, SOLVERS, NonFiniteError, Plan, evals_per_call,
+                      find_nonfinite, grid_for, nfe_of, steps_for_nfe)
 
-__all__ = ["SamplingEngine", "GraphKey", "ENGINE_SOLVERS", "DTYPES", "draw_noise", "make_noise", "engine_for",
-           "no_tf32"]
+__all__ = ["SamplingEngine", "GraphKey", "ENGINE_SOLVERS", "DTYPES", "draw_noise", "make_noise", "seed_noise",
+           "NonFiniteError", "engine_for", "no_tf32"]
 
 ENGINE_SOLVERS = tuple(SOLVERS)  # every solver runs in the engine (kept for scripts that list them)
 DTYPES = {"fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
@@ -111,19 +116,44 @@ def _as_dtype(dtype, allowed, what) -> torch.dtype:
     return dtype
 
 
+# torch's CPU generator (mt19937) keeps only the low 32 bits of a seed: 2**32 would repeat seed 0.
+SEED_LIMIT = 2 ** 32
+
+
+def _check_seed(name: str, seed) -> int:
+    seed = check_int(name, seed, 0)
+    if seed >= SEED_LIMIT:
+        raise ValueError(f"{name} must be below 2**32 (torch's CPU generator keeps 32 bits of a seed: "
+                         f"{seed} would draw the noise of {seed % SEED_LIMIT}), got {seed}")
+    return seed
+
+
+def seed_noise(seeds, shape, dtype=torch.float32, device=None) -> torch.Tensor:
+    """(len(seeds), *shape) standard normal noise, row k drawn in float32 on the CPU from its own
+    ``torch.Generator().manual_seed(seeds[k])``: the one definition of a per-image seed's x_T
+    (``sample(seeds=)`` and ``genie-fast generate``), the same whatever the batch around it, its
+    order, or the device. Seeds are ints in [0, 2**32)."""
+    seeds = [_check_seed("seeds", s) for s in seeds]
+    if not seeds:
+        raise ValueError("seeds must hold at least one seed")
+    rows = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(s), dtype=torch.float32)
+            for s in seeds]
+    return torch.stack(rows).to(device=device, dtype=dtype)
+
+
 def make_noise(n: int, shape, seed: int = 0, dtype=torch.float32, device=None) -> torch.Tensor:
-    """(n, *shape) standard normal noise; sample i is drawn from its own generator seeded seed + i,
-    on the CPU, so it does not depend on n, the batch around it, or the device."""
-    rows = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed + i), dtype=torch.float32)
-            for i in range(n)]
+    """(n, *shape) standard normal noise of batch seed `seed` (an int in [0, 2**32)): one CPU
+    generator seeded `seed` draws the samples one after another (float32), so sample i does not
+    depend on n or the device, and two seeds' batches share no sample (different streams). The
+    first sample of seed s is ``seed_noise([s])``, the image of per-image seed s."""
+    n, generator = check_int("n", n, 1), torch.Generator().manual_seed(_check_seed("seed", seed))
+    rows = [torch.randn(tuple(shape), generator=generator, dtype=torch.float32) for _ in range(n)]
     return torch.stack(rows).to(device=device, dtype=dtype)
 
 
 def draw_noise(n: int, shape, seed: int = 0, device=None, dtype=torch.float32) -> torch.Tensor:
     """x_T ~ N(0, I) of (n, *shape) by `make_noise` (drawn in float32), on `device` in `dtype`."""
-    if int(n) != n or n < 1:
-        raise ValueError(f"n must be a positive integer, got {n}")
-    return make_noise(int(n), tuple(shape), int(seed), dtype=dtype, device=device)
+    return make_noise(check_int("n", n, 1), tuple(shape), seed, dtype=dtype, device=device)
 
 
 @contextlib.contextmanager
@@ -206,16 +236,12 @@ class SamplingEngine:
                  _keep_alive: bool = True):
         if model is None or not callable(model):
             raise TypeError(f"model must be a callable eps model, got {type(model).__name__}")
-        self.device = torch.device(device if device is not None else
+        self.device = check_device(device if device is not None else
                                    ("cuda" if torch.cuda.is_available() else "cpu"))
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' asked for, but torch sees no CUDA GPU")
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.net_dtype = None if net_dtype is None else self._check_net_dtype(net_dtype)
-        if backend not in ops.BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose one of {ops.BACKENDS}")
-        self.backend = backend
+        self.backend = ops.check_backend(backend, self.device)  # a named backend that cannot run here raises
         if use_graphs is None:
             use_graphs = self.device.type == "cuda"
         if use_graphs and self.device.type != "cuda":
@@ -331,17 +357,42 @@ class SamplingEngine:
         self._sources = self._versions = None
 
     # ------------------------------------------------------------------ keys, plans and cache
-    def _state_noise(self, noise, n, shape, seed, dtype) -> torch.Tensor:
-        """x_T on the device in the state dtype: the given noise, or n samples drawn from `seed`."""
+    def _shape(self, shape) -> tuple | None:
+        """The image shape of a call: `shape` (checked against the model's channel count) or the model's."""
+        own = getattr(self.model, "image_shape", None)
+        if shape is None:
+            return None if own is None else tuple(own)
+        if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence) or not shape:
+            raise TypeError(f"shape must be a tuple of ints (C, H, W), got {shape!r}")
+        shape = tuple(check_int("shape", d, 1) for d in shape)
+        if own is not None and shape[0] != tuple(own)[0]:
+            raise ValueError(f"shape {shape} has {shape[0]} channel(s), the model takes {tuple(own)[0]} "
+                             f"(its image_shape is {tuple(own)})")
+        return shape
+
+    def _state_noise(self, noise, n, shape, seed, dtype, seeds=None) -> torch.Tensor:
+        """x_T on the device in the state dtype: the given noise, or n samples of batch seed `seed`,
+        or one sample per per-image seed of `seeds` (`seed_noise`)."""
         if dtype is not None:
             dtype = _as_dtype(dtype, (torch.float32, torch.float64), "dtype (the ODE state's and the samples'; "
                               "the network's precision is net_dtype)")
+        want = self._shape(shape)
+        if seeds is not None:
+            if noise is not None or seed != 0:
+                raise ValueError("seeds= gives every sample its own seed: give it without noise= and seed=")
+            if isinstance(seeds, (str, bytes)) or not isinstance(seeds, (Sequence, range, torch.Tensor)):
+                raise TypeError(f"seeds must be a sequence of ints, got {type(seeds).__name__}")
+            seeds = seeds.tolist() if isinstance(seeds, torch.Tensor) else list(seeds)
+            if n is not None and n != len(seeds):
+                raise ValueError(f"n={n} disagrees with the {len(seeds)} seeds given")
+            return seed_noise(seeds, want if want is not None else _image_shape(self.model), dtype or torch.float32,
+                              self.device)
         if noise is None:
-            if n is None or isinstance(n, bool) or int(n) != n or n < 1:
-                raise ValueError(f"give noise=, or n= a positive number of samples (and optionally shape and seed); "
-                                 f"got n={n}")
-            return draw_noise(n, shape if shape is not None else _image_shape(self.model), seed, self.device,
-                              dtype or torch.float32)
+            if n is None:
+                raise ValueError("give noise=, or n= a positive number of samples (and optionally shape and "
+                                 "seed), or seeds=")
+            return draw_noise(check_int("n", n, 1), want if want is not None else _image_shape(self.model), seed,
+                              self.device, dtype or torch.float32)
         if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
             raise TypeError(f"noise must be a floating-point tensor, got {type(noise).__name__}"
                             + (f" of dtype {noise.dtype}" if isinstance(noise, torch.Tensor) else ""))
@@ -349,7 +400,6 @@ class SamplingEngine:
             raise ValueError(f"noise must be (B, C, ...) with B >= 1 and no empty dimension, got {tuple(noise.shape)}")
         if n is not None and n != noise.shape[0]:
             raise ValueError(f"n={n} disagrees with noise's batch size {noise.shape[0]}")
-        want = tuple(shape) if shape is not None else getattr(self.model, "image_shape", None)
         if want is not None and tuple(noise.shape[1:]) != tuple(want):
             raise ValueError(f"noise must have shape (B, *{tuple(want)}), got {tuple(noise.shape)}")
         dtype = dtype or (torch.float64 if noise.dtype == torch.float64 else torch.float32)
@@ -366,6 +416,10 @@ class SamplingEngine:
         """(GraphKey, Plan, nfe) of a call, memoised on its arguments. encode: the grid runs from
         t_end up to 1 (the reverse of the sampling grid the same arguments give; no AFS, no denoising)."""
         tf32 = _tf32_flags() if self.use_graphs else None
+        for name, value in (("nfe", nfe), ("steps", steps)):  # before the memo: 10.0 or True never pass for 10, 1
+            if value is not None:
+                check_int(name, value, 1)
+        afs, denoise = check_flag("afs", afs, allow_none=True), check_flag("denoise", denoise)
         try:
             memo_key = (solver, nfe, steps, grid if isinstance(grid, str) else _grid_key(grid), afs, denoise,
                         x_T.dtype, x_T.shape, net_dtype, schedule, tuple(sorted(solver_kw.items())), tf32, encode)
@@ -421,20 +475,24 @@ class SamplingEngine:
     # ------------------------------------------------------------------ public entry
     @torch.no_grad()
     def sample(self, noise: torch.Tensor | None = None, *, n: int | None = None, shape=None, seed: int = 0,
-               solver: str = DEFAULT_SOLVER, nfe: int | None = None, steps: int | None = None, grid="auto",
-               afs: bool = DEFAULT_AFS, denoise: bool = False, dtype=None, net_dtype=None, schedule=None,
-               **solver_kw):
+               seeds=None, solver: str = DEFAULT_SOLVER, nfe: int | None = None, steps: int | None = None,
+               grid="auto", afs: bool = DEFAULT_AFS, denoise: bool = False, dtype=None, net_dtype=None,
+               schedule=None, check_finite: bool = True, **solver_kw):
         """Sample x0 from noise x_T with `solver`; returns (x0 (B, *shape) in `dtype` on the engine's
         device, NFE per sample). The arguments and defaults are those of `genie_fast.sample`."""
         with nvtx_range("sample"), torch.inference_mode(False), torch.no_grad():
-            x_T = self._state_noise(noise, n, shape, seed, dtype)
+            x_T = self._state_noise(noise, n, shape, seed, dtype, seeds)
             key, plan, spent = self._prepare(x_T, solver, nfe, steps, grid, afs, denoise, net_dtype, schedule,
                                              solver_kw)
-            return self._run(key, plan, x_T), spent
+            x0 = self._run(key, plan, x_T)
+            if check_finite:
+                self._check_finite(x0, key, plan, x_T, "samples", "noise x_T")
+            return x0, spent
 
     @torch.no_grad()
     def encode(self, x0: torch.Tensor, *, solver: str = DEFAULT_SOLVER, nfe: int | None = None,
-               steps: int | None = None, grid="auto", dtype=None, net_dtype=None, schedule=None, **solver_kw):
+               steps: int | None = None, grid="auto", dtype=None, net_dtype=None, schedule=None,
+               check_finite: bool = True, **solver_kw):
         """Encode data x0 (the network input at t_end) into latents x_T by solving the probability-flow
         ODE from t_end up to t = 1 on the reverse of the grid `sample` builds from the same solver,
         nfe / steps and grid (with AFS and the denoising step off: neither applies to encoding; an
@@ -444,7 +502,29 @@ class SamplingEngine:
             x = self._state_noise(x0, None, None, 0, dtype)
             key, plan, spent = self._prepare(x, solver, nfe, steps, grid, False, False, net_dtype, schedule,
                                              solver_kw, encode=True)
-            return self._run(key, plan, x), spent
+            x_T = self._run(key, plan, x)
+            if check_finite:
+                self._check_finite(x_T, key, plan, x, "latents", "data x0")
+            return x_T, spent
+
+    def _check_finite(self, out: torch.Tensor, key: GraphKey, plan: Plan, start: torch.Tensor, what: str,
+                      start_name: str):
+        """One check after the loop (one host sync); on failure, find where by an eager re-run with checks."""
+        if out.device.type == "meta" or bool(torch.isfinite(out).all()):  # meta tensors hold no values
+            return
+        bad = int((~torch.isfinite(out)).sum())
+        if not bool(torch.isfinite(start).all()):
+            where = f"the {start_name} holds {int((~torch.isfinite(start)).sum())} non-finite values"
+        else:
+            try:
+                with find_nonfinite():
+                    self._solve(self.network(key.net_dtype), key, plan, start)
+                where = "an eager re-run with a check at every step stayed finite (the captured run differs)"
+            except NonFiniteError as e:
+                where = str(e)
+        raise NonFiniteError(f"{bad} of {out.numel()} values of the {what} are NaN or inf: {where} "
+                             f"(solver {key.solver}, {len(key.ts) - 1} steps, network {key.net_dtype}). "
+                             f"check_finite=False returns such results unchecked")
 
     def _run(self, key: GraphKey, plan: Plan, x_T: torch.Tensor) -> torch.Tensor:
         self._sync_weights()
@@ -566,16 +646,14 @@ def _sampling_grid(solver, nfe, steps, grid, afs, denoise, schedule, evals, enco
     grid = grid_for(solver, grid)
     if isinstance(grid, str):
         if steps is None:
-            budget = DEFAULT_NFE if nfe is None else nfe
-            if isinstance(budget, bool) or int(budget) != budget:
-                raise ValueError(f"nfe must be an integer budget, got {nfe!r}")
+            budget = DEFAULT_NFE if nfe is None else check_int("nfe", nfe, 1)
             steps = steps_for_nfe(solver, int(budget), afs, denoise, evals)
             if steps < 1 or nfe_of(solver, steps, afs, denoise, evals) < 1:  # (one AFS step calls nothing)
                 raise ValueError(f"nfe={budget} is too small for {solver} (afs={afs}, denoise={denoise}): the "
                                  f"smallest run that calls the network needs "
                                  f"{nfe_of(solver, steps + 1, afs, denoise, evals)}")
-        elif isinstance(steps, bool) or int(steps) != steps or steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        else:
+            check_int("steps", steps, 1)
         return time_grid(schedule, int(steps), grid)
     if not isinstance(grid, (Sequence, torch.Tensor)):
         raise TypeError(f"grid must be a name or a sequence of times, got {type(grid).__name__}")

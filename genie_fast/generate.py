@@ -6,7 +6,8 @@
         -m genie_fast.cli generate ...          (several machines: --outdir on a shared file system)
 
 * Seeds. The image of seed s starts from x_T = randn(C, H, W) drawn on the CPU (float32) from its
-  own ``torch.Generator().manual_seed(s)`` (``genie_fast.sampling.make_noise(1, shape, s)``).
+  own ``torch.Generator().manual_seed(s)`` (``genie_fast.engine.seed_noise``, the same noise as
+  ``genie_fast.sample(seeds=[s])``).
 * Batches. The seeds still to do, in the order given, are cut into consecutive chunks of
   ``--batch``; chunk i runs on rank i % world_size. A seed's image depends on its chunk, not on
   which rank ran it, so it is bitwise the same whatever the world size at a fixed ``--batch`` (and
@@ -43,6 +44,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .engine import seed_noise  # the one definition of a per-image seed's noise (also sample(seeds=))
+
 __all__ = ["parse_seeds", "format_seeds", "seed_noise", "weights_hash", "to_uint8", "generate",
            "build_parser", "check_args", "main"]
 
@@ -72,8 +75,8 @@ def parse_seeds(spec: str) -> list[int]:
         seeds.extend(range(a, b + 1))
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds {spec!r}: a seed appears twice")
-    if max(seeds) >= 2 ** 63:
-        raise ValueError(f"--seeds {spec!r}: seeds must be below 2**63")
+    if max(seeds) >= 2 ** 32:  # torch's CPU generator keeps 32 bits of a seed: 2**32 would repeat seed 0
+        raise ValueError(f"--seeds {spec!r}: seeds must be below 2**32 (= {2 ** 32})")
     return seeds
 
 
@@ -88,13 +91,6 @@ def format_seeds(seeds) -> str:
         parts.append(str(seeds[i]) if i == j else f"{seeds[i]}-{seeds[j]}")
         i = j + 1
     return ",".join(parts)
-
-
-def seed_noise(seeds, shape) -> torch.Tensor:
-    """(len(seeds), *shape) float32 CPU noise, row k from its own generator seeded seeds[k]."""
-    from .sampling import make_noise
-
-    return torch.cat([make_noise(1, shape, int(s)) for s in seeds])
 
 
 def weights_hash(module: torch.nn.Module) -> str:
@@ -366,6 +362,8 @@ def generate(model, seeds, outdir, *, model_info: dict | None = None, batch: int
         raise ValueError(f"--format must be npz or png, got {fmt!r}")
     check_int("--batch", batch, 1)
     seeds = [check_int("seeds", s, 0) for s in seeds]
+    if seeds and max(seeds) >= 2 ** 32:
+        raise ValueError(f"seeds must be below 2**32 (torch's CPU generator keeps 32 bits), got {max(seeds)}")
     if not seeds:
         raise ValueError("no seeds to sample")
     if len(set(seeds)) != len(seeds):

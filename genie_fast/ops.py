@@ -36,7 +36,7 @@ from ._ext import has_op
 from .schedule import COL, VPSchedule, coeff_table
 
 __all__ = [
-    "BACKENDS", "head_combine_ref", "available_backends", "schedule_table",
+    "BACKENDS", "head_combine_ref", "available_backends", "check_backend", "schedule_table",
     "taylor_step_ref", "genie_step_ref", "ddim_step_ref", "denoise_step_ref", "dpmpp_2m_step_ref",
     "taylor_step", "genie_step", "ddim_step", "denoise_step", "dpmpp_2m_step",
 ]
@@ -141,6 +141,13 @@ def _triton_error(device_type: str) -> str | None:
     except ImportError as e:
         return f"Triton kernels cannot be imported ({e})"
     return None
+
+
+def check_backend(backend: str, device) -> str:
+    """Refuse, before any work, a backend that is unknown or cannot run on `device` at all (a
+    sampling call checks this first; each op checks its own kernel when it runs)."""
+    _check_backend_device(backend, torch.device(device).type, "sampling")
+    return backend
 
 
 def _check_backend_device(backend: str, device_type: str, op: str):

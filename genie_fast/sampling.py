@@ -5,16 +5,16 @@ import collections
 
 import torch
 
-from .engine import engine_for, make_noise
+from .engine import NonFiniteError, engine_for, make_noise, seed_noise
 from .guidance import DEFAULT_GUIDANCE_SCALE, Conditioned, conditioned
 from .solvers import DEFAULT_AFS, DEFAULT_SOLVER
 
-__all__ = ["sample", "encode", "make_noise"]
+__all__ = ["sample", "encode", "make_noise", "seed_noise", "NonFiniteError"]
 
 
 def sample(model=None, noise=None, n=None, shape=None, solver=DEFAULT_SOLVER, nfe=None, steps=None, grid="auto",
            schedule=None, seed=0, afs=DEFAULT_AFS, denoise=False, backend="auto", device=None, dtype=None, net_dtype=None,
-           labels=None, guidance_scale=None, **solver_kw):
+           labels=None, guidance_scale=None, seeds=None, check_finite=True, **solver_kw):
     """Draw samples from `model` with `solver`; returns (samples (B, *shape) on `device`, NFE per sample).
 
     model: an eps model ``model(x, t)`` with t of shape (B,) (None: the bundled default model).
@@ -22,8 +22,13 @@ def sample(model=None, noise=None, n=None, shape=None, solver=DEFAULT_SOLVER, nf
         when `shape` is None. It may declare ``evals_per_call`` (network evaluations per call and
         sample, e.g. 2 for a guidance wrapper on a doubled batch): budgets and the returned NFE
         count it.
-    noise: x_T of shape (B, *shape), read as `dtype`; or n (with shape) to draw it, sample i from
-        its own generator seeded seed + i (a sample does not change with the batch around it).
+    noise: x_T of shape (B, *shape), read as `dtype`; or n (with shape) to draw it from batch seed
+        `seed` (an int in [0, 2**32)): one generator seeded `seed` draws sample after sample, so the
+        batches of two seeds share no sample and sample i does not depend on n (`make_noise`); or
+        seeds: one per-image seed per sample, each drawn from its own generator (EDM's
+        ``--seeds 0-49999``; ``genie-fast generate`` draws a seed's noise the same way, `seed_noise`).
+        A sample's noise never depends on the batch around it; the sample itself changes with the
+        batch only by batched float round-off (README, "Seeds").
     solver: one of `genie_fast.SOLVERS` (default "genie"); solver_kw go to it (head= for genie,
         order= for unipc / ipndm) and are part of the engine's graph key.
     steps / nfe: the number of steps, or a budget of network evaluations (default budget: 10) of
@@ -54,6 +59,11 @@ def sample(model=None, noise=None, n=None, shape=None, solver=DEFAULT_SOLVER, nf
         sample in `nfe` budgets and in the returned NFE (batched calls = NFE / 2). Labels and scale
         are device inputs of the captured graph: changing them does not capture again.
 
+    check_finite: check once, after the loop, that every returned value is finite, and raise
+        `NonFiniteError` naming the first step where the state or the model's output stopped being
+        finite (found by an eager re-run with checks) if not; False returns results unchecked (saves
+        one host-device sync per call).
+
     Every entry point shares these defaults: `SamplingEngine.sample` and ``genie-fast sample``.
     """
     if model is None:
@@ -62,15 +72,21 @@ def sample(model=None, noise=None, n=None, shape=None, solver=DEFAULT_SOLVER, nf
         raise TypeError(f"model must be a callable eps(x, t), got {type(model).__name__}")
     if device is None:
         device = _model_device(model) or (noise.device if isinstance(noise, torch.Tensor) else "cpu")
-    model = _with_labels(model, labels, guidance_scale, noise.shape[0] if isinstance(noise, torch.Tensor) else n)
+    batch = noise.shape[0] if isinstance(noise, torch.Tensor) else len(seeds) if _sized(seeds) else n
+    model = _with_labels(model, labels, guidance_scale, batch)
     engine = engine_for(model, device, backend)
-    return engine.sample(noise, n=n, shape=shape, seed=seed, solver=solver, nfe=nfe, steps=steps, grid=grid,
-                         afs=afs, denoise=denoise, dtype=dtype, net_dtype=net_dtype, schedule=schedule,
-                         **solver_kw)
+    return engine.sample(noise, n=n, shape=shape, seed=seed, seeds=seeds, solver=solver, nfe=nfe, steps=steps,
+                         grid=grid, afs=afs, denoise=denoise, dtype=dtype, net_dtype=net_dtype, schedule=schedule,
+                         check_finite=check_finite, **solver_kw)
+
+
+def _sized(seeds) -> bool:
+    return seeds is not None and hasattr(seeds, "__len__") and not isinstance(seeds, (str, bytes))
 
 
 def encode(model=None, x0=None, solver=DEFAULT_SOLVER, nfe=None, steps=None, grid="auto", schedule=None,
-           backend="auto", device=None, dtype=None, net_dtype=None, labels=None, guidance_scale=None, **solver_kw):
+           backend="auto", device=None, dtype=None, net_dtype=None, labels=None, guidance_scale=None,
+           check_finite=True, **solver_kw):
     """Encode data into latents: the probability-flow ODE solved from t_end up to t = 1 with `solver`.
 
     x0: data of shape (B, *image_shape), taken as the network input at t_end (the data point itself:
@@ -78,8 +94,8 @@ def encode(model=None, x0=None, solver=DEFAULT_SOLVER, nfe=None, steps=None, gri
     The grid is the reverse of the one ``sample`` builds from the same solver, nfe / steps and grid
     (an explicit grid may be given decreasing or increasing), with AFS and the denoising step off:
     neither applies to encoding. GENIE's Taylor step runs forward in gamma with the head at each
-    point; multistep solvers use their history the same way. labels / guidance_scale: as in
-    ``sample`` (encoding along the guided ODE). Returns (x_T, NFE per sample).
+    point; multistep solvers use their history the same way. labels / guidance_scale / check_finite:
+    as in ``sample`` (encoding along the guided ODE). Returns (x_T, NFE per sample).
 
     Decoding: ``sample(model, noise=x_T, solver=..., nfe=... or steps=..., grid=..., afs=False)``
     with the same arguments runs the same grid back (AFS would replace the first evaluation by an
@@ -101,7 +117,7 @@ def encode(model=None, x0=None, solver=DEFAULT_SOLVER, nfe=None, steps=None, gri
     model = _with_labels(model, labels, guidance_scale, x0.shape[0] if x0.dim() else None)
     engine = engine_for(model, device, backend)
     return engine.encode(x0, solver=solver, nfe=nfe, steps=steps, grid=grid, dtype=dtype, net_dtype=net_dtype,
-                         schedule=schedule, **solver_kw)
+                         schedule=schedule, check_finite=check_finite, **solver_kw)
 
 
 # The Conditioned wrappers of recent (model, batch, guided) combinations. The engine caches graphs

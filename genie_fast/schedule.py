@@ -223,6 +223,9 @@ def time_grid(schedule: _Schedule, num_steps: int, kind="quadratic", t_start: fl
         ts = torch.as_tensor(kind, dtype=torch.float64).flatten()
         if len(ts) < 2:
             raise ValueError("a user-given time grid needs at least two times")
+        if not bool(torch.isfinite(ts).all()):
+            i = int((~torch.isfinite(ts)).nonzero()[0])
+            raise ValueError(f"a user-given time grid must hold finite times, got {float(ts[i])} at index {i}")
         d = ts[1:] - ts[:-1]
         if not (bool((d < 0).all()) or bool((d > 0).all())):
             raise ValueError("a user-given time grid must be strictly monotone (decreasing for sampling, "

@@ -37,6 +37,7 @@ math here with per-step weights computed on the host once per plan.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 
 import torch
@@ -50,7 +51,7 @@ from .profiling import pop, push
 from .schedule import COL, VPSchedule, coeff_table, ode_tangents
 
 __all__ = ["SOLVERS", "NFE_PER_STEP", "JVP_NFE", "nfe_of", "steps_for_nfe", "evals_per_call",
-           "Plan", "check_grid", "jvp", "exact_deps",
+           "Plan", "check_grid", "jvp", "exact_deps", "NonFiniteError", "find_nonfinite",
            "DEFAULT_SOLVER", "DEFAULT_NFE", "DEFAULT_AFS", "AUTO_GRID", "AUTO_AFS", "grid_for",
            "ddim", "genie", "genie_exact", "heun", "dpm_solver_2", "dpmpp_2m", "dpmpp_3m",
            "unipc", "ipndm"]
@@ -63,6 +64,8 @@ def check_grid(ts) -> torch.Tensor:
     ts = torch.as_tensor(ts, dtype=torch.float64).detach().cpu().flatten()
     if len(ts) < 2:
         raise ValueError("ts needs at least two times (one step)")
+    if not bool(torch.isfinite(ts).all()):
+        raise ValueError(f"ts must hold finite times, got {ts.tolist()}")
     d = ts[1:] - ts[:-1]
     if not (bool((d < 0).all()) or bool((d > 0).all())) or not bool((ts > 0).all()):
         raise ValueError("ts must be positive and strictly monotone (decreasing: sampling, increasing: "
@@ -244,6 +247,46 @@ def exact_deps(model, x, t, eps, schedule):
     return _jvp_along_ode(model, x, t, dx, dt, schedule)
 
 
+# --------------------------------------------------------------------------- checks
+
+class NonFiniteError(FloatingPointError):
+    """Samples (or latents), or the ODE state on the way to them, hold NaN or inf."""
+
+
+_FIND_NONFINITE = contextvars.ContextVar("genie_fast_find_nonfinite", default=False)
+
+
+@contextlib.contextmanager
+def find_nonfinite():
+    """Inside, every network call of a solver checks its input and outputs and raises
+    `NonFiniteError` naming the first step where the state or the model's output stopped being
+    finite. Each check syncs host and device: for a diagnostic re-run only (`SamplingEngine` re-runs
+    a call whose result is not finite this way), never in a captured graph."""
+    token = _FIND_NONFINITE.set(True)
+    try:
+        yield
+    finally:
+        _FIND_NONFINITE.reset(token)
+
+
+def _output(out, x, what: str, channels: int = 1) -> torch.Tensor:
+    """A network output must be a tensor of the input's shape (channels x C for a raw head output):
+    no None, and no shape that the step math would broadcast. Host-side shapes only: no sync."""
+    want = (x.shape[0], channels * x.shape[1], *x.shape[2:])
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{what} returned {type(out).__name__}, not a tensor of shape {want}")
+    if tuple(out.shape) != want:
+        raise ValueError(f"{what} returned shape {tuple(out.shape)} for an input of shape {tuple(x.shape)}; "
+                         f"it must be {want} (no broadcasting)")
+    return out
+
+
+def _pair(out, what: str):
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        raise TypeError(f"{what} must return a pair (eps, ...), got {type(out).__name__}")
+    return out
+
+
 # --------------------------------------------------------------------------- shared preamble
 
 class _Run:
@@ -278,12 +321,14 @@ class _Run:
         self.evals = evals_per_call(model)
         self.nfe = 0
         self.x_T = x
+        self.n, self.last_finite_step = 0, None  # the current step; the step of the last checked call
         self.x_bar = x.to(self.state_dtype) * self.rows[0, COL["scale"]].to(self.state_dtype)
 
     def steps(self):
         """range(N), each step inside an NVTX ``step`` range."""
         for n in range(self.num_steps):
             push("step")
+            self.n = n
             try:
                 yield n
             finally:
@@ -299,7 +344,28 @@ class _Run:
         finally:
             pop()
         self.nfe += self.evals
+        if fn is self.model:
+            _output(out, x, "the model")
+        if _FIND_NONFINITE.get():
+            self._check_finite(x, out if isinstance(out, torch.Tensor) else out[0],
+                               None if isinstance(out, torch.Tensor) else out[1])
         return out
+
+    def _interval(self, n) -> str:
+        return f"step {n} of {self.num_steps} (t {float(self.plan.ts[n]):.4g} -> {float(self.plan.ts[n + 1]):.4g})"
+
+    def _check_finite(self, x, eps, extra=None, what="the model"):
+        """Under `find_nonfinite`: name where the state or a network output stopped being finite."""
+        if not bool(torch.isfinite(x).all()):
+            k = self.last_finite_step if self.last_finite_step is not None else 0
+            raise NonFiniteError(f"the ODE state stopped being finite in the update of {self._interval(k)}, "
+                                 f"after finite network outputs")
+        if not bool(torch.isfinite(eps).all()):
+            raise NonFiniteError(f"{what} returned non-finite eps at {self._interval(self.n)} from a finite input")
+        if extra is not None and not bool(torch.isfinite(extra).all()):
+            raise NonFiniteError(f"{what} returned non-finite d eps/d gamma (head output) at "
+                                 f"{self._interval(self.n)} from a finite input")
+        self.last_finite_step = self.n
 
     def eps(self, x, n):
         """eps at grid time t_n; with AFS the evaluation at (x_T, t_0) is x_T itself, 0 NFE."""
@@ -324,6 +390,8 @@ class _Run:
         finally:
             pop()
         self.nfe += JVP_NFE * self.evals
+        if _FIND_NONFINITE.get():
+            self._check_finite(x, eps, deps, "the model's JVP")
         return deps
 
     def x0_pred(self, x_bar, eps, n):
@@ -347,6 +415,10 @@ class _Run:
             out = x
         else:  # x_N went to the network's dtype: the sample is taken from the state instead
             out = self.x_next(x_bar, self.num_steps - 1)
+        if _FIND_NONFINITE.get() and not bool(torch.isfinite(out).all()):
+            k = self.num_steps - 1 if self.last_finite_step is None else self.last_finite_step
+            raise NonFiniteError(f"the ODE state stopped being finite in the update of {self._interval(k)}, "
+                                 f"after finite network outputs")
         return out.to(self.x_T.dtype), self.nfe
 
 
@@ -369,14 +441,21 @@ def _genie_eval(model, head):
         if not callable(head):
             raise TypeError(f"head must be a callable head(x, t, eps) -> deps, got {type(head).__name__}")
 
-        def with_head(x, t):
-            eps = model(x, t)
-            return eps, head(x, t, eps)
+        def with_head(x, t):  # every output checked: a head returning None would make GENIE silently DDIM
+            eps = _output(model(x, t), x, "the model")
+            return eps, _output(head(x, t, eps), x, "head=")
         return with_head, "deps"
     if callable(getattr(model, "eps_and_head", None)):
-        return model.eps_and_head, "head"
+        def eps_and_head(x, t):
+            eps, head_out = _pair(model.eps_and_head(x, t), "model.eps_and_head")
+            return (_output(eps, x, "model.eps_and_head (its eps)"),
+                    _output(head_out, x, "model.eps_and_head (its head output [h1|h2|h3])", channels=3))
+        return eps_and_head, "head"
     if callable(getattr(model, "eps_and_deps", None)):
-        return model.eps_and_deps, "deps"
+        def eps_and_deps(x, t):
+            eps, deps = _pair(model.eps_and_deps(x, t), "model.eps_and_deps")
+            return _output(eps, x, "model.eps_and_deps (its eps)"), _output(deps, x, "model.eps_and_deps (its deps)")
+        return eps_and_deps, "deps"
     raise TypeError(
         "genie needs d eps/d gamma: give a model with eps_and_head(x, t) (a distilled GENIE head) "
         "or eps_and_deps(x, t), or pass head=callable(x, t, eps) -> deps; "

@@ -22,6 +22,7 @@ from genie_fast.cli import main
 from genie_fast.models.default import ModelFileError, load_model, save_model
 from genie_fast.models.head import GenieModel
 from genie_fast.models.unet import UNet, UNetConfig
+from genie_fast.schedule import VPSchedule, time_grid
 from genie_fast.train import load_checkpoint, save_checkpoint
 
 HAS_CUDA = torch.cuda.is_available()
@@ -30,6 +31,7 @@ HAS_CUDA = torch.cuda.is_available()
 @pytest.fixture(autouse=True)
 def threads_restored():
     n = torch.get_num_threads()  # the CLI's --threads sets torch's global thread count
+    torch.set_num_threads(1)  # 2 threads next to another busy process are 20-50x slower here
     yield
     torch.set_num_threads(n)
 
@@ -139,6 +141,179 @@ def test_named_backend_that_cannot_run_raises_for_every_op(backend):
                  lambda: ops.ddim_step(x, x, row, backend=backend)):
         with pytest.raises((ValueError, RuntimeError), match=backend):
             call()
+
+
+@pytest.fixture(scope="module")
+def gmm():
+    from genie_fast.models.gmm import GaussianMixture
+    return GaussianMixture.random(3, (1, 4, 4), seed=0)
+
+
+def _nan_below(t_bad):
+    """A plain eps model that is fine above time t_bad and returns NaN below it."""
+    def eps(x, t):
+        return torch.where(t.view(-1, 1, 1, 1) < t_bad, torch.full_like(x, float("nan")), 0.5 * x)
+    eps.schedule = VPSchedule()
+    eps.image_shape = (1, 4, 4)
+    return eps
+
+
+@pytest.mark.parametrize("solver", ["ddim", "genie", "genie_exact", "heun", "dpm_solver_2", "dpmpp_2m", "dpmpp_3m",
+                                    "unipc", "ipndm"])
+def test_non_finite_samples_raise_naming_the_step(solver):
+    """A model that returns NaN from some step on: by default the call raises, naming that step
+    (found by an eager re-run with checks); check_finite=False returns the NaNs as they are."""
+    import genie_fast
+    from genie_fast.sampling import NonFiniteError
+
+    model = _nan_below(0.3)
+    kw = {"head": lambda x, t, e: torch.zeros_like(x)} if solver == "genie" else {}
+    with pytest.raises(NonFiniteError, match=r"of the samples are NaN or inf: the model returned non-finite "
+                                             r"(eps|d eps/d gamma)") as err:
+        genie_fast.sample(model, n=2, solver=solver, steps=6, grid="uniform", afs=False, **kw)
+    ts = time_grid(VPSchedule(), 6, "uniform")
+    first_bad = next(n for n in range(6) if float(ts[n]) < 0.3)  # the first step that evaluates there
+    step = int(str(err.value).split(" at step ")[1].split()[0])
+    # heun, dpm_solver_2 and unipc also evaluate inside step n at t_{n+1} or between: one step earlier
+    assert step == first_bad or (solver in ("heun", "dpm_solver_2", "unipc") and step == first_bad - 1), str(err.value)
+    x, _ = genie_fast.sample(model, n=2, solver=solver, steps=6, grid="uniform", afs=False, check_finite=False, **kw)
+    assert torch.isnan(x).all()
+
+
+def test_non_finite_noise_data_and_state_are_named(gmm):
+    import genie_fast
+    from genie_fast.sampling import NonFiniteError
+
+    noise = torch.randn(2, 1, 4, 4)
+    noise[1, 0, 0, 0] = float("inf")
+    with pytest.raises(NonFiniteError, match="the noise x_T holds 1 non-finite values"):
+        genie_fast.sample(gmm, noise=noise, solver="ddim", nfe=4)
+    with pytest.raises(NonFiniteError, match="the data x0 holds 1 non-finite values"):
+        genie_fast.encode(gmm, noise, solver="ddim", nfe=4)
+
+    def huge(x, t):  # finite eps so large that the state update overflows float32
+        return torch.full_like(x, 3e38)
+    huge.schedule, huge.image_shape = VPSchedule(), (1, 4, 4)
+    with pytest.raises(NonFiniteError, match="the ODE state stopped being finite in the update of step 0 of"):
+        genie_fast.sample(huge, n=1, solver="ddim", steps=4, afs=False)
+
+
+@pytest.mark.parametrize("solver", ["ddim", "heun", "dpm_solver_2", "dpmpp_2m", "dpmpp_3m", "unipc", "ipndm",
+                                    "genie_exact"])
+@pytest.mark.parametrize("bad, kind, says", [
+    (lambda x: None, TypeError, "the model returned NoneType"),
+    (lambda x: x[:1], ValueError, r"the model returned shape \(1, 1, 4, 4\) for an input of shape \(2, 1, 4, 4\)"),
+    (lambda x: x[..., :1], ValueError, "no broadcasting"),
+    (lambda x: (x, x), TypeError, "the model returned tuple"),
+])
+def test_model_output_of_the_wrong_shape_or_none(solver, bad, kind, says):
+    """Every solver refuses, by name, what some of them used to broadcast silently."""
+    import genie_fast
+
+    def eps(x, t):
+        return bad(x)
+    eps.schedule, eps.image_shape = VPSchedule(), (1, 4, 4)
+    with pytest.raises(kind, match=says):
+        genie_fast.sample(eps, n=2, solver=solver, steps=3, afs=False)
+
+
+def test_a_head_returning_none_or_the_wrong_shape(gmm):
+    """A head= returning None used to turn GENIE into DDIM without a word."""
+    import genie_fast
+
+    for head, kind, says in ((lambda x, t, e: None, TypeError, "head= returned NoneType"),
+                             (lambda x, t, e: e[:1], ValueError, "head= returned shape")):
+        with pytest.raises(kind, match=says):
+            genie_fast.sample(gmm, n=2, solver="genie", head=head, nfe=4)
+
+    class OneOutput(torch.nn.Module):  # eps_and_head that forgets the head
+        schedule, image_shape = VPSchedule(), (1, 4, 4)
+
+        def forward(self, x, t):
+            return 0.5 * x
+
+        def eps_and_head(self, x, t):
+            return 0.5 * x
+
+        def eps_and_deps(self, x, t):
+            return 0.5 * x, None
+    with pytest.raises(TypeError, match="model.eps_and_head must return a pair"):
+        genie_fast.sample(OneOutput(), n=2, solver="genie", nfe=4)
+    del OneOutput.eps_and_head
+    with pytest.raises(TypeError, match=r"model.eps_and_deps \(its deps\) returned NoneType"):
+        genie_fast.sample(OneOutput(), n=2, solver="genie", nfe=4)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="a GPU is present")
+@pytest.mark.parametrize("solver", ["ddim", "genie", "genie_exact", "heun", "dpmpp_3m", "unipc", "ipndm"])
+def test_named_backend_that_cannot_run_raises_in_sample(gmm, solver):
+    import genie_fast
+
+    kw = {"head": lambda x, t, e: torch.zeros_like(x)} if solver == "genie" else {}
+    for afs in (False, True):
+        with pytest.raises(ValueError, match="backend 'cuda' runs on CUDA tensors"):
+            genie_fast.sample(gmm, n=2, solver=solver, steps=3, afs=afs, backend="cuda", **kw)
+
+
+def test_sample_arguments_refused_by_name(gmm):
+    import genie_fast
+
+    for kw, kind, says in (
+            ({"n": 2, "nfe": 0}, ValueError, "nfe must be >= 1, got 0"),
+            ({"n": 2, "nfe": 2.5}, TypeError, "nfe must be an int"),
+            ({"n": 2, "nfe": float("inf")}, TypeError, "nfe must be an int"),
+            ({"n": 2, "nfe": True}, TypeError, "nfe must be an int"),
+            ({"n": 2, "steps": float("inf")}, TypeError, "steps must be an int"),
+            ({"n": float("inf")}, TypeError, "n must be an int"),
+            ({"n": 2.0}, TypeError, "n must be an int"),
+            ({"n": 0}, ValueError, "n must be >= 1"),
+            ({"n": 2, "seed": -1}, ValueError, "seed must be >= 0"),
+            ({"n": 2, "seed": 2**32}, ValueError, "seed must be below 2\\*\\*32"),
+            ({"seeds": [0, 2**32]}, ValueError, "seeds must be below 2\\*\\*32"),
+            ({"seeds": []}, ValueError, "at least one seed"),
+            ({"seeds": [1, 2], "n": 3}, ValueError, "n=3 disagrees with the 2 seeds"),
+            ({"seeds": [1, 2], "seed": 4}, ValueError, "without noise= and seed="),
+            ({"seeds": "0-3"}, TypeError, "seeds must be a sequence of ints"),
+            ({"n": 2, "grid": [1.0, float("nan"), 0.01]}, ValueError, "finite times, got nan at index 1"),
+            ({"n": 2, "grid": [float("inf"), 0.5, 0.01]}, ValueError, "finite times, got inf at index 0"),
+            ({"n": 2, "shape": (3, 4, 4)}, ValueError, "3 channel\\(s\\), the model takes 1"),
+            ({"noise": torch.randn(2, 3, 4, 4)}, ValueError, "noise must have shape \\(B, \\*\\(1, 4, 4\\)\\)"),
+            ({"n": 2, "afs": "no"}, TypeError, "afs must be True or False"),
+            ({"n": 2, "denoise": 1}, TypeError, "denoise must be True or False"),
+            ({"n": 2, "device": "cuda:7" if HAS_CUDA else "cuda"}, ValueError, "device 'cuda"),
+    ):
+        with pytest.raises(kind, match=says):
+            genie_fast.sample(gmm, solver="ddim", **kw)
+
+
+def test_seeds_select_disjoint_batches_and_match_generate(gmm, tmp_path):
+    import genie_fast
+    from genie_fast.generate import generate, parse_seeds
+
+    a, _ = genie_fast.sample(gmm, n=4, seed=0, solver="ddim", nfe=4)
+    b, _ = genie_fast.sample(gmm, n=4, seed=1, solver="ddim", nfe=4)
+    assert not any(torch.equal(x, y) for x in a for y in b)  # once: seed=1 repeated 3 of seed=0's 4
+    c, _ = genie_fast.sample(gmm, seeds=[7, 3], solver="ddim", nfe=4, grid="logsnr")
+    m = generate(gmm, [3, 7], tmp_path / "g", batch=2, solver="ddim", nfe=4, grid="logsnr", progress=False)
+    with np.load(tmp_path / "g" / "samples.npz") as f:  # generate's seed 3 is sample(seeds=[3])
+        from genie_fast.generate import to_uint8
+        assert (f["arr_0"][0] == np.repeat(to_uint8(c[1:2]), 3, -1)[0]).all() and m["count"] == 2
+    with pytest.raises(ValueError, match="below 2\\*\\*32"):  # seed 2**32 would silently repeat seed 0
+        parse_seeds("4294967296")
+
+
+def test_a_sample_changes_with_its_batch_within_the_stated_bound():
+    """README: a sample's noise does not depend on the batch; the sample itself moves only by
+    batched float32 round-off, measured at most 4.0e-4 (dpmpp_2m, the largest; 2 threads, 9.1e-5 with
+    1) on the bundled model."""
+    import genie_fast
+    from genie_fast.models import load_default
+
+    torch.set_num_threads(1)
+    model = load_default()
+    batch, _ = genie_fast.sample(model, seeds=range(5), solver="dpmpp_2m", nfe=10)
+    alone, _ = genie_fast.sample(model, seeds=[4], solver="dpmpp_2m", nfe=10)
+    assert (alone[0] - batch[4]).abs().max().item() <= 5e-4
 
 
 # --------------------------------------------------------------------------- data loss
@@ -326,19 +501,35 @@ def test_a_diverging_run_stops_before_it_saves_nan(tmp_path, data_root, capsys):
     (["generate", "--seeds", "0-3", "--device", "tpu9"], "--device 'tpu9' is not a device"),
     (["export", "--unet-ckpt", "a", "--head-ckpt", "b", "--provenance", "{"], "--provenance is not valid JSON"),
     (["export", "--unet-ckpt", "a", "--head-ckpt", "b", "--provenance", "[1]"], "--provenance must be a JSON object"),
+    (["sample", "--nfe", "0"], "--nfe must be >= 1, got 0"),  # once a flat grey PNG and exit 0
+    (["sample", "--steps", "0"], "--steps must be >= 1"),
+    (["sample", "--n", "0"], "--n must be >= 1"),
+    (["sample", "--seed", "-1"], "--seed must be in [0, 2**32)"),
+    (["sample", "--grid", "cosine"], "--grid 'cosine' is not a grid"),
+    (["sample", "--net-dtype", "fp8"], "--net-dtype 'fp8' is not a dtype"),
+    (["sample", "--backend", "fast"], "--backend 'fast' is not a backend"),
+    (["sample", "--guidance-scale", "nan"], "--guidance-scale must be a finite number"),
+    (["sample", "--labels", "cat"], "--labels must be a class index"),
+    (["sample", "--threads", "-2"], "--threads must be >= 0"),
+    (["sample", "--out", "grid.jpgx"], "unknown extension '.jpgx'; allowed: .png"),
+    (["encode", "--test-index", "0", "--out", "latents.pt"], "unknown extension '.pt'; allowed: .safetensors"),
+    (["encode", "--test-index", "0", "--reconstruct", "r.jpg"], "--reconstruct r.jpg: unknown extension"),
+    (["encode", "--test-index", "0", "--nfe", "-3"], "--nfe must be >= 1"),
 ])
 def test_bad_arguments_one_line_exit_2_before_any_work(tmp_path, capsys, monkeypatch, argv, says):
     import genie_fast.generate as gen
+    import genie_fast.models.default as default
     import genie_fast.train as train
 
     def no_work(*a, **k):
         raise AssertionError("work started before the arguments were checked")
 
-    monkeypatch.setattr(gen, "load_for_generate", no_work)
-    monkeypatch.setattr(train, "load_fashion_mnist", no_work)
+    for module, name in ((gen, "load_for_generate"), (train, "load_fashion_mnist"), (default, "load_model"),
+                         (default, "load_default")):
+        monkeypatch.setattr(module, name, no_work)
     monkeypatch.chdir(tmp_path)
     out = {"train": ["--out", "run"], "distill": ["--out", "run"], "generate": ["--outdir", "gen"],
-           "export": ["--out", "m"]}[argv[0]]
+           "export": ["--out", "m"], "sample": [], "encode": []}[argv[0]]
     rc, err = _cli(capsys, *argv, *out)
     assert rc == 2 and says in err and err.startswith(f"genie-fast {argv[0]}: error:"), err
     assert not (tmp_path / "run").exists() and not (tmp_path / "gen").exists()
@@ -347,10 +538,17 @@ def test_bad_arguments_one_line_exit_2_before_any_work(tmp_path, capsys, monkeyp
 @pytest.mark.skipif(HAS_CUDA, reason="a GPU is present")
 def test_device_cuda_without_a_gpu(tmp_path, capsys, monkeypatch):
     import genie_fast.generate as gen
+    import genie_fast.models.default as default
 
-    monkeypatch.setattr(gen, "load_for_generate", lambda *a: (_ for _ in ()).throw(AssertionError("loaded")))
-    rc, err = _cli(capsys, "generate", "--seeds", "0-3", "--outdir", tmp_path / "g", "--device", "cuda")
-    assert rc == 2 and "--device 'cuda': no CUDA GPU is available" in err
+    for module, name in ((gen, "load_for_generate"), (default, "load_model"), (default, "load_default")):
+        monkeypatch.setattr(module, name, lambda *a: (_ for _ in ()).throw(AssertionError("loaded")))
+    for argv in (["generate", "--seeds", "0-3", "--outdir", tmp_path / "g", "--device", "cuda"],
+                 ["sample", "--out", tmp_path / "g.png", "--device", "cuda"],
+                 ["encode", "--test-index", "0", "--out", tmp_path / "l.safetensors", "--device", "cuda"]):
+        rc, err = _cli(capsys, *argv)
+        assert rc == 2 and "--device 'cuda': no CUDA GPU is available" in err
+    rc, err = _cli(capsys, "sample", "--out", tmp_path / "g.png", "--backend", "cuda")
+    assert rc == 2 and "backend 'cuda' runs on CUDA tensors" in err
     from genie_fast.checks import check_device
     with pytest.raises(ValueError, match="no CUDA GPU"):
         check_device("cuda:1")
@@ -371,6 +569,23 @@ def test_output_folder_problems(tmp_path, capsys, monkeypatch, where, says):
                  ["generate", "--seeds", "0", "--outdir", out]):
         rc, err = _cli(capsys, *argv)
         assert rc == 2 and says in err, err
+
+
+def test_sample_output_problems_and_non_finite_samples_write_nothing(tmp_path, capsys, stem):
+    for out, says in ((tmp_path, "is a folder"), ("/proc/genie_fast_x/grid.png", "cannot write in /proc"),
+                      (tmp_path / "f" / "grid.png", "f is a file, not a folder")):
+        (tmp_path / "f").write_text("")
+        rc, err = _cli(capsys, "sample", "--model", stem, "--out", out)
+        assert rc == 2 and says in err, err
+    # finite weights whose outputs overflow: the samples are not finite, no PNG is written, exit 2
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(f"{stem}.safetensors")
+    tensors["unet.conv_out.bias"] = torch.full_like(tensors["unet.conv_out.bias"], 3e38)
+    save_file(tensors, f"{stem}.safetensors")
+    rc, err = _cli(capsys, "sample", "--model", stem, "--n", "2", "--solver", "ddim", "--nfe", "3",
+                   "--out", tmp_path / "grid.png")
+    assert rc == 2 and "of the samples are NaN or inf" in err and "step" in err, err
+    assert not (tmp_path / "grid.png").exists()
 
 
 def test_export_output_problems(tmp_path, capsys):

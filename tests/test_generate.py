@@ -46,6 +46,8 @@ def test_seed_specs():
             parse_seeds(bad)
     # a seed's noise is its own generator's, whatever the batch around it
     torch.testing.assert_close(seed_noise([7, 3], (1, 4, 4))[1], make_noise(1, (1, 4, 4), 3)[0], rtol=0, atol=0)
+    from genie_fast.engine import seed_noise as the_one_definition
+    assert seed_noise is the_one_definition  # generate and sample(seeds=) draw a seed's noise the same way
 
 
 def test_batches_resume_and_the_samples_file(model, tmp_path):
@@ -101,8 +103,10 @@ def test_png_format_and_labels_refused_for_an_unconditional_model(model, tmp_pat
     from PIL import Image
     with Image.open(out / "images" / "5.png") as im:
         assert (np.asarray(im) == s["arr_0"][1, :, :, 0]).all()
+    from genie_fast.models.gmm import GaussianMixture
+    unconditional = GaussianMixture.random(3, (1, 4, 4), seed=0)  # the bundled model now has classes
     with pytest.raises(ValueError, match="not class-conditional"):
-        _run(model, [0], tmp_path / "l", labels=3)
+        _run(unconditional, [0], tmp_path / "l", labels=3)
     with pytest.raises(ValueError, match="needs --labels"):
         _run(model, [0], tmp_path / "g", guidance_scale=2.0)
 

@@ -23,15 +23,31 @@ def gmm():
 
 @pytest.mark.parametrize("name", list(SOLVERS))
 def test_a_sample_does_not_depend_on_its_batch(gmm, name):
-    a, _ = genie_fast.sample(gmm, n=3, seed=5, solver=name, nfe=6, **_kw(name, gmm))
-    b, _ = genie_fast.sample(gmm, n=6, seed=2, solver=name, nfe=6, **_kw(name, gmm))
-    # sample i is drawn from seed + i: a[k] is b[k + 3]
+    a, _ = genie_fast.sample(gmm, seeds=[5, 6, 7], solver=name, nfe=6, **_kw(name, gmm))
+    b, _ = genie_fast.sample(gmm, seeds=[2, 3, 4, 5, 6, 7], solver=name, nfe=6, **_kw(name, gmm))
+    # a per-image seed's sample is the same in any batch (the GMM's eps is computed per sample exactly)
     torch.testing.assert_close(a, b[3:], rtol=0, atol=0)
     assert not torch.allclose(b[0], b[1])
+    # a batch seed's first sample is that per-image seed's
+    c, _ = genie_fast.sample(gmm, n=2, seed=5, solver=name, nfe=6, **_kw(name, gmm))
+    torch.testing.assert_close(c[:1], a[:1], rtol=0, atol=0)
 
 
-def test_noise_is_per_sample():
-    torch.testing.assert_close(make_noise(2, (3, 5), seed=7), make_noise(5, (3, 5), seed=6)[1:3], rtol=0, atol=0)
+def test_noise_is_per_sample_and_seeds_select_disjoint_batches():
+    from genie_fast.sampling import seed_noise
+
+    g = torch.Generator().manual_seed(7)  # batch seed s: one generator seeded s, sample after sample
+    torch.testing.assert_close(make_noise(2, (3, 5), seed=7), torch.stack([torch.randn(3, 5, generator=g)
+                                                                          for _ in range(2)]), rtol=0, atol=0)
+    torch.testing.assert_close(make_noise(2, (3, 5), seed=0), make_noise(5, (3, 5), seed=0)[:2], rtol=0, atol=0)
+    a, b = make_noise(8, (3, 5), seed=0), make_noise(8, (3, 5), seed=1)
+    assert not any(torch.equal(x, y) for x in a for y in b)  # seed=0 and seed=1 share no sample
+    torch.testing.assert_close(seed_noise([9, 4], (3, 5))[1], make_noise(1, (3, 5), seed=4)[0], rtol=0, atol=0)
+    for bad in (2**32, -1):  # torch keeps 32 bits of a seed: 2**32 would silently repeat seed 0
+        with pytest.raises(ValueError, match="seed"):
+            make_noise(1, (3, 5), seed=bad)
+        with pytest.raises(ValueError, match="seeds"):
+            seed_noise([bad], (3, 5))
 
 
 @pytest.mark.parametrize("name", list(SOLVERS))
@@ -111,9 +127,9 @@ def test_bad_arguments_are_clear_errors(gmm):
         genie_fast.sample(gmm, noise=torch.zeros(2, *SHAPE), n=3, solver="ddim")
     with pytest.raises(ValueError, match="positive number of samples"):
         genie_fast.sample(gmm, solver="ddim")
-    with pytest.raises(ValueError, match="positive number of samples"):
+    with pytest.raises(ValueError, match="n must be >= 1, got 0"):
         genie_fast.sample(gmm, n=0, solver="ddim")
-    with pytest.raises(ValueError, match="integer budget"):
+    with pytest.raises(TypeError, match="nfe must be an int >= 1, got 2.5"):
         genie_fast.sample(gmm, n=1, solver="ddim", nfe=2.5)
     with pytest.raises(TypeError, match="grid must be"):
         genie_fast.sample(gmm, n=1, solver="ddim", grid=3)
