@@ -339,6 +339,15 @@ def test_train_and_distill_refuse_an_existing_run(tmp_path, data_root, capsys):
     assert _cli(capsys, *export, "--overwrite")[0] == 0
 
 
+def test_distill_diffusers_refuses_to_replace_a_head_beside_the_model(tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "genie_head.safetensors").write_bytes(b"a head distilled before")
+    rc, err = _cli(capsys, "distill", "--diffusers", model_dir, "--out", tmp_path / "run", "--steps", "1")
+    assert rc == 2 and "genie_head.safetensors exists" in err and "--overwrite" in err
+    assert (model_dir / "genie_head.safetensors").read_bytes() == b"a head distilled before"
+
+
 # --------------------------------------------------------------------------- code execution from a file
 
 def test_no_checkpoint_can_run_code(tmp_path, data_root, capsys):
