@@ -88,7 +88,7 @@ class Conditioned(nn.Module):
         super().__init__()
         k = _num_classes(model)
         if k <= 0:
-            raise ValueError("Conditioned needs a class-conditional model (num_classes > 0)")
+            raise ValueError("the model is not class-conditional (num_classes = 0): labels and guidance need one")
         self.model = model
         self.num_classes = k
         self.guided = guidance_scale is not None and float(guidance_scale) != 1.0
