@@ -165,3 +165,13 @@ def test_conditional_finetune_distill_export_end_to_end(tmp_path):
     assert not torch.equal(e0, e1) and not torch.equal(h0, h1)
     # a fresh run into an existing folder is refused without --resume / --overwrite
     assert main(["train", "--config", "tiny_cond", "--out", str(tmp_path / "c"), "--steps", "1", *common]) == 2
+
+
+def test_saved_model_files_are_readable_by_everyone_the_umask_allows(tmp_path):
+    from genie_fast.models.default import save_model
+
+    stem = save_model(GenieModel(UNet("tiny")), tmp_path / "m")
+    umask = os.umask(0)
+    os.umask(umask)
+    for suffix in (".safetensors", ".json"):
+        assert (os.stat(f"{stem}{suffix}").st_mode & 0o777) == 0o666 & ~umask

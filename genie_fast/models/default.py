@@ -114,6 +114,9 @@ def save_model(model: GenieModel, path: str | os.PathLike, provenance: dict | No
     # each file under a temporary name first, then renamed: a kill never leaves a half-written model
     st, js = Path(str(stem) + ".safetensors"), Path(str(stem) + ".json")
     save_file(tensors, f"{st}.tmp", metadata={"format": FORMAT})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(f"{st}.tmp", 0o666 & ~umask)  # safetensors writes 0600; a model file is for everyone to read
     os.replace(f"{st}.tmp", st)
     Path(f"{js}.tmp").write_text(json.dumps(config, indent=2) + "\n")
     os.replace(f"{js}.tmp", js)
