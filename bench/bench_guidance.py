@@ -63,10 +63,9 @@ def load(args):
 def guided_points(model, labels, scale, t_to, noise):
     """x on the guided ODE at time t_to (DPM-Solver++(2M), 15 logSNR steps from t = 1)."""
     import genie_fast
+    from genie_fast.schedule import time_grid
 
-    ts = model.schedule.t_of_gamma(torch.exp(torch.linspace(math.log(model.schedule.gamma(1.0)),
-                                                                math.log(model.schedule.gamma(t_to)), 16,
-                                                                dtype=torch.float64)))
+    ts = time_grid(model.schedule, 15, "logsnr", t_end=t_to)
     x, _ = genie_fast.sample(model, noise=noise, solver="dpmpp_2m", grid=ts, afs=False, labels=labels,
                              guidance_scale=scale)
     return x

@@ -37,7 +37,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["Conditioned", "conditioned", "check_labels", "DEFAULT_GUIDANCE_SCALE"]
+__all__ = ["Conditioned", "conditioned", "check_labels", "check_scale", "DEFAULT_GUIDANCE_SCALE"]
 
 # Default scale when labels are given without guidance_scale (measured on the bundled model:
 # bench/RESULTS.md, "Guidance").
@@ -149,10 +149,16 @@ def conditioned(model, labels, guidance_scale, batch: int, device=None):
             raise ValueError(f"guidance_scale={guidance_scale} needs labels (guidance mixes the conditional "
                              f"and unconditional predictions); pass labels=")
         return model
+    scale = check_scale(guidance_scale)
+    labels = check_labels(labels, batch, _num_classes(model), device)
+    return Conditioned(model, labels, scale)
+
+
+def check_scale(guidance_scale) -> float:
+    """The guidance scale as a float (None: DEFAULT_GUIDANCE_SCALE); a finite number >= 0."""
     if guidance_scale is None:
-        guidance_scale = DEFAULT_GUIDANCE_SCALE
+        return DEFAULT_GUIDANCE_SCALE
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
             or not math.isfinite(float(guidance_scale)) or float(guidance_scale) < 0:
         raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
-    labels = check_labels(labels, batch, _num_classes(model), device)
-    return Conditioned(model, labels, float(guidance_scale))
+    return float(guidance_scale)

@@ -6,7 +6,7 @@ import collections
 import torch
 
 from .engine import NonFiniteError, engine_for, make_noise, seed_noise
-from .guidance import DEFAULT_GUIDANCE_SCALE, Conditioned, conditioned
+from .guidance import Conditioned, check_labels, check_scale, conditioned
 from .solvers import DEFAULT_AFS, DEFAULT_SOLVER
 
 __all__ = ["sample", "encode", "make_noise", "seed_noise", "NonFiniteError"]
@@ -134,17 +134,17 @@ def _with_labels(model, labels, guidance_scale, batch):
         return conditioned(model, None, guidance_scale, batch=0)  # refuses a scale without labels
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"labels need a positive integer batch: give noise= or n=, got n={batch!r}")
-    scale = DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale
-    first = conditioned(model, labels, scale, batch, _model_device(model))  # validates labels and scale
-    key = (id(model), batch, first.guided, str(first.labels.device))
+    scale = check_scale(guidance_scale)
+    labels = check_labels(labels, batch, getattr(model, "num_classes", 0) or 0, _model_device(model))
+    key = (id(model), batch, scale != 1.0, str(labels.device))
     cached = _WRAPPERS.get(key)
     if cached is None or cached.model is not model:
-        _WRAPPERS[key] = first
+        cached = _WRAPPERS[key] = Conditioned(model, labels, scale)
         if len(_WRAPPERS) > _MAX_WRAPPERS:
             _WRAPPERS.popitem(last=False)
-        return first
+        return cached
     _WRAPPERS.move_to_end(key)
-    cached.update(first.labels, float(first.scale))
+    cached.update(labels, scale)
     return cached
 
 

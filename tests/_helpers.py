@@ -16,3 +16,15 @@ def randomize(model: torch.nn.Module, std: float = 0.1, seed: int = 0) -> torch.
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * std)
     return model
+
+
+def write_idx(path, arr, gz: bool = True):
+    """Write a uint8 array as an IDX file (gzipped unless gz=False), the format of Fashion-MNIST."""
+    import gzip
+    import struct
+
+    import numpy as np
+
+    header = bytes([0, 0, 0x08, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    with (gzip.open if gz else open)(path, "wb") as f:
+        f.write(header + np.asarray(arr).astype(np.uint8).tobytes())

@@ -4,12 +4,10 @@ Classes (issue 14): silent wrong output, data loss, code execution from a file, 
 errors, the command line (one line, exit 2, before any work), hangs; and kill -9 during train,
 distill and generate, each resumed exactly.
 """
-import gzip
 import json
 import os
 import pickle
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -53,10 +51,7 @@ def stem(tmp_path):
     return save_model(_tiny_model(), tmp_path / "m")
 
 
-def _write_idx(path, arr):
-    header = bytes([0, 0, 0x08, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + arr.astype(np.uint8).tobytes())
+from _helpers import write_idx as _write_idx
 
 
 @pytest.fixture

@@ -5,19 +5,13 @@ import pickle
 import pytest
 import torch
 
+from _helpers import randomize
 from genie_fast.models.head import GenieHead, GenieModel, HeadConfig
 from genie_fast.models.unet import UNet, UNetConfig
 from genie_fast.train import check_run_dir, drop_labels, init_from_model, load_checkpoint, save_checkpoint
 
 TINY_COND = UNetConfig(in_channels=1, image_size=8, nf=8, ch_mult=(1, 2), num_res_blocks=1,
                        attn_resolutions=(4,), num_classes=3)
-
-
-def _randomise(module):
-    """Random weights everywhere (the zero-initialised output convs would hide any effect)."""
-    with torch.no_grad():
-        for p in module.parameters():
-            p.normal_(0, 0.2)
 
 
 def _x_t(b=4):
@@ -28,7 +22,7 @@ def _x_t(b=4):
 def test_labels_change_eps_once_embedding_is_trained():
     torch.manual_seed(0)
     u = UNet(TINY_COND)
-    _randomise(u)
+    randomize(u, 0.2)
     x, t = _x_t()
     with torch.no_grad():
         u.label_emb.weight.zero_()
@@ -47,8 +41,8 @@ def test_labels_reach_the_head_through_temb():
     torch.manual_seed(0)
     u = UNet(TINY_COND)
     head = GenieHead(HeadConfig.for_unet(u))
-    _randomise(u)
-    _randomise(head)
+    randomize(u, 0.2)
+    randomize(head, 0.2, seed=1)
     m = GenieModel(u, head)
     x, t = _x_t()
     with torch.no_grad():
@@ -85,7 +79,7 @@ def test_init_from_model_keeps_function_and_refuses_other_shapes(tmp_path):
     torch.manual_seed(0)
     src_cfg = UNetConfig(**{**TINY_COND.to_dict(), "num_classes": 0})
     src = GenieModel(UNet(src_cfg))
-    _randomise(src)
+    randomize(src, 0.2)
     stem = save_model(src, tmp_path / "m")
     cond = UNet(TINY_COND)
     init_from_model(cond, stem)
@@ -128,18 +122,11 @@ def test_truncated_checkpoint_names_the_file(tmp_path):
 def test_conditional_finetune_distill_export_end_to_end(tmp_path):
     """An unconditional export -> conditional fine-tune (--init-model) -> head distillation from the
     exported head (--init-head) with labels -> export -> a model whose labels change eps and head."""
-    import gzip
-    import struct
-
     import numpy as np
 
+    from _helpers import write_idx
     from genie_fast.cli import main
     from genie_fast.models.default import load_model
-
-    def write_idx(path, arr):
-        header = bytes([0, 0, 0x08, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
-        with gzip.open(path, "wb") as f:
-            f.write(header + arr.astype(np.uint8).tobytes())
 
     rng = np.random.default_rng(0)
     write_idx(tmp_path / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (16, 28, 28)))

@@ -1,5 +1,3 @@
-import gzip
-import struct
 
 import numpy as np
 import pytest
@@ -8,10 +6,7 @@ import torch
 from genie_fast.data import DataMissingError, infinite_batches, load_fashion_mnist, read_idx, to_model_range
 
 
-def _write_idx(path, arr, gz=True):
-    header = bytes([0, 0, 0x08, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
-    data = header + arr.astype(np.uint8).tobytes()
-    (gzip.open if gz else open)(path, "wb").write(data)
+from _helpers import write_idx as _write_idx
 
 
 @pytest.fixture

@@ -1,5 +1,3 @@
-import gzip
-import struct
 
 import numpy as np
 import pytest
@@ -107,10 +105,7 @@ def test_head_loss_decreases():
     assert all(p.grad is None for p in unet.parameters())
 
 
-def _write_idx(path, arr):
-    header = bytes([0, 0, 0x08, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + arr.astype(np.uint8).tobytes())
+from _helpers import write_idx as _write_idx
 
 
 def test_train_distill_export_end_to_end(tmp_path):

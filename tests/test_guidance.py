@@ -210,16 +210,14 @@ def test_cli_sample_with_labels_and_encode_with_reconstruction(tmp_path, capsys)
     import matplotlib.image
     from safetensors.torch import load_file
 
+    from _helpers import randomize
     from genie_fast.cli import main, save_grid
     from genie_fast.models.default import save_model
     from genie_fast.models.head import GenieModel
     from genie_fast.models.unet import UNet
 
     torch.manual_seed(0)
-    model = GenieModel(UNet("tiny_cond"))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.05)
+    model = randomize(GenieModel(UNet("tiny_cond")), 0.05)
     stem = save_model(model, tmp_path / "m")
     assert main(["sample", "--model", str(stem), "--labels", "0,3", "--guidance-scale", "2", "--n", "3",
                  "--steps", "2", "--out", str(tmp_path / "g.png")]) == 0
