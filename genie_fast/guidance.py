@@ -100,6 +100,8 @@ class Conditioned(nn.Module):
         self.register_buffer("null", torch.full_like(self.labels, k), persistent=False)
         self.schedule = getattr(model, "schedule", None)
         self.image_shape = getattr(model, "image_shape", None)
+        if hasattr(model, "head_error"):  # genie_multistep's trust in the head (the mix is no exact head)
+            self.head_error = model.head_error
         if not callable(getattr(model, "eps_and_head", None)):
             self.eps_and_head = None  # genie then asks for head= or refuses, as for any eps model
 

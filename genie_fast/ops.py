@@ -38,6 +38,7 @@ from .schedule import COL, VPSchedule, coeff_table
 __all__ = [
     "BACKENDS", "head_combine_ref", "available_backends", "check_backend", "schedule_table",
     "taylor_step_ref", "genie_step_ref", "ddim_step_ref", "denoise_step_ref", "dpmpp_2m_step_ref",
+    "genie_multistep_step_ref", "MULTISTEP_WEIGHTS", "genie_multistep_step",
     "taylor_step", "genie_step", "ddim_step", "denoise_step", "dpmpp_2m_step",
 ]
 
@@ -112,6 +113,46 @@ def dpmpp_2m_step_ref(x_bar, eps, x0_prev, coeffs):
     x_bar_next = c[COL["dpm_r"]] * x_bar.to(dt) + (1.0 - c[COL["dpm_r"]]) * d
     x_next = (x_bar_next * c[COL["inv_scale_next"]]).to(eps.dtype)
     return x_bar_next.to(x_bar.dtype), x_next, x0.to(x_bar.dtype)
+
+
+# genie_multistep: layout of one step's weight row (see `genie_multistep_step_ref`)
+MULTISTEP_X0_SLOTS, MULTISTEP_D_SLOTS = 3, 2
+MULTISTEP_TERMS = 3 + MULTISTEP_X0_SLOTS + MULTISTEP_D_SLOTS  # [base, x0, d, X0..X2, D0..D1]
+MULTISTEP_WEIGHTS = 2 * MULTISTEP_TERMS + 1                      # corrector, predictor, inv_scale
+
+
+def genie_multistep_step_ref(x_bar, x_bar_eval, eps, head_out, x0_hist, d_hist, weights, coeffs):
+    """One `genie_multistep` network evaluation's worth of update: the corrector of the step that
+    ended at the evaluation point, then the predictor of the step that starts there.
+
+    At the evaluation point (coefficient row `coeffs`: gamma and the head weights w1..w3):
+        x0 = x_bar_eval - gamma eps                       (data prediction)
+        d  = gamma^2 (w1 h1 + w2 h2 + w3 h3)              (d x0 / d lambda, from the raw head)
+    With the terms T = [base, x0, d, X_0, X_1, X_2, D_0, D_1] (X_k = x0_hist[k], D_k = d_hist[k]:
+    earlier data predictions and derivatives in ring-buffer slots) and weights w (17 values):
+        x_bar_next = sum_i w[i] T_i          with base = x_bar       (corrector)
+        x_bar_pred = sum_i w[8 + i] T_i      with base = x_bar_next  (predictor)
+        x_pred     = x_bar_pred * w[16]      (the next network input, in eps's dtype)
+    Returns (x_bar_next, x_bar_pred, x_pred, x0, d); states in x_bar's dtype. Outputs may alias
+    the inputs (x0 and d usually go into the history slot whose weights are 0).
+    """
+    dt = _opmath(x_bar)
+    c, w = coeffs.to(dt), weights.to(dt)
+    g = c[COL["gamma"]]
+    h1, h2, h3 = head_out.to(dt).chunk(3, dim=1)
+    x0 = x_bar_eval.to(dt) - g * eps.to(dt)
+    d = (g * g) * (c[COL["w1"]] * h1 + c[COL["w2"]] * h2 + c[COL["w3"]] * h3)
+    terms = [x0, d, *x0_hist.to(dt).unbind(0), *d_hist.to(dt).unbind(0)]
+    k = MULTISTEP_TERMS
+    x_bar_next = w[0] * x_bar.to(dt)
+    for i, term in enumerate(terms, 1):
+        x_bar_next = x_bar_next + w[i] * term
+    x_bar_pred = w[k] * x_bar_next
+    for i, term in enumerate(terms, 1):
+        x_bar_pred = x_bar_pred + w[k + i] * term
+    x_pred = (x_bar_pred * w[2 * k]).to(eps.dtype)
+    st = x_bar.dtype
+    return x_bar_next.to(st), x_bar_pred.to(st), x_pred, x0.to(st), d.to(st)
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -248,6 +289,7 @@ _STEP_OPS = {
     "ddim_step": (ddim_step_ref, 2),
     "denoise_step": (denoise_step_ref, 1),
     "dpmpp_2m_step": (dpmpp_2m_step_ref, 3),
+    "genie_multistep_step": (genie_multistep_step_ref, 5),
 }
 
 
@@ -290,6 +332,22 @@ def dpmpp_2m_step(x_bar, eps, x0_prev, coeffs, backend: str = "auto", out=None):
     if x0_prev.shape != x_bar.shape:
         raise ValueError(f"x0_prev {tuple(x0_prev.shape)} must have the shape of x_bar {tuple(x_bar.shape)}")
     return _run_step("dpmpp_2m_step", (x_bar, eps, x0_prev, coeffs), backend, out)
+
+
+def genie_multistep_step(x_bar, x_bar_eval, eps, head_out, x0_hist, d_hist, weights, coeffs,
+                         backend: str = "auto", out=None):
+    """genie_multistep's corrector + predictor; see `genie_multistep_step_ref`.
+    Returns (x_bar_next, x_bar_pred, x_pred, x0, d)."""
+    _check_step_args(x_bar, eps, coeffs, head_out)
+    if x_bar_eval.shape != x_bar.shape:
+        raise ValueError(f"x_bar_eval {tuple(x_bar_eval.shape)} must have the shape of x_bar {tuple(x_bar.shape)}")
+    for name, hist, slots in (("x0_hist", x0_hist, MULTISTEP_X0_SLOTS), ("d_hist", d_hist, MULTISTEP_D_SLOTS)):
+        if tuple(hist.shape) != (slots, *x_bar.shape):
+            raise ValueError(f"{name} must have shape {(slots, *x_bar.shape)}, got {tuple(hist.shape)}")
+    if weights.dim() != 1 or weights.numel() != MULTISTEP_WEIGHTS:
+        raise ValueError(f"weights must be {MULTISTEP_WEIGHTS} values, got shape {tuple(weights.shape)}")
+    return _run_step("genie_multistep_step", (x_bar, x_bar_eval, eps, head_out, x0_hist, d_hist, weights, coeffs),
+                     backend, out)
 
 
 def schedule_table(schedule, ts: torch.Tensor, backend: str = "auto") -> torch.Tensor:

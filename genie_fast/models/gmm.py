@@ -37,6 +37,8 @@ class GaussianMixture(nn.Module):
     t is the model time `schedule.model_time(t)` (continuous t for a VPSchedule).
     """
 
+    head_error = 0.0  # eps_and_head is exact: genie_multistep uses its head form alone
+
     def __init__(self, means, stds, weights=None, schedule=None, classes=None):
         super().__init__()
         means = torch.as_tensor(means, dtype=torch.float64)
