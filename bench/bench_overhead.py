@@ -34,7 +34,7 @@ from torch import nn
 
 import genie_fast
 from genie_fast.engine import _converted_copy, draw_noise
-from genie_fast.solvers import AUTO_GRID, DEFAULT_AFS, JVP_NFE, SOLVERS, jvp, nfe_of, steps_for_nfe
+from genie_fast.solvers import AUTO_GRID, DEFAULT_AFS, HEAD_SOLVERS, JVP_NFE, SOLVERS, jvp, nfe_of, steps_for_nfe
 
 
 class NetworkClock:
@@ -110,7 +110,7 @@ def overhead(args):
                 evals = steps - DEFAULT_AFS
                 cost = evals * (med["fwd"] + med["jvp"])
             else:
-                one = med["fwd_head"] if solver == "genie" else med["fwd"]
+                one = med["fwd_head"] if solver in HEAD_SOLVERS else med["fwd"]
                 cost = nfe * one
             row = {"batch": batch, "solver": solver, "grid": AUTO_GRID[solver], "nfe": nfe,
                    "sample_ms": med["sample"] * 1e3, "forward_ms": med["fwd"] * 1e3,

@@ -44,6 +44,12 @@ SOLVER_GRIDS = {
     "dpmpp_3m": ["logsnr"],
     "unipc": ["logsnr"],
     "ipndm": ["edm"],
+    # the multistep comparison (issue 15): every solver with AFS (the defaults) on each candidate grid
+    "genie_multistep+afs": ["logsnr", "quadratic", "edm"],
+    "unipc+afs": ["logsnr", "quadratic", "edm"],
+    "dpmpp_2m+afs": ["logsnr", "quadratic", "edm"],
+    "dpmpp_3m+afs": ["logsnr", "quadratic", "edm"],
+    "ipndm+afs": ["logsnr", "quadratic", "edm", "uniform"],
 }
 NFES = (5, 10, 15, 20, 25)
 

@@ -100,8 +100,8 @@ def table(rows: list[dict]) -> str:
         return f"{x:>{w}.{p}f}" if x is not None else f"{'-':>{w}}"
     for (model, solver, nfe, b), d in sorted(by.items()):
         ta, tb, tr, tm, td = (med(d, v) for v in ("a", "b", "c_ro", "c_ma", "d"))
-        kind = "eps+head" if solver == "genie" else "eps"
-        tf = med(d, "floor") if solver == "genie" else None
+        kind = "eps+head" if solver in HEAD_SOLVERS else "eps"
+        tf = med(d, "floor") if solver in HEAD_SOLVERS else None
         tf = tf if tf is not None else floors.get((model, nfe, b, kind))
         nfe_used = (d.get("d") or {}).get("nfe_used") or nfe
         tc = min([t for t in (tr, tm) if t is not None], default=None)
@@ -161,7 +161,7 @@ from genie_fast.engine import SamplingEngine  # noqa: E402
 from genie_fast.models.head import GenieModel  # noqa: E402
 from genie_fast.models.unet import UNet  # noqa: E402
 from genie_fast.schedule import COL, coeff_table, time_grid  # noqa: E402
-from genie_fast.solvers import SOLVERS, nfe_of, steps_for_nfe  # noqa: E402
+from genie_fast.solvers import HEAD_SOLVERS, SOLVERS, nfe_of, steps_for_nfe  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 MAIN_SOLVER = "genie"
@@ -620,7 +620,7 @@ class Bench:
                                       graph=bool(info.get("graphs")))
                 del eng
             elif v in ("floor", "floor_eps"):
-                head = v == "floor" and case.solver == "genie"
+                head = v == "floor" and case.solver in HEAD_SOLVERS
                 m16 = converted_copy(model32, dev, low)
                 holder = {}
 

@@ -4,8 +4,10 @@ import torch
 
 def exact_head_kw(name: str, model) -> dict:
     """sample() keywords of solver ``name`` on an exact-score model: genie gets an ideal head (the
-    exact d eps/d gamma, what a perfectly distilled head would give); other solvers need none."""
-    return {"head": lambda x, t, eps: model.exact_deps(x, t)} if name == "genie" else {}
+    exact d eps/d gamma, what a perfectly distilled head would give), genie_multistep with it
+    trusted as exact; other solvers need none."""
+    head = {"head": lambda x, t, eps: model.exact_deps(x, t)}
+    return {"genie": head, "genie_multistep": dict(head, head_error=0.0)}.get(name, {})
 
 
 def randomize(model: torch.nn.Module, std: float = 0.1, seed: int = 0) -> torch.nn.Module:

@@ -21,6 +21,7 @@ from genie_fast.models.default import ModelFileError, load_model, save_model
 from genie_fast.models.head import GenieModel
 from genie_fast.models.unet import UNet, UNetConfig
 from genie_fast.schedule import VPSchedule, time_grid
+from genie_fast.solvers import HEAD_SOLVERS
 from genie_fast.train import load_checkpoint, save_checkpoint
 
 HAS_CUDA = torch.cuda.is_available()
@@ -162,7 +163,7 @@ def test_non_finite_samples_raise_naming_the_step(solver):
     from genie_fast.sampling import NonFiniteError
 
     model = _nan_below(0.3)
-    kw = {"head": lambda x, t, e: torch.zeros_like(x)} if solver == "genie" else {}
+    kw = {"head": lambda x, t, e: torch.zeros_like(x)} if solver in HEAD_SOLVERS else {}
     with pytest.raises(NonFiniteError, match=r"of the samples are NaN or inf: the model returned non-finite "
                                              r"(eps|d eps/d gamma)") as err:
         genie_fast.sample(model, n=2, solver=solver, steps=6, grid="uniform", afs=False, **kw)
@@ -244,7 +245,7 @@ def test_a_head_returning_none_or_the_wrong_shape(gmm):
 def test_named_backend_that_cannot_run_raises_in_sample(gmm, solver):
     import genie_fast
 
-    kw = {"head": lambda x, t, e: torch.zeros_like(x)} if solver == "genie" else {}
+    kw = {"head": lambda x, t, e: torch.zeros_like(x)} if solver in HEAD_SOLVERS else {}
     for afs in (False, True):
         with pytest.raises(ValueError, match="backend 'cuda' runs on CUDA tensors"):
             genie_fast.sample(gmm, n=2, solver=solver, steps=3, afs=afs, backend="cuda", **kw)
