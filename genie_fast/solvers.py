@@ -54,7 +54,7 @@ __all__ = ["SOLVERS", "NFE_PER_STEP", "JVP_NFE", "nfe_of", "steps_for_nfe", "eva
            "Plan", "check_grid", "jvp", "exact_deps", "NonFiniteError", "find_nonfinite",
            "DEFAULT_SOLVER", "DEFAULT_NFE", "DEFAULT_AFS", "AUTO_GRID", "AUTO_AFS", "grid_for",
            "ddim", "genie", "genie_exact", "heun", "dpm_solver_2", "dpmpp_2m", "dpmpp_3m",
-           "unipc", "ipndm", "genie_multistep", "head_weight", "DEFAULT_HEAD_ERROR"]
+           "unipc", "ipndm", "genie_multistep", "head_weight", "DEFAULT_HEAD_ERROR", "HEAD_SOLVERS"]
 
 
 # --------------------------------------------------------------------------- the device plan
@@ -435,8 +435,8 @@ def ddim(model, x, ts, schedule, *, afs=False, denoise=False, backend="auto", ne
     return run.finish(x_bar, x_n)
 
 
-def _genie_eval(model, head):
-    """Picks how `genie` gets (eps, d eps/d gamma information) from the model, once."""
+def _genie_eval(model, head, solver="genie"):
+    """Picks how `genie` (or another solver of HEAD_SOLVERS) gets (eps, d eps/d gamma information) from the model, once."""
     if head is not None:
         if not callable(head):
             raise TypeError(f"head must be a callable head(x, t, eps) -> deps, got {type(head).__name__}")
@@ -457,7 +457,7 @@ def _genie_eval(model, head):
             return _output(eps, x, "model.eps_and_deps (its eps)"), _output(deps, x, "model.eps_and_deps (its deps)")
         return eps_and_deps, "deps"
     raise TypeError(
-        "genie needs d eps/d gamma: give a model with eps_and_head(x, t) (a distilled GENIE head) "
+        f"{solver} needs d eps/d gamma: give a model with eps_and_head(x, t) (a distilled GENIE head) "
         "or eps_and_deps(x, t), or pass head=callable(x, t, eps) -> deps; "
         "for exact derivatives by autodiff use solver 'genie_exact'")
 
@@ -629,11 +629,18 @@ def _exp_integrals(h: float, order: int) -> list[float]:
 
     They weigh the Taylor terms of x0(lambda) in the exact solution
     x_bar_next = r x_bar + sum_k I_k d^k x0 / d lambda^k  (r = e^{-h}).
+    For |h| >= 1 by the recursion I_0 = 1 - e^{-h}, I_k = h^k / k! - I_{k-1}; below, where that
+    recursion cancels (I_k ~ h^{k+1} / (k+1)! is the difference of two terms ~ h^k / k!: relative
+    error ~ (k+1)! eps / |h|^k), by the series e^{-h} sum_j h^{k+j+1} / (k! j! (k+j+1)).
     """
-    out = [-math.expm1(-h)]
-    for k in range(1, order + 1):
-        out.append(h ** k / math.factorial(k) - out[-1])
-    return out
+    if abs(h) >= 1.0:
+        out = [-math.expm1(-h)]
+        for k in range(1, order + 1):
+            out.append(h ** k / math.factorial(k) - out[-1])
+        return out
+    scale = math.exp(-h)
+    return [scale * math.fsum(h ** (k + j + 1) / (math.factorial(k) * math.factorial(j) * (k + j + 1))
+                              for j in range(40)) for k in range(order + 1)]
 
 
 def _solve_weights(nodes, rhs) -> torch.Tensor:
@@ -996,7 +1003,7 @@ def genie_multistep(model, x, ts, schedule, *, afs=False, denoise=False, backend
         raise ValueError(f"head_error must be a finite number >= 0 (the head's relative error), got {head_error!r}")
     if not isinstance(lower_order_final, bool):
         raise ValueError(f"lower_order_final must be True or False, got {lower_order_final!r}")
-    evaluate, kind = _genie_eval(model, head)
+    evaluate, kind = _genie_eval(model, head, "genie_multistep")
     run = _Run(model, x, ts, schedule, afs, denoise, backend, net_dtype, plan)
     weights = run.plan.weights(f"genie_multistep{order}_{float(head_error)!r}_{lower_order_final}",
                                lambda: _genie_multistep_weights(run.plan, order, float(head_error),
@@ -1036,6 +1043,8 @@ SOLVERS.update({
     "ipndm": ipndm,
     "genie_multistep": genie_multistep,
 })
+# The solvers that read d eps / d gamma from a head (head= or the model's eps_and_head / eps_and_deps).
+HEAD_SOLVERS = ("genie", "genie_multistep")
 NFE_PER_STEP.update({name: 1 for name in SOLVERS} | {"heun": 2, "dpm_solver_2": 2, "genie_exact": 1 + JVP_NFE})
 
 

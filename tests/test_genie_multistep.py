@@ -145,3 +145,20 @@ def test_needs_a_head():
     x = torch.randn(2, *SHAPE, dtype=torch.float64)
     with pytest.raises(TypeError, match="d eps/d gamma"):
         genie_multistep(lambda x, t: mix(x, t), x, time_grid(mix.schedule, 4), mix.schedule)
+
+
+@pytest.mark.parametrize("values,derivs,constant", [
+    ((0,), (0,), -1 / 6), ((0, 1), (), -5 / 12),            # order-3 predictor: head and history forms
+    ((0, -1), (-1,), -1 / 72), ((0, 1, -1), (), 1 / 24),     # order-3 corrector
+    ((0, 1), (0,), -7 / 72), ((0, 1, 2), (), -3 / 8),        # order-4 predictor
+    ((0, -1), (0, -1), -1 / 720), ((0, 1, 2, -1), (), 19 / 720)])  # order-4 corrector
+def test_error_constants_of_docs_method(values, derivs, constant):
+    """The local error (Q - I)[tau^m / m!] / h^(m+1) -> the constants of docs/method.md section 11."""
+    node = {0: 0.0, 1: -1.0, 2: -2.0, -1: 1.0}
+    m = len(values) + len(derivs)
+    for h, tol in ((1e-2, 0.15), (1e-3, 0.015)):
+        w = _moment_weights(values, derivs, node.get, h)
+        q = sum(c * ((node[j] * h) ** m / math.factorial(m) if what == "x0"
+                     else (node[j] * h) ** (m - 1) / math.factorial(m - 1)) for (j, what), c in w.items())
+        got = (q - _exp_integrals(h, m)[m]) / h ** (m + 1)
+        assert got == pytest.approx(constant, rel=tol), (h, got)

@@ -11,7 +11,7 @@ from genie_fast import ops
 from genie_fast.models import GaussianMixture
 from genie_fast.reference import reference_solution, rk4_solve
 from genie_fast.schedule import COL, DiscreteVPSchedule, VPSchedule, coeff_table, time_grid
-from genie_fast.solvers import JVP_NFE, NFE_PER_STEP, SOLVERS, Plan, exact_deps, jvp, nfe_of
+from genie_fast.solvers import HEAD_SOLVERS, JVP_NFE, NFE_PER_STEP, SOLVERS, Plan, exact_deps, jvp, nfe_of
 
 SHAPE = (1, 4, 4)
 
@@ -47,6 +47,7 @@ ORDER_BAND = {
     "dpmpp_2m": (1.7, 2.3),
     "dpmpp_3m": (2.5, 3.5), "unipc": (2.5, 3.5),   # third order (unipc: order-2 predictor + corrector)
     "ipndm": (2.5, 4.5),                            # fourth-order Adams-Bashforth after a low-order warm-up
+    "genie_multistep": (2.5, 3.5),                  # order 3 (default); order 4: tests/test_genie_multistep.py
 }
 
 
@@ -287,7 +288,7 @@ def test_no_host_device_sync_in_the_loop(name):
     device (what a CUDA graph capture needs). The first run fills the plan's solver tables."""
     gmm = GaussianMixture.random(3, SHAPE, seed=0).to("meta")
     x = torch.empty(4, *SHAPE, device="meta")
-    kw = {"head": lambda x, t, eps: torch.zeros_like(x)} if name == "genie" else {}
+    kw = {"head": lambda x, t, eps: torch.zeros_like(x)} if name in HEAD_SOLVERS else {}
     plan = Plan(gmm.schedule, time_grid(gmm.schedule, 5), 4, "meta")
     SOLVERS[name](gmm, x, plan.ts, gmm.schedule, afs=True, denoise=True, plan=plan, **kw)
     with HostSyncGuard() as guard:
