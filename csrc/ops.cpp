@@ -26,6 +26,14 @@ TORCH_LIBRARY(genie_fast, m) {
   m.def("dpmpp_2m_step(Tensor x_bar, Tensor eps, Tensor x0_prev, Tensor coeffs) -> (Tensor, Tensor, Tensor)");
   m.def("dpmpp_2m_step_out(Tensor x_bar, Tensor eps, Tensor x0_prev, Tensor coeffs, "
         "Tensor(a!) x_bar_next, Tensor(b!) x_next, Tensor(c!) x0) -> ()");
+  // genie_multistep: the corrector of the step ending at the evaluation point x_bar_eval, then the
+  // predictor of the next step, from eps, the raw head [h1|h2|h3], the history slots x0_hist (3, B, C, ...)
+  // and d_hist (2, B, C, ...), and the step's 17 weights. Returns (x_bar_next, x_bar_pred, x_pred, x0, d).
+  m.def("genie_multistep_step(Tensor x_bar, Tensor x_bar_eval, Tensor eps, Tensor head_out, Tensor x0_hist, "
+        "Tensor d_hist, Tensor weights, Tensor coeffs) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("genie_multistep_step_out(Tensor x_bar, Tensor x_bar_eval, Tensor eps, Tensor head_out, Tensor x0_hist, "
+        "Tensor d_hist, Tensor weights, Tensor coeffs, Tensor(a!) x_bar_next, Tensor(b!) x_bar_pred, "
+        "Tensor(c!) x_pred, Tensor(d!) x0, Tensor(e!) d) -> ()");
   // schedule.coeff_table of VPSchedule(beta_min, beta_d) for the grid ts (N + 1 times), computed
   // on ts's device: (N, len(COEFF_COLUMNS)) float64.
   m.def("schedule_table(Tensor ts, float beta_min, float beta_d) -> Tensor");

@@ -33,6 +33,11 @@ enum Col : int64_t {
   kDpmR, kDpmA, kDpmB, kNumCols
 };
 
+// genie_multistep's history slots and weight row; keep in sync with genie_fast/ops.py (MULTISTEP_*).
+constexpr int kMultistepX0Slots = 3, kMultistepDSlots = 2;
+constexpr int kMultistepTerms = 3 + kMultistepX0Slots + kMultistepDSlots;  // base, x0, d, X0..X2, D0..D1
+constexpr int kMultistepWeights = 2 * kMultistepTerms + 1;                  // corrector, predictor, inv_scale
+
 // --------------------------------------------------------------------------- argument checks
 
 inline void check_state_and_eps(const at::Tensor& x_bar, const at::Tensor& eps) {
@@ -69,6 +74,28 @@ inline void check_like_state(const at::Tensor& t, const at::Tensor& x_bar, const
   TORCH_CHECK(t.scalar_type() == x_bar.scalar_type(), "genie_fast: ", name, " dtype ", t.scalar_type(),
               " must be the state dtype ", x_bar.scalar_type());
   TORCH_CHECK(t.device() == x_bar.device(), "genie_fast: ", name, " is on ", t.device(), ", x_bar on ",
+              x_bar.device());
+}
+
+// `slots` state-dtype tensors of x_bar's shape stacked on a new dim 0 (genie_multistep's history).
+inline void check_history(const at::Tensor& t, const at::Tensor& x_bar, int64_t slots, const char* name) {
+  auto want = x_bar.sizes().vec();
+  want.insert(want.begin(), slots);
+  TORCH_CHECK(t.sizes().vec() == want, "genie_fast: ", name, " must have shape ", want, " (", slots,
+              " slots of x_bar's shape), got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == x_bar.scalar_type(), "genie_fast: ", name, " dtype ", t.scalar_type(),
+              " must be the state dtype ", x_bar.scalar_type());
+  TORCH_CHECK(t.device() == x_bar.device(), "genie_fast: ", name, " is on ", t.device(), ", x_bar on ",
+              x_bar.device());
+}
+
+// A 1-D vector of `n` weights in any float dtype (read in the state's math type).
+inline void check_weights(const at::Tensor& w, const at::Tensor& x_bar, int64_t n) {
+  TORCH_CHECK(w.dim() == 1 && w.numel() == n, "genie_fast: weights must be ", n, " values, got shape ", w.sizes());
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kDouble || w.scalar_type() == at::kHalf ||
+                  w.scalar_type() == at::kBFloat16,
+              "genie_fast: weights must be float64, float32, float16 or bfloat16, got ", w.scalar_type());
+  TORCH_CHECK(w.device() == x_bar.device(), "genie_fast: weights are on ", w.device(), ", x_bar on ",
               x_bar.device());
 }
 
@@ -131,6 +158,25 @@ inline void check_dpmpp_2m_step(const at::Tensor& x_bar, const at::Tensor& eps, 
   check_out(x0, x_bar, x_bar.scalar_type(), "x0");
 }
 
+inline void check_genie_multistep_step(const at::Tensor& x_bar, const at::Tensor& x_bar_eval, const at::Tensor& eps,
+                                       const at::Tensor& head_out, const at::Tensor& x0_hist, const at::Tensor& d_hist,
+                                       const at::Tensor& weights, const at::Tensor& coeffs,
+                                       const at::Tensor& x_bar_next, const at::Tensor& x_bar_pred,
+                                       const at::Tensor& x_pred, const at::Tensor& x0, const at::Tensor& d) {
+  check_state_and_eps(x_bar, eps);
+  check_like_state(x_bar_eval, x_bar, "x_bar_eval");
+  check_head(x_bar, eps, head_out);
+  check_history(x0_hist, x_bar, kMultistepX0Slots, "x0_hist");
+  check_history(d_hist, x_bar, kMultistepDSlots, "d_hist");
+  check_weights(weights, x_bar, kMultistepWeights);
+  check_coeffs(coeffs, x_bar);
+  check_out(x_bar_next, x_bar, x_bar.scalar_type(), "x_bar_next");
+  check_out(x_bar_pred, x_bar, x_bar.scalar_type(), "x_bar_pred");
+  check_out(x_pred, x_bar, eps.scalar_type(), "x_pred");
+  check_out(x0, x_bar, x_bar.scalar_type(), "x0");
+  check_out(d, x_bar, x_bar.scalar_type(), "d");
+}
+
 // A fresh contiguous (row-major) output of t's shape, dtype and device.
 inline at::Tensor empty_contiguous(const at::Tensor& t) {
   return at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::Contiguous));
@@ -161,6 +207,24 @@ GF_HD StepCoeffs<op_t> load_coeffs(const coef_t* c, int64_t stride) {
   k.dpm_b = op_t(c[kDpmB * stride]);
   return k;
 }
+
+// The constants of one call that a formula reads: the coefficient row and, for a formula that
+// declares kWeights = NW > 0, a vector of NW weights given beside it (genie_multistep's step
+// weights). A formula without weights takes a StepCoeffs (its base).
+template <typename op_t, int NW>
+struct StepConsts : StepCoeffs<op_t> {
+  op_t weights[NW];
+};
+template <typename op_t>
+struct StepConsts<op_t, 0> : StepCoeffs<op_t> {};
+
+// F::kWeights, or 0 for a formula that declares none.
+template <typename F, typename = void>
+struct WeightsOf : std::integral_constant<int, 0> {};
+template <typename F>
+struct WeightsOf<F, std::void_t<decltype(F::kWeights)>> : std::integral_constant<int, F::kWeights> {};
+template <typename F>
+constexpr int kWeightsOf = WeightsOf<F>::value;
 
 // --------------------------------------------------------------------------- the step ops
 // A fused step op is its formula over op_t values at one element, the same as its PyTorch
@@ -197,13 +261,35 @@ struct HeadPart {
 };
 
 // The roles of a step op's tensors: the ODE state's dtype (x_bar, x0_prev, x_bar_next, x0), the
-// network's dtype (eps, x_next), or the head output (B, 3C, ...), read as its parts h1, h2, h3.
+// network's dtype (eps, x_next), or the head output (B, 3C, ...), read as its parts h1, h2, h3;
+// Slots<R, K>: K tensors in role R of x_bar's shape stacked on a new dim 0 (K, B, C, ...), read as
+// K inputs (genie_multistep's history).
 struct State {};
 struct Net {};
 struct Head {};
+template <typename R, int K>
+struct Slots {};
+
+template <typename Role>
+struct IsState : std::is_same<Role, State> {};
+template <typename R, int K>
+struct IsState<Slots<R, K>> : IsState<R> {};
+
+template <typename Role>
+struct IsSlots : std::false_type {};
+template <typename R, int K>
+struct IsSlots<Slots<R, K>> : std::true_type {
+  static constexpr int kSlots = K;
+};
 
 template <typename Role, typename state_t, typename net_t>
-using role_t = std::conditional_t<std::is_same_v<Role, State>, state_t, net_t>;
+using role_t = std::conditional_t<IsState<Role>::value, state_t, net_t>;
+
+// Slot k of a dense (K, ...) tensor of `per_slot` elements per slot: a Flat run from k * per_slot.
+template <typename T, size_t... k>
+auto slot_views(T* p, int64_t per_slot, std::index_sequence<k...>) {
+  return std::make_tuple(Flat<T>{p + int64_t(k) * per_slot}...);
+}
 
 // The accessors of one tensor in its role (T is const for an input).
 template <typename T, typename Role>
@@ -212,6 +298,8 @@ auto views(Role, const at::Tensor& t) {
   if constexpr (std::is_same_v<Role, Head>) {
     const int64_t chw = t.numel() / (3 * t.size(0));
     return std::make_tuple(HeadPart<T>{p, chw, 0}, HeadPart<T>{p, chw, 1}, HeadPart<T>{p, chw, 2});
+  } else if constexpr (IsSlots<Role>::value) {
+    return slot_views(p, t.numel() / IsSlots<Role>::kSlots, std::make_index_sequence<IsSlots<Role>::kSlots>{});
   } else {
     return std::make_tuple(Flat<T>{p});
   }
@@ -282,6 +370,37 @@ struct Dpmpp2mStep {
     const op_t d = k.dpm_a * x0 + k.dpm_b * x0_prev;
     const op_t v = k.dpm_r * xb + (op_t(1) - k.dpm_r) * d;
     return {{v, v * k.inv_scale_next, x0}};
+  }
+};
+
+// acc + w[0] t_0 + w[1] t_1 + ..., added left to right (the order of the PyTorch reference).
+template <typename op_t, typename... T>
+GF_HD op_t weighted_sum(op_t acc, const op_t* w, T... t) {
+  int i = 0;
+  ((acc = acc + w[i++] * t), ...);
+  return acc;
+}
+
+// genie_multistep at its evaluation point: x0 = x_bar_eval - gamma eps and d = gamma^2 (w1 h1 + w2 h2
+// + w3 h3) (d x0 / d lambda from the raw head); with the terms T = [x0, d, X0, X1, X2, D0, D1] (the
+// history slots) and the step's weights w, the corrector x_bar_next = w[0] x_bar + sum w[1 + i] T_i,
+// the predictor x_bar_pred = w[8] x_bar_next + sum w[9 + i] T_i and the next input x_bar_pred w[16].
+struct GenieMultistepStep {
+  static constexpr int kWeights = kMultistepWeights;
+  // x_bar, eps, x_bar_eval, head_out, x0_hist, d_hist (x_bar and eps first, as run_step reads them)
+  using Inputs = std::tuple<State, Net, State, Head, Slots<State, kMultistepX0Slots>, Slots<State, kMultistepDSlots>>;
+  using Outputs = std::tuple<State, State, Net, State, State>;  // x_bar_next, x_bar_pred, x_pred, x0, d
+  template <typename op_t>
+  GF_HD Vals<op_t, 5> operator()(const StepConsts<op_t, kWeights>& k, op_t xb, op_t e, op_t xb_eval, op_t h1,
+                                 op_t h2, op_t h3, op_t x0_0, op_t x0_1, op_t x0_2, op_t d_0, op_t d_1) const {
+    static_assert(kMultistepX0Slots == 3 && kMultistepDSlots == 2, "one argument per history slot");
+    const op_t x0 = xb_eval - k.gamma * e;
+    const op_t d = (k.gamma * k.gamma) * (k.w1 * h1 + k.w2 * h2 + k.w3 * h3);
+    const op_t* w = k.weights;
+    const op_t next = weighted_sum(w[0] * xb, w + 1, x0, d, x0_0, x0_1, x0_2, d_0, d_1);
+    const op_t pred =
+        weighted_sum(w[kMultistepTerms] * next, w + kMultistepTerms + 1, x0, d, x0_0, x0_1, x0_2, d_0, d_1);
+    return {{next, pred, pred * w[2 * kMultistepTerms], x0, d}};
   }
 };
 
@@ -384,8 +503,8 @@ namespace genie_fast {
 
 constexpr int64_t kCpuGrain = 16384;
 
-template <typename op_t, typename F, typename In, typename Out, size_t... a, size_t... o>
-GF_ALWAYS_INLINE void cpu_rows(const F& f, const StepCoeffs<op_t> k, const In& in, const Out& out, int64_t run,
+template <typename op_t, int NW, typename F, typename In, typename Out, size_t... a, size_t... o>
+GF_ALWAYS_INLINE void cpu_rows(const F& f, const StepConsts<op_t, NW> k, const In& in, const Out& out, int64_t run,
                                int64_t begin, int64_t end, std::index_sequence<a...>, std::index_sequence<o...>) {
   for (int64_t i = begin; i < end;) {
     const int64_t b = i / run, stop = std::min(end, (b + 1) * run);
@@ -400,8 +519,8 @@ GF_ALWAYS_INLINE void cpu_rows(const F& f, const StepCoeffs<op_t> k, const In& i
   }
 }
 
-template <typename op_t, typename F, typename In, typename Out>
-GF_ALWAYS_INLINE void cpu_rows(const F& f, const StepCoeffs<op_t>& k, const In& in, const Out& out, int64_t run,
+template <typename op_t, int NW, typename F, typename In, typename Out>
+GF_ALWAYS_INLINE void cpu_rows(const F& f, const StepConsts<op_t, NW>& k, const In& in, const Out& out, int64_t run,
                                int64_t begin, int64_t end) {
   cpu_rows(f, k, in, out, run, begin, end, std::make_index_sequence<std::tuple_size_v<In>>{},
            std::make_index_sequence<std::tuple_size_v<Out>>{});
@@ -417,11 +536,18 @@ struct CpuLoop {
   struct Guard {
     explicit Guard(const at::Device&) {}
   };
-  // Coefficients rounded to op_t on the host (one row, read once per call).
+  // Coefficients (and weights) rounded to op_t on the host (one row, read once per call).
   template <typename op_t, typename F, typename In, typename Out>
-  static void launch(const F& f, const at::Tensor& coeffs, const In& in, const Out& out, int64_t n, int64_t run) {
+  static void launch(const F& f, const at::Tensor& coeffs, const at::Tensor& weights, const In& in, const Out& out,
+                     int64_t n, int64_t run) {
+    constexpr int NW = kWeightsOf<F>;
+    StepConsts<op_t, NW> k;
     const at::Tensor c64 = coeffs.to(at::kDouble);
-    const StepCoeffs<op_t> k = load_coeffs<op_t>(c64.data_ptr<double>(), c64.stride(0));
+    static_cast<StepCoeffs<op_t>&>(k) = load_coeffs<op_t>(c64.data_ptr<double>(), c64.stride(0));
+    if constexpr (NW > 0) {
+      const at::Tensor w64 = weights.to(at::kDouble);
+      for (int i = 0; i < NW; ++i) k.weights[i] = op_t(w64.data_ptr<double>()[i * w64.stride(0)]);
+    }
     const bool avx2 = cpu_has_avx2();
     at::parallel_for(0, n, kCpuGrain, [&](int64_t begin, int64_t end) {
       if (avx2) {
@@ -442,8 +568,10 @@ namespace genie_fast {
 
 // After the checks: formula F over the inputs into the (checked, contiguous) outputs. Strided or
 // channels_last inputs are handled by one contiguous copy; the first two inputs are x_bar and eps.
+// weights: the F::kWeights weights beside the coefficient row (undefined for a formula without).
 template <typename Loop, typename F, size_t NI, size_t NO>
-void run_step(const char* name, const at::Tensor& coeffs, const at::Tensor (&ins)[NI], const at::Tensor (&outs)[NO]) {
+void run_step(const char* name, const at::Tensor& coeffs, const at::Tensor (&ins)[NI], const at::Tensor (&outs)[NO],
+              const at::Tensor& weights = at::Tensor()) {
   if (ins[0].numel() == 0) return;
   const typename Loop::Guard guard(ins[0].device());
   at::Tensor in[NI];
@@ -456,7 +584,7 @@ void run_step(const char* name, const at::Tensor& coeffs, const at::Tensor (&ins
     const auto dst = views_of<false, state_t, net_t>((typename F::Outputs*)nullptr, outs, std::make_index_sequence<NO>{});
     // the run over which the head parts are a fixed offset from the flat index: one sample
     const int64_t run = kPerSample<decltype(src)> ? n / in[0].size(0) : n;
-    Loop::template launch<state_t>(F{}, coeffs, src, dst, n, run);
+    Loop::template launch<state_t>(F{}, coeffs, weights, src, dst, n, run);
   });
 }
 
@@ -515,6 +643,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dpmpp_2m_step(const at::Tensor& x
   at::Tensor x_bar_next = empty_contiguous(x_bar), x_next = empty_contiguous(eps), x0 = empty_contiguous(x_bar);
   dpmpp_2m_step_out<Loop>(x_bar, eps, x0_prev, coeffs, x_bar_next, x_next, x0);
   return {x_bar_next, x_next, x0};
+}
+
+template <typename Loop>
+void genie_multistep_step_out(const at::Tensor& x_bar, const at::Tensor& x_bar_eval, const at::Tensor& eps,
+                              const at::Tensor& head_out, const at::Tensor& x0_hist, const at::Tensor& d_hist,
+                              const at::Tensor& weights, const at::Tensor& coeffs, at::Tensor& x_bar_next,
+                              at::Tensor& x_bar_pred, at::Tensor& x_pred, at::Tensor& x0, at::Tensor& d) {
+  check_genie_multistep_step(x_bar, x_bar_eval, eps, head_out, x0_hist, d_hist, weights, coeffs, x_bar_next,
+                             x_bar_pred, x_pred, x0, d);
+  run_step<Loop, GenieMultistepStep>("genie_multistep_step", coeffs,
+                                     {x_bar, eps, x_bar_eval, head_out, x0_hist, d_hist},
+                                     {x_bar_next, x_bar_pred, x_pred, x0, d}, weights);
+}
+
+template <typename Loop>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> genie_multistep_step(
+    const at::Tensor& x_bar, const at::Tensor& x_bar_eval, const at::Tensor& eps, const at::Tensor& head_out,
+    const at::Tensor& x0_hist, const at::Tensor& d_hist, const at::Tensor& weights, const at::Tensor& coeffs) {
+  at::Tensor x_bar_next = empty_contiguous(x_bar), x_bar_pred = empty_contiguous(x_bar),
+             x_pred = empty_contiguous(eps), x0 = empty_contiguous(x_bar), d = empty_contiguous(x_bar);
+  genie_multistep_step_out<Loop>(x_bar, x_bar_eval, eps, head_out, x0_hist, d_hist, weights, coeffs, x_bar_next,
+                                 x_bar_pred, x_pred, x0, d);
+  return {x_bar_next, x_bar_pred, x_pred, x0, d};
 }
 
 }  // namespace genie_fast

@@ -60,6 +60,11 @@ def _register_fakes():
     def _dpmpp_2m_step_fake(x_bar, eps, x0_prev, coeffs):
         return _contiguous_like(x_bar), _contiguous_like(eps), _contiguous_like(x_bar)
 
+    @fake("genie_fast::genie_multistep_step")
+    def _genie_multistep_step_fake(x_bar, x_bar_eval, eps, head_out, x0_hist, d_hist, weights, coeffs):
+        return (_contiguous_like(x_bar), _contiguous_like(x_bar), _contiguous_like(eps), _contiguous_like(x_bar),
+                _contiguous_like(x_bar))
+
     @fake("genie_fast::schedule_table")
     def _schedule_table_fake(ts, beta_min, beta_d):
         from .schedule import COEFF_COLUMNS
@@ -81,6 +86,11 @@ def _register_fakes():
 
     @fake("genie_fast::dpmpp_2m_step_out")
     def _dpmpp_2m_step_out_fake(x_bar, eps, x0_prev, coeffs, x_bar_next, x_next, x0):
+        return None
+
+    @fake("genie_fast::genie_multistep_step_out")
+    def _genie_multistep_step_out_fake(x_bar, x_bar_eval, eps, head_out, x0_hist, d_hist, weights, coeffs,
+                                       x_bar_next, x_bar_pred, x_pred, x0, d):
         return None
 
 

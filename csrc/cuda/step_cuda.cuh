@@ -57,21 +57,56 @@ inline int num_blocks(int64_t work_items) {
 }
 
 // The coefficient row as the kernels take it: a float32 or float64 pointer chosen at run time
-// (one uniform branch per thread; it halves the kernel instantiations and the compile time).
+// (one uniform branch per thread; it halves the kernel instantiations and the compile time), and
+// the weight vector of a formula that has one (any float dtype, also chosen at run time).
 struct CoeffRow {
+  enum Kind : int { kF64, kF32, kF16, kBF16 };
   const void* ptr;
   bool is_double;
   int64_t stride;
+  const void* w_ptr;  // null without weights
+  Kind w_kind;
+  int64_t w_stride;
 };
 
-inline CoeffRow coeff_row(const at::Tensor& coeffs) {
-  return {coeffs.data_ptr(), coeffs.scalar_type() == at::kDouble, coeffs.stride(0)};
+inline CoeffRow coeff_row(const at::Tensor& coeffs, const at::Tensor& weights) {
+  CoeffRow c{coeffs.data_ptr(), coeffs.scalar_type() == at::kDouble, coeffs.stride(0), nullptr, CoeffRow::kF64, 0};
+  if (weights.defined()) {
+    c.w_ptr = weights.data_ptr();
+    c.w_stride = weights.stride(0);
+    switch (weights.scalar_type()) {
+      case at::kDouble: c.w_kind = CoeffRow::kF64; break;
+      case at::kFloat: c.w_kind = CoeffRow::kF32; break;
+      case at::kHalf: c.w_kind = CoeffRow::kF16; break;
+      case at::kBFloat16: c.w_kind = CoeffRow::kBF16; break;
+      default: TORCH_CHECK(false, "genie_fast: unsupported weights dtype ", weights.scalar_type());
+    }
+  }
+  return c;
 }
 
 template <typename op_t>
-__device__ __forceinline__ StepCoeffs<op_t> load_coeffs(const CoeffRow& c) {
-  return c.is_double ? genie_fast::load_coeffs<op_t>(static_cast<const double*>(c.ptr), c.stride)
-                     : genie_fast::load_coeffs<op_t>(static_cast<const float*>(c.ptr), c.stride);
+__device__ __forceinline__ op_t load_weight(const CoeffRow& c, int i) {
+  const int64_t j = i * c.w_stride;
+  switch (c.w_kind) {
+    case CoeffRow::kF64: return op_t(static_cast<const double*>(c.w_ptr)[j]);
+    case CoeffRow::kF32: return op_t(static_cast<const float*>(c.w_ptr)[j]);
+    case CoeffRow::kF16: return op_t(float(static_cast<const c10::Half*>(c.w_ptr)[j]));
+    default: return op_t(float(static_cast<const c10::BFloat16*>(c.w_ptr)[j]));
+  }
+}
+
+template <typename op_t, int NW>
+__device__ __forceinline__ StepConsts<op_t, NW> load_consts(const CoeffRow& c) {
+  StepConsts<op_t, NW> k;
+  static_cast<StepCoeffs<op_t>&>(k) =
+      c.is_double ? genie_fast::load_coeffs<op_t>(static_cast<const double*>(c.ptr), c.stride)
+                  : genie_fast::load_coeffs<op_t>(static_cast<const float*>(c.ptr), c.stride);
+  if constexpr (NW > 0) {
+#pragma unroll
+    for (int i = 0; i < NW; ++i) k.weights[i] = load_weight<op_t>(c, i);
+  }
+  return k;
 }
 
 __device__ __forceinline__ int64_t global_thread() { return int64_t(blockIdx.x) * blockDim.x + threadIdx.x; }
@@ -80,8 +115,8 @@ __device__ __forceinline__ int64_t grid_threads() { return int64_t(gridDim.x) * 
 // Formula f over the accessors `in` into `out`, n elements. run: the elements of one sample
 // (read when a head part moves with the sample index). vec: every vector pointer is aligned and a
 // vector never straddles two samples (checked on the host), else the scalar loop covers all.
-template <typename op_t, typename F, typename In, typename Out, size_t... a, size_t... o>
-__device__ __forceinline__ void step_elements(const F& f, const StepCoeffs<op_t>& k, const In& in, const Out& out,
+template <typename op_t, int NW, typename F, typename In, typename Out, size_t... a, size_t... o>
+__device__ __forceinline__ void step_elements(const F& f, const StepConsts<op_t, NW>& k, const In& in, const Out& out,
                                               int64_t n, int64_t run, bool vec, std::index_sequence<a...>,
                                               std::index_sequence<o...>) {
   const int64_t n_vec = vec ? n / kVec : 0;
@@ -105,8 +140,8 @@ __device__ __forceinline__ void step_elements(const F& f, const StepCoeffs<op_t>
 
 template <typename op_t, typename F, typename In, typename Out>
 __global__ void step_kernel(F f, CoeffRow c, In in, Out out, int64_t n, int64_t run, bool vec) {
-  step_elements(f, load_coeffs<op_t>(c), in, out, n, run, vec, std::make_index_sequence<std::tuple_size_v<In>>{},
-                std::make_index_sequence<std::tuple_size_v<Out>>{});
+  step_elements(f, load_consts<op_t, kWeightsOf<F>>(c), in, out, n, run, vec,
+                std::make_index_sequence<std::tuple_size_v<In>>{}, std::make_index_sequence<std::tuple_size_v<Out>>{});
 }
 
 template <typename... A>
@@ -117,10 +152,11 @@ bool all_vec_aligned(const std::tuple<A...>& t) {
 struct CudaLoop {
   using Guard = c10::cuda::OptionalCUDAGuard;
   template <typename op_t, typename F, typename In, typename Out>
-  static void launch(const F& f, const at::Tensor& coeffs, const In& in, const Out& out, int64_t n, int64_t run) {
+  static void launch(const F& f, const at::Tensor& coeffs, const at::Tensor& weights, const In& in, const Out& out,
+                     int64_t n, int64_t run) {
     const bool vec = all_vec_aligned(in) && all_vec_aligned(out) && (!kPerSample<In> || run % kVec == 0);
     step_kernel<op_t><<<num_blocks(vec ? n / kVec : n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        f, coeff_row(coeffs), in, out, n, run, vec);
+        f, coeff_row(coeffs, weights), in, out, n, run, vec);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
