@@ -7,7 +7,8 @@ Import this package only through `genie_fast.ops` (which imports it lazily): und
 from .ddim_step import ddim_step
 from .denoise_step import denoise_step
 from .dpmpp_2m_step import dpmpp_2m_step
+from .genie_multistep_step import genie_multistep_step
 from .genie_step import genie_step
 from .schedule_table import schedule_table
 
-__all__ = ["genie_step", "ddim_step", "denoise_step", "dpmpp_2m_step", "schedule_table"]
+__all__ = ["genie_step", "ddim_step", "denoise_step", "dpmpp_2m_step", "genie_multistep_step", "schedule_table"]

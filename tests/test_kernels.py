@@ -22,6 +22,7 @@ SCRIPT = textwrap.dedent('''
     from genie_fast.kernels.ddim_step import _ddim_step_kernel
     from genie_fast.kernels.denoise_step import _denoise_step_kernel
     from genie_fast.kernels.dpmpp_2m_step import _dpmpp_2m_step_kernel
+    from genie_fast.kernels.genie_multistep_step import _genie_multistep_step_kernel
     from genie_fast.kernels.schedule_table import _schedule_table_kernel
 
     target = GPUTarget("cuda", 90, 32)
@@ -35,6 +36,11 @@ SCRIPT = textwrap.dedent('''
                 "denoise_step": (_denoise_step_kernel, ["*fp32", f"*{net}", f"*{coef}", "i64", "*fp32", "i64"]),
                 "dpmpp_2m_step": (_dpmpp_2m_step_kernel, ["*fp32", f"*{net}", "*fp32", f"*{coef}", "i64", "*fp32",
                                                           f"*{net}", "*fp32", "i64"]),
+                # weights in the coefficients' dtype (float64 or float32 rows)
+                "genie_multistep_step": (_genie_multistep_step_kernel,
+                                         ["*fp32", "*fp32", f"*{net}", f"*{net}", "*fp32", "*fp32", f"*{coef}", "i64",
+                                          f"*{coef}", "i64", "*fp32", "*fp32", f"*{net}", "*fp32", "*fp32", "i64",
+                                          "i64"]),
             }
             for name, (fn, types) in kernels.items():
                 names = list(fn.arg_names)
@@ -58,6 +64,6 @@ def test_triton_kernels_compile_for_sm90():
     import json
 
     report = json.loads(out.stdout.strip().splitlines()[-1])
-    assert len(report) == 4 * 3 * 2 + 2
+    assert len(report) == 5 * 3 * 2 + 2
     assert all(v > 0 for k, v in report.items() if k != "schedule_table_f64_params")
     assert report["schedule_table_f64_params"] == 2, report

@@ -1,0 +1,109 @@
+"""Triton genie_multistep_step: at one network evaluation, the data prediction x0 and its log-SNR
+derivative d (from the head's [h1|h2|h3]), the corrector of the step that ended there and the
+predictor of the next step (two weighted sums over x0, d and the history slots), and the next
+network input, in one pass. See ops.genie_multistep_step_ref."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from genie_fast.ops import MULTISTEP_D_SLOTS, MULTISTEP_TERMS, MULTISTEP_WEIGHTS, MULTISTEP_X0_SLOTS
+
+from ._common import BLOCK, C_GAMMA, C_W1, C_W2, C_W3, check_dtypes, grid, out_or_new
+
+# first weight of the predictor's sum, and the input scale of the next evaluation
+W_PRED = tl.constexpr(MULTISTEP_TERMS)
+W_INV_SCALE = tl.constexpr(2 * MULTISTEP_TERMS)
+WEIGHT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _weighted_sum(acc, w_ptr, w_stride, first: tl.constexpr, x0, d, x0_0, x0_1, x0_2, d_0, d_1):
+    """acc + w[first] x0 + w[first + 1] d + ... + w[first + 6] d_1, added left to right."""
+    op_t = acc.dtype
+    acc = acc + tl.load(w_ptr + (first + 0) * w_stride).to(op_t) * x0
+    acc = acc + tl.load(w_ptr + (first + 1) * w_stride).to(op_t) * d
+    acc = acc + tl.load(w_ptr + (first + 2) * w_stride).to(op_t) * x0_0
+    acc = acc + tl.load(w_ptr + (first + 3) * w_stride).to(op_t) * x0_1
+    acc = acc + tl.load(w_ptr + (first + 4) * w_stride).to(op_t) * x0_2
+    acc = acc + tl.load(w_ptr + (first + 5) * w_stride).to(op_t) * d_0
+    acc = acc + tl.load(w_ptr + (first + 6) * w_stride).to(op_t) * d_1
+    return acc
+
+
+@triton.jit
+def _genie_multistep_step_kernel(xb_ptr, xb_eval_ptr, eps_ptr, head_ptr, x0_hist_ptr, d_hist_ptr, w_ptr, w_stride,
+                                 c_ptr, c_stride, xb_out_ptr, xb_pred_out_ptr, x_out_ptr, x0_out_ptr, d_out_ptr, n,
+                                 per_sample, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    xb = tl.load(xb_ptr + offs, mask=mask)
+    op_t = xb.dtype  # float32 math for a float32 state, float64 for float64
+    gamma = tl.load(c_ptr + C_GAMMA * c_stride).to(op_t)
+    w1 = tl.load(c_ptr + C_W1 * c_stride).to(op_t)
+    w2 = tl.load(c_ptr + C_W2 * c_stride).to(op_t)
+    w3 = tl.load(c_ptr + C_W3 * c_stride).to(op_t)
+    xb_eval = tl.load(xb_eval_ptr + offs, mask=mask)
+    e = tl.load(eps_ptr + offs, mask=mask).to(op_t)
+    # h1 of sample b starts at 3b*CHW: flat index i = b*CHW + k maps to i + 2b*CHW
+    h1_offs = offs + 2 * (offs // per_sample) * per_sample
+    h1 = tl.load(head_ptr + h1_offs, mask=mask).to(op_t)
+    h2 = tl.load(head_ptr + h1_offs + per_sample, mask=mask).to(op_t)
+    h3 = tl.load(head_ptr + h1_offs + 2 * per_sample, mask=mask).to(op_t)
+    # history slot k of element i sits at k * n + i; every input is read before any output is written
+    x0_0 = tl.load(x0_hist_ptr + offs, mask=mask)
+    x0_1 = tl.load(x0_hist_ptr + n + offs, mask=mask)
+    x0_2 = tl.load(x0_hist_ptr + 2 * n + offs, mask=mask)
+    d_0 = tl.load(d_hist_ptr + offs, mask=mask)
+    d_1 = tl.load(d_hist_ptr + n + offs, mask=mask)
+    x0 = xb_eval - gamma * e
+    d = (gamma * gamma) * (w1 * h1 + w2 * h2 + w3 * h3)
+    nxt = _weighted_sum(tl.load(w_ptr).to(op_t) * xb, w_ptr, w_stride, 1, x0, d, x0_0, x0_1, x0_2, d_0, d_1)
+    pred = _weighted_sum(tl.load(w_ptr + W_PRED * w_stride).to(op_t) * nxt, w_ptr, w_stride, W_PRED + 1,
+                         x0, d, x0_0, x0_1, x0_2, d_0, d_1)
+    inv_scale = tl.load(w_ptr + W_INV_SCALE * w_stride).to(op_t)
+    tl.store(xb_out_ptr + offs, nxt, mask=mask)
+    tl.store(xb_pred_out_ptr + offs, pred, mask=mask)
+    tl.store(x_out_ptr + offs, (pred * inv_scale).to(x_out_ptr.dtype.element_ty), mask=mask)
+    tl.store(x0_out_ptr + offs, x0, mask=mask)
+    tl.store(d_out_ptr + offs, d, mask=mask)
+
+
+def genie_multistep_step(x_bar: torch.Tensor, x_bar_eval: torch.Tensor, eps: torch.Tensor, head_out: torch.Tensor,
+                         x0_hist: torch.Tensor, d_hist: torch.Tensor, weights: torch.Tensor, coeffs: torch.Tensor,
+                         x_bar_next: torch.Tensor | None = None, x_bar_pred: torch.Tensor | None = None,
+                         x_pred: torch.Tensor | None = None, x0: torch.Tensor | None = None,
+                         d: torch.Tensor | None = None):
+    """Returns (x_bar_next, x_bar_pred, x_pred, x0, d); outputs as in genie_step (they may be the
+    inputs, a history slot included: each element is read before it is written)."""
+    check_dtypes(x_bar, eps, coeffs)
+    if head_out.dtype != eps.dtype:
+        raise TypeError(f"head output dtype {head_out.dtype} differs from eps dtype {eps.dtype}")
+    for name, t in (("x_bar_eval", x_bar_eval), ("x0_hist", x0_hist), ("d_hist", d_hist)):
+        if t.dtype != x_bar.dtype:
+            raise TypeError(f"{name} dtype {t.dtype} must be the state dtype {x_bar.dtype}")
+    if weights.dtype not in WEIGHT_DTYPES:
+        raise TypeError(f"weights must be float64, float32, float16 or bfloat16, got {weights.dtype}")
+    if weights.dim() != 1 or weights.numel() != MULTISTEP_WEIGHTS:
+        raise ValueError(f"weights must be {MULTISTEP_WEIGHTS} values, got shape {tuple(weights.shape)}")
+    if x0_hist.shape[0] != MULTISTEP_X0_SLOTS or d_hist.shape[0] != MULTISTEP_D_SLOTS:
+        raise ValueError(f"x0_hist and d_hist must hold {MULTISTEP_X0_SLOTS} and {MULTISTEP_D_SLOTS} slots, "
+                         f"got {x0_hist.shape[0]} and {d_hist.shape[0]}")
+    devices = {t.device for t in (x_bar_eval, head_out, x0_hist, d_hist, weights)}
+    if devices != {x_bar.device}:
+        raise ValueError(f"every input must be on x_bar's device {x_bar.device}, got {sorted(map(str, devices))}")
+    x_bar_next = out_or_new(x_bar_next, x_bar, x_bar.dtype, "x_bar_next")
+    x_bar_pred = out_or_new(x_bar_pred, x_bar, x_bar.dtype, "x_bar_pred")
+    x_pred = out_or_new(x_pred, x_bar, eps.dtype, "x_pred")
+    x0 = out_or_new(x0, x_bar, x_bar.dtype, "x0")
+    d = out_or_new(d, x_bar, x_bar.dtype, "d")
+    n = x_bar.numel()
+    if n == 0:
+        return x_bar_next, x_bar_pred, x_pred, x0, d
+    x_bar, x_bar_eval, eps = x_bar.contiguous(), x_bar_eval.contiguous(), eps.contiguous()
+    head_out, x0_hist, d_hist = head_out.contiguous(), x0_hist.contiguous(), d_hist.contiguous()
+    _genie_multistep_step_kernel[grid(n)](x_bar, x_bar_eval, eps, head_out, x0_hist, d_hist, weights,
+                                          weights.stride(0), coeffs, coeffs.stride(0), x_bar_next, x_bar_pred,
+                                          x_pred, x0, d, n, n // x_bar.shape[0], BLOCK=BLOCK)
+    return x_bar_next, x_bar_pred, x_pred, x0, d
