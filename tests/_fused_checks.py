@@ -106,7 +106,8 @@ class StepOp:
 
     make(shape, net_dtype, device) -> the op's tensor arguments before `coeffs`;
     outs(args) -> [(like, dtype)] of its outputs; inplace: (output index, argument index) pairs
-    that may alias (x_bar updated in place, x0_prev overwritten by x0).
+    that may alias (x_bar updated in place, x0_prev overwritten by x0), or (output index,
+    argument index, slot) for slot `slot` of a stacked argument (a history written in place).
     """
 
     def __init__(self, name, ref, make, outs, inplace):
@@ -121,11 +122,11 @@ def _bf16_truncate(t: torch.Tensor) -> torch.Tensor:
     return bits.view(torch.float32).to(torch.bfloat16)
 
 
-def _reference_low(spec: StepOp, args, c, backend, device):
+def _reference_low(spec: StepOp, args, c, backend, device, net_dtype):
     """The reference run in the kernel's dtypes, cast to bf16 the way the kernel's runtime casts:
     under Triton's interpreter that is truncation (on a GPU Triton rounds to nearest)."""
     ref_low = spec.results(spec.ref(*args, c))
-    if interpreter_bf16(backend, device, args[1].dtype):
+    if interpreter_bf16(backend, device, net_dtype):
         wide = spec.results(spec.ref(*[a.float() if a.dtype == torch.bfloat16 else a for a in args], c))
         ref_low = tuple(_bf16_truncate(w) if r.dtype == torch.bfloat16 else r for w, r in zip(wide, ref_low))
     return ref_low
@@ -135,7 +136,7 @@ def check_against_reference(spec: StepOp, backend, device, shape, net_dtype, row
     c = coeff_rows(device)[row]
     args = spec.make(shape, net_dtype, device)
     truth = spec.results(spec.ref(*truth_inputs(*args), c.double()))
-    ref_low = _reference_low(spec, args, c, backend, device)
+    ref_low = _reference_low(spec, args, c, backend, device, net_dtype)
     if use_out:
         out = tuple(poisoned_like(like, dtype) for like, dtype in spec.outs(args))
         got = spec.results(call(spec.name, backend, *args, c, out=out))
@@ -164,20 +165,21 @@ def check_inplace(spec: StepOp, backend, device, shape, net_dtype):
     want = spec.results(call(spec.name, backend, *args, c))
     args = [a.clone() for a in args]
     out = [poisoned_like(like, dtype) for like, dtype in spec.outs(args)]
-    for o, a in spec.inplace:
-        out[o] = args[a]
+    for o, a, *slot in spec.inplace:
+        out[o] = args[a][slot[0]] if slot else args[a]
     got = spec.results(call(spec.name, backend, *args, c, out=tuple(out)))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
 def check_layouts(spec: StepOp, backend, device, shape, net_dtype):
-    """channels_last and strided inputs are handled (same result as contiguous inputs)."""
+    """channels_last and strided inputs are handled (same result as contiguous inputs); an argument
+    without the layout (channels_last of a stacked history or a weight vector) is strided."""
     c = coeff_rows(device)["late"]
     args = spec.make(shape, net_dtype, device)
     want = spec.results(call(spec.name, backend, *args, c))
     for kind in layouts(args[0]):
-        moved = [layouts(a)[kind] for a in args]
+        moved = [layouts(a).get(kind, layouts(a)["strided"]) for a in args]
         assert not all(m.is_contiguous() for m in moved)
         got = spec.results(call(spec.name, backend, *moved, c))
         for g, w in zip(got, want):

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
 BENCH = ROOT / "bench" / "bench_sample.py"
 STEPS = ["install", "versions", "kernel_tests", "engine_tests", "check", "check_deep", "bench", "profile"]
-FUSED = {"genie_step", "ddim_step", "denoise_step", "dpmpp_2m_step", "schedule_table"}
+FUSED = {"genie_step", "ddim_step", "denoise_step", "dpmpp_2m_step", "genie_multistep_step", "schedule_table"}
 
 
 def _env(tmp_path, **extra):
