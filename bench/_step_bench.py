@@ -114,22 +114,28 @@ def parse_args(doc: str):
 
 def make_args(roles, shape, net_dtype, device):
     """The op's tensor arguments, coeffs last: "state" a float32 state of `shape`, "net" a network
-    output of `shape` in net_dtype, "head" a head output (B, 3C, ...) in net_dtype; random, seed 0.
-    coeffs: row 4 of a 10-step VP table."""
+    output of `shape` in net_dtype, "head" a head output (B, 3C, ...) in net_dtype, "slots:K" K
+    float32 states stacked (K, *shape) (a history), "weights:N" N float64 weights (a weight row);
+    random, seed 0. coeffs: row 4 of a 10-step VP table."""
     s = VPSchedule()
     c = coeff_table(s, time_grid(s, 10))[4].to(device)
     g = torch.Generator(device=device).manual_seed(0)
     head_shape = (shape[0], 3 * shape[1], *shape[2:])
     args = []
     for role in roles:
+        kind, _, count = role.partition(":")
         if role == "state":
             args.append(torch.randn(shape, generator=g, device=device))
         elif role == "net":
             args.append(torch.randn(shape, generator=g, device=device).to(net_dtype))
         elif role == "head":
             args.append(torch.randn(head_shape, generator=g, device=device).to(net_dtype))
+        elif kind == "slots" and count.isdigit():
+            args.append(torch.randn((int(count), *shape), generator=g, device=device))
+        elif kind == "weights" and count.isdigit():
+            args.append(torch.randn(int(count), generator=g, device=device, dtype=torch.float64))
         else:
-            raise ValueError(f"unknown role {role!r}; choose state, net or head")
+            raise ValueError(f"unknown role {role!r}; choose state, net, head, slots:K or weights:N")
     return (*args, c)
 
 

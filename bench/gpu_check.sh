@@ -26,7 +26,7 @@
 #   versions         5    20   card, driver, torch, triton, CUDA, cuDNN, nvcc, ncu; the backend that
 #                              runs each op (a silent fallback to the PyTorch reference would make
 #                              every figure meaningless); which library emits the NVTX ranges
-#   kernel_tests    40    70   the fused-kernel CUDA tests (~267; pytest -m cuda, all but the
+#   kernel_tests    40    70   the fused-kernel CUDA tests (~340; pytest -m cuda, all but the
 #                              engine's; pytest-xdist -n 8 where installed)
 #   engine_tests    25    50   the engine's CUDA tests (tests/test_engine.py -m cuda)
 #   check           20    40   agreement on the bundled model for EVERY solver of
