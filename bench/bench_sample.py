@@ -100,8 +100,8 @@ def table(rows: list[dict]) -> str:
         return f"{x:>{w}.{p}f}" if x is not None else f"{'-':>{w}}"
     for (model, solver, nfe, b), d in sorted(by.items()):
         ta, tb, tr, tm, td = (med(d, v) for v in ("a", "b", "c_ro", "c_ma", "d"))
-        kind = "eps+head" if solver in HEAD_SOLVERS else "eps"
-        tf = med(d, "floor") if solver in HEAD_SOLVERS else None
+        kind = "eps+head" if solver in _HEAD_SOLVER_NAMES else "eps"
+        tf = med(d, "floor") if solver in _HEAD_SOLVER_NAMES else None
         tf = tf if tf is not None else floors.get((model, nfe, b, kind))
         nfe_used = (d.get("d") or {}).get("nfe_used") or nfe
         tc = min([t for t in (tr, tm) if t is not None], default=None)
@@ -139,6 +139,11 @@ def print_table(rows, env):
             f"{r['model']} {r['solver']} B={r['batch']} {r['variant']} ({r['reason']})" for r in skipped))
 
 
+# solvers.HEAD_SOLVERS, named here so that the table (--table) runs without importing torch;
+# checked against it below.
+_HEAD_SOLVER_NAMES = ("genie", "genie_multistep")
+
+
 def _table_cli(path: str) -> int:
     """Print the table of a (partial) run's JSON Lines file."""
     recs = read_jsonl(path)
@@ -162,6 +167,8 @@ from genie_fast.models.head import GenieModel  # noqa: E402
 from genie_fast.models.unet import UNet  # noqa: E402
 from genie_fast.schedule import COL, coeff_table, time_grid  # noqa: E402
 from genie_fast.solvers import HEAD_SOLVERS, SOLVERS, nfe_of, steps_for_nfe  # noqa: E402
+
+assert set(_HEAD_SOLVER_NAMES) == set(HEAD_SOLVERS), "update _HEAD_SOLVER_NAMES"
 
 CUDA = torch.cuda.is_available()
 MAIN_SOLVER = "genie"

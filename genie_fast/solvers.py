@@ -289,7 +289,7 @@ def _pair(out, what: str):
 
 # --------------------------------------------------------------------------- shared preamble
 
-class _Run:
+class _StepLoop:
     """What every solver sets up around its loop, factored once.
 
     Validates the inputs, takes (or builds) the plan, builds x_bar_0, counts network evaluations
@@ -426,7 +426,7 @@ class _Run:
 
 def ddim(model, x, ts, schedule, *, afs=False, denoise=False, backend="auto", net_dtype=None, plan=None):
     """DDIM (Song et al. 2021) = Euler in gamma on d x_bar / d gamma = eps. 1 NFE per step."""
-    run = _Run(model, x, ts, schedule, afs, denoise, backend, net_dtype, plan)
+    run = _StepLoop(model, x, ts, schedule, afs, denoise, backend, net_dtype, plan)
     x_bar, x_n = run.x_bar, x
     for n in run.steps():
         eps = run.eps(x_n, n)
@@ -436,7 +436,9 @@ def ddim(model, x, ts, schedule, *, afs=False, denoise=False, backend="auto", ne
 
 
 def _genie_eval(model, head, solver="genie"):
-    """Picks how `genie` (or another solver of HEAD_SOLVERS) gets (eps, d eps/d gamma information) from the model, once."""
+    """Picks how `genie` (or another solver of HEAD_SOLVERS) gets (eps, d eps/d gamma information)
+    from the model, once: returns (evaluate(x, t) -> (eps, out), kind), kind "raw_head" when out is
+    the head's raw [h1|h2|h3] (combined inside the fused step op), "deps" when out is d eps/d gamma."""
     if head is not None:
         if not callable(head):
             raise TypeError(f"head must be a callable head(x, t, eps) -> deps, got {type(head).__name__}")
@@ -450,7 +452,7 @@ def _genie_eval(model, head, solver="genie"):
             eps, head_out = _pair(model.eps_and_head(x, t), "model.eps_and_head")
             return (_output(eps, x, "model.eps_and_head (its eps)"),
                     _output(head_out, x, "model.eps_and_head (its head output [h1|h2|h3])", channels=3))
-        return eps_and_head, "head"
+        return eps_and_head, "raw_head"
     if callable(getattr(model, "eps_and_deps", None)):
         def eps_and_deps(x, t):
             eps, deps = _pair(model.eps_and_deps(x, t), "model.eps_and_deps")
@@ -474,7 +476,7 @@ def genie(model, x, ts, schedule, *, afs=False, denoise=False, backend="auto", n
     of the evaluation).
     """
     evaluate, kind = _genie_eval(model, head)
-    run = _Run(model, x, ts, schedule, afs, denoise, backend, net_dtype, plan)
+    run = _StepLoop(model, x, ts, schedule, afs, denoise, backend, net_dtype, plan)
     x_bar, x_n = run.x_bar, x
     for n in run.steps():
         row = run.rows[n]
@@ -482,7 +484,7 @@ def genie(model, x, ts, schedule, *, afs=False, denoise=False, backend="auto", n
             x_bar, x_n = ops.ddim_step(x_bar, run.x_T, row, backend=backend)
             continue
         eps, d = run.call(evaluate, x_n, run.plan.t_net[n])
-        if kind == "head":
+        if kind == "raw_head":
             x_bar, x_n = ops.genie_step(x_bar, eps, d, row, backend=backend)
         else:
             x_bar, x_n = ops.taylor_step(x_bar, eps, d, row, backend=backend)
@@ -495,7 +497,7 @@ def genie_exact(model, x, ts, schedule, *, afs=False, denoise=False, backend="au
     1 + JVP_NFE NFE per step: eps and a JVP through the network (`jvp`). With AFS the first step
     (a DDIM step with eps = x_T) costs nothing.
     """
-    run = _Run(model, x, ts, schedule, afs, denoise, backend, net_dtype, plan)
+    run = _StepLoop(model, x, ts, schedule, afs, denoise, backend, net_dtype, plan)
     dt_dgamma = run.plan.weights("dt_dgamma", lambda: _per_sample(
         schedule.dt_dgamma(run.plan.gammas[:-1]), run.plan.batch))
     x_bar, x_n = run.x_bar, x
@@ -517,7 +519,7 @@ def heun(model, x, ts, schedule, *, afs=False, denoise=False, backend="auto", ne
 
     x_bar' = x_bar_n + h eps_n;  x_bar_{n+1} = x_bar_n + h (eps_n + eps(x', t_{n+1})) / 2.
     """
-    run = _Run(model, x, ts, schedule, afs, denoise, backend, net_dtype, plan)
+    run = _StepLoop(model, x, ts, schedule, afs, denoise, backend, net_dtype, plan)
     x_bar, x_n = run.x_bar, x
     for n in run.steps():
         row = run.rows[n]
@@ -535,7 +537,7 @@ def dpm_solver_2(model, x, ts, schedule, *, afs=False, denoise=False, backend="a
     gamma_mid = sqrt(gamma_n gamma_{n+1}):
     u_bar = x_bar_n + (gamma_mid - gamma_n) eps_n;  x_bar_{n+1} = x_bar_n + h eps(u, t_mid).
     """
-    run = _Run(model, x, ts, schedule, afs, denoise, backend, net_dtype, plan)
+    run = _StepLoop(model, x, ts, schedule, afs, denoise, backend, net_dtype, plan)
     g, t = run.plan.gammas, run.plan.ts
 
     def t_mid():
@@ -610,7 +612,7 @@ def dpmpp_2m(model, x, ts, schedule, *, afs=False, denoise=False, backend="auto"
     problem and not on dpmpp_2m's own grid ("edm", `AUTO_GRID`); measure on the bundled model first.
     """
     _check_lower_order_final(lower_order_final)
-    run = _Run(model, x, ts, schedule, afs, denoise, backend, net_dtype, plan)
+    run = _StepLoop(model, x, ts, schedule, afs, denoise, backend, net_dtype, plan)
     last = run.num_steps - 1
     # the lowered last step reads a row with a = 1, b = 0, kept in the plan (no allocation in the loop)
     last_row = (run.plan._cached("dpmpp_2m_first_order_last", lambda: _first_order_row(run.rows[last]))
@@ -726,7 +728,7 @@ def dpmpp_3m(model, x, ts, schedule, *, afs=False, denoise=False, backend="auto"
     if variant not in _DPMPP_3M_VARIANTS:
         raise ValueError(f"dpmpp_3m variant must be one of {_DPMPP_3M_VARIANTS}, got {variant!r}")
     _check_lower_order_final(lower_order_final)
-    run = _Run(model, x, ts, schedule, afs, denoise, backend, net_dtype, plan)
+    run = _StepLoop(model, x, ts, schedule, afs, denoise, backend, net_dtype, plan)
     lowered = _lowered(run.num_steps, lower_order_final, "dpm")
     orders = _step_orders(run.num_steps, 3, lowered)
     name = "dpmpp_3m" + ("" if variant == "consistent" else "_" + variant) + ("_lowered" if lowered else "")
@@ -792,7 +794,7 @@ def unipc(model, x, ts, schedule, *, afs=False, denoise=False, backend="auto", n
     if order not in (1, 2, 3):
         raise ValueError(f"unipc order must be 1, 2 or 3, got {order}")
     _check_lower_order_final(lower_order_final)
-    run = _Run(model, x, ts, schedule, afs, denoise, backend, net_dtype, plan)
+    run = _StepLoop(model, x, ts, schedule, afs, denoise, backend, net_dtype, plan)
     lowered = _lowered(run.num_steps, lower_order_final, "unipc")
     orders = _step_orders(run.num_steps, order, lowered)
     host = []  # the three host tables, computed once when the plan first needs them
@@ -849,7 +851,7 @@ def ipndm(model, x, ts, schedule, *, afs=False, denoise=False, backend="auto", n
     """
     if order not in (1, 2, 3, 4):
         raise ValueError(f"ipndm order must be 1..4, got {order}")
-    run = _Run(model, x, ts, schedule, afs, denoise, backend, net_dtype, plan)
+    run = _StepLoop(model, x, ts, schedule, afs, denoise, backend, net_dtype, plan)
     weights = run.plan.weights(f"ipndm{order}", lambda: _ipndm_weights(run.plan, order))
     x_bar, x_n = run.x_bar, x
     history = []  # eps_n, eps_{n-1}, ... (most recent first)
@@ -1004,7 +1006,7 @@ def genie_multistep(model, x, ts, schedule, *, afs=False, denoise=False, backend
     if not isinstance(lower_order_final, bool):
         raise ValueError(f"lower_order_final must be True or False, got {lower_order_final!r}")
     evaluate, kind = _genie_eval(model, head, "genie_multistep")
-    run = _Run(model, x, ts, schedule, afs, denoise, backend, net_dtype, plan)
+    run = _StepLoop(model, x, ts, schedule, afs, denoise, backend, net_dtype, plan)
     weights = run.plan.weights(f"genie_multistep{order}_{float(head_error)!r}_{lower_order_final}",
                                lambda: _genie_multistep_weights(run.plan, order, float(head_error),
                                                                 lower_order_final))
