@@ -1,6 +1,8 @@
 """genie_multistep against the multistep peers on an exact-score mixture, each on its best grid.
 
     python bench/bench_multistep.py            # writes bench/results/multistep.{json,png}
+    python bench/bench_multistep.py --quality bench/quality_multistep/quality.json
+        # the same best-grid table from a bench_quality.py run on the bundled model (ODE RMSE, FD)
 
 The 8-mode mixture of bench_accuracy.py (1x8x8, float64, RK4 reference); every solver with AFS
 (the library default) on each grid of GRIDS at each NFE; the GENIE solvers get the exact head
@@ -39,13 +41,39 @@ ROWS = {  # label -> (solver, keywords)
 }
 
 
+def quality_table(path: str):
+    """Per solver and NFE, the grid with the lowest ODE RMSE in a bench_quality.py result, and its FD."""
+    with open(path) as f:
+        rows = [r for r in json.load(f)["rows"] if "error" not in r]
+    solvers = list(dict.fromkeys(r["solver"] for r in rows))
+    nfes = sorted({r["nfe_requested"] for r in rows})
+    best = {}
+    for r in rows:
+        key = (r["solver"], r["nfe_requested"])
+        if key not in best or r["ode_rmse"] < best[key]["ode_rmse"]:
+            best[key] = r
+    print("| ODE RMSE / FD, best grid | " + " | ".join(f"NFE {n}" for n in nfes) + " |")
+    print("|---|" + "---|" * len(nfes))
+    for s in solvers:
+        cells = []
+        for n in nfes:
+            r = best.get((s, n))
+            low = min(best[(o, n)]["ode_rmse"] for o in solvers if (o, n) in best)
+            cell = "" if r is None else f"{r['ode_rmse']:.4f} / {r['fd']:.1f} {r['grid']}"
+            cells.append(f"**{cell}**" if r is not None and r["ode_rmse"] == low else cell)
+        print(f"| {s} | " + " | ".join(cells) + " |")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quality", default=None, help="print the best-grid table of this bench_quality.py result")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
+    if args.quality:
+        return quality_table(args.quality)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     p = problems(args.batch, args.seed)["mixture"]
