@@ -1069,7 +1069,7 @@ AUTO_GRID = {
     "dpmpp_3m": "logsnr",
     "unipc": "edm",
     "ipndm": "uniform",
-    "genie_multistep": "logsnr",
+    "genie_multistep": "edm",  # bench_quality.py on the bundled model (bench/RESULTS.md, issue 15)
 }
 # afs=None: the solver's entry (as measured, DEFAULT_AFS for every solver).
 AUTO_AFS = {name: DEFAULT_AFS for name in SOLVERS}
