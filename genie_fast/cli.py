@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("train", help="train the score network on Fashion-MNIST")
     train_mod.build_parser(tr).set_defaults(func=_cmd_train)
-    di = sub.add_parser("distill", help="distil the GENIE head from exact JVPs")
+    di = sub.add_parser("distill", help="distil the GENIE head (target: exact JVPs, or secants along the ODE)")
     distill_mod.build_parser(di).set_defaults(func=_cmd_distill)
     ex = sub.add_parser("export", help="write a safetensors + JSON model from checkpoints")
     ex.add_argument("--unet-ckpt", required=True)

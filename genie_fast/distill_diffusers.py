@@ -1,8 +1,12 @@
 """Distil a GENIE head for a diffusers UNet2DModel: ``genie-fast distill --diffusers DIR``.
 
-The same JVP targets and loss as the bundled model's head (``genie_fast.distill.head_loss``:
-gamma^2 || k_psi - d eps/d gamma ||^2 along the DDIM ODE, the head fed the network's own eps),
-with x_t = alpha_t x_0 + sigma_t z, t ~ U[1/N, 1], and x_0 from
+The same loss as the bundled model's head (``genie_fast.distill.head_loss``: gamma^2 || k_psi -
+d eps/d gamma ||^2 along the DDIM ODE, the head fed the network's own eps), with x_t = alpha_t x_0 +
+sigma_t z, t ~ U[1/N, 1]. The target is by default the secant (``--target secant``, ``DIFFUSERS_TARGET``):
+d eps/d gamma as a central difference along the ODE over ``--span-t`` (0.01: 10 timesteps of 1000),
+not the exact JVP (``--target jvp``): a UNet trained at integer timesteps wiggles in t between them,
+the exact derivative is dominated by that wiggle, and a head distilled on it learned nothing
+(bench/RESULTS.md, issue 13). x_0 comes from
 
 * ``--data PATH``: a folder of images (PNG/JPEG/..., converted to the UNet's channels and resized
   to its sample size) or an ``.npz`` of uint8 NHWC images under ``arr_0`` (labels under ``arr_1``),
@@ -28,6 +32,9 @@ import torch
 from tqdm import tqdm
 
 __all__ = ["add_diffusers_args", "distill_diffusers", "load_images", "model_pool"]
+
+# The distillation target of ``distill --diffusers`` when --target is not given (see the module doc).
+DIFFUSERS_TARGET = "secant"
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
@@ -111,7 +118,7 @@ def model_pool(net, n: int, nfe: int, batch: int, seed: int = 0, progress: bool 
 
 def distill_diffusers(args) -> Path:
     """The ``distill --diffusers DIR`` run; returns the stem of the head written beside the model."""
-    from .distill import head_state, train_head
+    from .distill import check_resumed_target, check_span_t, head_state, train_head
     from .data import infinite_batches
     from .generate import weights_hash
     from .models.diffusers import DiffusersGenieModel, load_diffusers, load_head, save_head
@@ -124,7 +131,7 @@ def distill_diffusers(args) -> Path:
 
     check_int("--pool", args.pool, 1)
     check_int("--pool-nfe", args.pool_nfe, 2)
-    check_distill_args(args)
+    check_distill_args(args, default_target=DIFFUSERS_TARGET)
     model_dir = Path(args.diffusers)
     head_stem = _head_stem(args.head_out or model_dir)
     if Path(f"{head_stem}.safetensors").exists() and not (args.resume or args.overwrite):
@@ -132,15 +139,18 @@ def distill_diffusers(args) -> Path:
                          f"--overwrite (or --head-out elsewhere)")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "ckpt.pt"
     net = load_diffusers(model_dir, head=None)
     for p in net.parameters():
         p.requires_grad_(False)
     unet_sha = weights_hash(net.unet)
     schedule = net.schedule
+    if args.target == "secant":  # the span must fit in [t_end, 1] of this schedule
+        check_span_t(args.span_t, schedule, "--span-t")
+    out.mkdir(parents=True, exist_ok=True)
 
     state = load_checkpoint(ckpt_path, DISTILL_KEYS) if (args.resume and ckpt_path.exists()) else None
+    check_resumed_target(state, args, ckpt_path)
     if state is not None and state.get("unet_sha256") != unet_sha:
         raise ValueError(f"{ckpt_path} was distilled for other UNet weights than {model_dir}'s; "
                          f"use another --out or --overwrite")
@@ -187,13 +197,14 @@ def distill_diffusers(args) -> Path:
     def checkpoint(step, wall):
         save_checkpoint(ckpt_path, {"head_config": head_cfg.to_dict(), "head": model.head.state_dict(),
                                     "ema_head": ema_head.state_dict(), "opt": opt.state_dict(), "step": step,
-                                    "wall_s": wall, "unet_sha256": unet_sha, "diffusers": str(model_dir)})
+                                    "wall_s": wall, "unet_sha256": unet_sha, "diffusers": str(model_dir),
+                                    "target": args.target, "span_t": args.span_t})
 
     step, wall = train_head(args, model, ema_head, opt, step, wall, batches, gen, num_classes, checkpoint, ckpt_path,
                             log, "distill (diffusers)")
     stem = save_head(ema_head, args.head_out or model_dir, unet_sha256=unet_sha,
                      provenance={"distill_steps": step, "batch": args.batch, "lr": args.lr, "data": data_desc,
-                                 "wall_s": round(wall, 1)})
+                                 "target": args.target, "span_t": args.span_t, "wall_s": round(wall, 1)})
     log.write(f"# done step={step} wall_s={wall:.0f} head={stem}\n")
     log.close()
     return stem

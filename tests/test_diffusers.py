@@ -384,3 +384,42 @@ def test_distill_data_from_images(model_dir, tmp_path):
                  "--batch", "4", "--threads", "1", "--head-out", str(tmp_path / "head")]) == 0
     assert (tmp_path / "head.safetensors").exists() and not (run / "pool.pt").exists()
     assert math.isfinite(float(torch.load(run / "ckpt.pt", weights_only=True)["wall_s"]))
+
+
+def test_distill_cli_target_secant_by_default_and_its_arguments(model_dir, tmp_path, capsys):
+    """distill --diffusers distils against the secant target unless told otherwise (--target jvp),
+    takes --span-t, records both in the checkpoint and the head, and refuses to resume with others."""
+    from genie_fast.distill import DEFAULT_SPAN_T
+    from genie_fast.distill_diffusers import DIFFUSERS_TARGET
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "d.npz", arr_0=rng.integers(0, 256, (6, 8, 8, 1), dtype=np.uint8))
+
+    def run(name, *extra):
+        return main(["distill", "--diffusers", str(model_dir), "--data", str(tmp_path / "d.npz"), "--batch", "4",
+                     "--threads", "1", "--out", str(tmp_path / name), "--head-out", str(tmp_path / f"head_{name}"),
+                     *extra])
+
+    def saved(name):
+        state = torch.load(tmp_path / name / "ckpt.pt", weights_only=True)
+        prov = load_head(tmp_path / f"head_{name}").provenance
+        assert (prov["target"], prov["span_t"]) == (state["target"], state["span_t"])
+        return state["target"], state["span_t"], state["step"]
+
+    assert DIFFUSERS_TARGET == "secant"
+    assert run("default", "--steps", "1") == 0
+    assert saved("default") == ("secant", DEFAULT_SPAN_T, 1)
+    assert run("default", "--steps", "2", "--resume", "--target", "jvp") == 2
+    assert "--target secant --span-t 0.01" in capsys.readouterr().err
+    assert run("default", "--steps", "2", "--resume", "--span-t", "0.02") == 2
+    assert run("default", "--steps", "2", "--resume") == 0
+    assert saved("default") == ("secant", DEFAULT_SPAN_T, 2)
+    assert run("wide", "--steps", "1", "--target", "secant", "--span-t", "0.05") == 0
+    assert saved("wide") == ("secant", 0.05, 1)
+    assert run("jvp", "--steps", "1", "--target", "jvp") == 0
+    assert saved("jvp") == ("jvp", None, 1)
+    capsys.readouterr()
+    # a span that does not fit in [t_end, 1] = [1/1000, 1], or a span with the JVP target
+    for extra in (("--span-t", "0"), ("--span-t", "0.9995"), ("--span-t", "nan"), ("--target", "jvp", "--span-t", "0.01")):
+        assert run("bad", "--steps", "1", *extra) == 2
+        assert "--span-t" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

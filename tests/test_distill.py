@@ -156,3 +156,95 @@ def test_train_init_from(tmp_path, capsys):
     assert main(["train", "--config", "fmnist_small", "--out", str(tmp_path / "c"), "--steps", "1", *common,
                  "--init-from", str(tmp_path / "a" / "ckpt.pt")]) == 2
     assert "other parameters than this config" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the secant target
+
+def _mixture_point(t, seed=5):
+    """A 4-mode mixture (exact eps, float64) and x_t ~ q(x_t | x_0) at the times t."""
+    from genie_fast.models.gmm import GaussianMixture
+    from genie_fast.schedule import q_sample
+    gmm = GaussianMixture.random(4, (1, 4, 4), seed=seed, spread=1.0)
+    g = torch.Generator().manual_seed(seed)
+    t = torch.tensor(t, dtype=torch.float64)
+    x, _, _ = q_sample(gmm.sample_data(len(t), g), gmm.schedule, g, t=t)
+    return gmm, x, t
+
+
+def test_secant_target_converges_to_the_jvp_as_span_squared():
+    """Inside the time range the secant along the ODE (Euler steps to t +- span/2) differs from the
+    exact d eps/d gamma by O(span^2): halving the span quarters the error."""
+    from genie_fast.distill import secant_deps
+    gmm, x, t = _mixture_point([0.15, 0.4, 0.7, 0.9])
+    exact = gmm.exact_deps(x, t)
+    eps = gmm(x, t)
+    errs = []
+    for span in (0.04, 0.02, 0.01, 0.005):
+        e, deps = secant_deps(gmm, x, t, gmm.schedule, span)
+        assert torch.equal(e, eps)
+        errs.append(_rel(deps, exact))
+    ratios = [a / b for a, b in zip(errs, errs[1:])]
+    assert all(3.3 < r < 4.7 for r in ratios), (errs, ratios)
+    assert errs[-1] < 2e-3
+    # eps given: the same secant, from the two off-centre evaluations only
+    calls = []
+    _, deps_given = secant_deps(lambda x_, t_: calls.append(1) or gmm(x_, t_), x, t, gmm.schedule, 0.005, eps=eps)
+    assert len(calls) == 2
+    torch.testing.assert_close(deps_given, deps, rtol=0, atol=0)
+
+
+def test_secant_target_at_the_ends_is_one_sided_and_converges():
+    """At t = 1 and t = t_end the window is shifted inside [t_end, 1] (one-sided): first order."""
+    from genie_fast.distill import secant_deps, secant_times
+    gmm, x, t = _mixture_point([1.0, 1e-3])
+    lo, hi = secant_times(t, 0.02, gmm.schedule)
+    torch.testing.assert_close(hi - lo, torch.full_like(t, 0.02))
+    assert float(hi[0]) == 1.0 and float(lo[1]) == gmm.schedule.t_end
+    exact = gmm.exact_deps(x, t)
+    errs = [((secant_deps(gmm, x, t, gmm.schedule, s)[1] - exact).flatten(1).norm(dim=1)
+             / exact.flatten(1).norm(dim=1)) for s in (2e-3, 1e-3, 5e-4)]
+    for a, b in zip(errs, errs[1:]):
+        assert bool(((a / b > 1.6) & (a / b < 2.6)).all()), errs
+    assert float(errs[-1].max()) < 0.05
+
+
+def test_secant_head_loss_and_bad_arguments():
+    from genie_fast.distill import distill_target, secant_deps
+    gmm, x, t = _mixture_point([0.3, 0.6])
+    for bad in (0, 0.0, -0.01, 1.0, float("nan"), float("inf"), True, "0.01", None):
+        with pytest.raises(ValueError, match="span_t"):
+            secant_deps(gmm, x, t, gmm.schedule, bad)
+    with pytest.raises(ValueError, match="span_t applies to the secant target only"):
+        distill_target(gmm, x, t, gmm.schedule, "jvp", span_t=0.01)
+    with pytest.raises(ValueError, match="target must be one of"):
+        distill_target(gmm, x, t, gmm.schedule, "central")
+    # the largest span that fits: the whole range, one window for every t
+    from genie_fast.distill import secant_times
+    whole = 1.0 - gmm.schedule.t_end
+    lo, hi = secant_times(t, whole, gmm.schedule)
+    assert lo.tolist() == pytest.approx([gmm.schedule.t_end] * 2, abs=1e-15) and hi.tolist() == [1.0] * 2
+    _, deps = distill_target(gmm, x, t, gmm.schedule, "secant", span_t=whole)
+    assert bool(torch.isfinite(deps).all())
+    # head_loss trains against the secant when asked
+    torch.manual_seed(0)
+    unet = _random_unet(std=0.1).float()
+    model = GenieModel(unet)
+    for p in unet.parameters():
+        p.requires_grad_(False)
+    xb, tb = torch.randn(4, 1, 8, 8), torch.tensor([0.1, 0.4, 0.7, 1.0])
+    loss_j, _ = head_loss(model, xb, tb)
+    loss_s, rel_s = head_loss(model, xb, tb, target="secant", span_t=0.01)
+    assert loss_s.requires_grad and float(loss_s) != float(loss_j) and 0 < float(rel_s)
+
+
+def test_distill_cli_target_arguments(tmp_path, capsys):
+    from genie_fast.cli import main
+    base = ["distill", "--unet-ckpt", str(tmp_path / "none.pt"), "--out", str(tmp_path / "run"), "--steps", "1"]
+    assert main([*base, "--span-t", "0.01"]) == 2  # the bundled U-Net's default target is the JVP
+    assert "--span-t" in capsys.readouterr().err
+    for bad in ("0", "-1", "1", "nan"):
+        assert main([*base, "--target", "secant", "--span-t", bad]) == 2
+        assert "--span-t" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit):
+        main([*base, "--target", "central"])
