@@ -128,8 +128,12 @@ def sample_guided(model, noise, labels, scale, solver, steps, grid="auto"):
                              guidance_scale=scale)
 
 
-ENC_SOLVERS = ("ddim", "genie", "dpmpp_2m", "unipc", "heun")
+ENC_SOLVERS = ("ddim", "genie", "dpmpp_2m", "unipc", "heun", "genie_exact", "dpm_solver_2", "dpmpp_3m", "ipndm",
+               "genie_multistep")
 ENC_STEPS = (5, 10, 20, 40)
+# (solver, grid) runs: every solver on its auto grid, and the logSNR grid (fine steps at the data end,
+# where encoding starts) for those whose auto grid is not logSNR
+ENC_RUNS = [(s, "auto") for s in ENC_SOLVERS] + [(s, "logsnr") for s in ENC_SOLVERS if s not in ("dpmpp_3m",)]
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, w: float) -> torch.Tensor:
@@ -159,14 +163,15 @@ def part_encode(model, args, rows, save):
                      "rmse_vs_200_steps": float((ref - half).pow(2).mean().sqrt()), "seconds": time.time() - t0})
         save()
     ref = torch.load(Path(args.out) / "encode_reference.pt", weights_only=True)
-    for solver in ENC_SOLVERS:
+    for solver, grid in ENC_RUNS:
         for steps in ENC_STEPS:
-            if any(r.get("part") == "encode" and r["solver"] == solver and r["steps"] == steps for r in rows):
+            if any(r.get("part") == "encode" and r["solver"] == solver and r["steps"] == steps
+                   and r.get("grid", "auto") == grid for r in rows):
                 continue
             t0 = time.time()
-            z, nfe = genie_fast.encode(model, x0, solver=solver, steps=steps)
-            back, nfe_back = genie_fast.sample(model, noise=z, solver=solver, steps=steps, afs=False)
-            rows.append({"part": "encode", "solver": solver, "steps": steps, "grid": "auto", "nfe_encode": nfe,
+            z, nfe = genie_fast.encode(model, x0, solver=solver, steps=steps, grid=grid)
+            back, nfe_back = genie_fast.sample(model, noise=z, solver=solver, steps=steps, grid=grid, afs=False)
+            rows.append({"part": "encode", "solver": solver, "steps": steps, "grid": grid, "nfe_encode": nfe,
                          "nfe_decode": nfe_back, "reconstruction_rmse": float((back - x0).pow(2).mean().sqrt()),
                          "latent_rmse_vs_reference": float((z - ref).pow(2).mean().sqrt()),
                          "seconds": time.time() - t0})
@@ -208,12 +213,13 @@ def write_table(result, out: Path):
     if enc:
         lines += ["", "Encoding (reconstruction RMSE / latent RMSE vs reference)", "",
                   "| solver | " + " | ".join(f"{s} steps" for s in ENC_STEPS) + " |", "|---|" + "---|" * len(ENC_STEPS)]
-        for solver in ENC_SOLVERS:
+        for solver, grid in ENC_RUNS:
             cells = []
             for st in ENC_STEPS:
-                r = next((r for r in enc if r["solver"] == solver and r["steps"] == st), None)
-                cells.append("" if r is None else f"{r['reconstruction_rmse']:.4f} / {r['latent_rmse_vs_reference']:.4f}")
-            lines.append(f"| {solver} | " + " | ".join(cells) + " |")
+                r = next((r for r in enc if r["solver"] == solver and r["steps"] == st
+                          and r.get("grid", "auto") == grid), None)
+                cells.append("" if r is None else f"{r['reconstruction_rmse']:.4g} / {r['latent_rmse_vs_reference']:.4g}")
+            lines.append(f"| {solver}, {grid} | " + " | ".join(cells) + " |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
