@@ -419,7 +419,8 @@ def test_distill_cli_target_secant_by_default_and_its_arguments(model_dir, tmp_p
     assert saved("jvp") == ("jvp", None, 1)
     capsys.readouterr()
     # a span that does not fit in [t_end, 1] = [1/1000, 1], or a span with the JVP target
-    for extra in (("--span-t", "0"), ("--span-t", "0.9995"), ("--span-t", "nan"), ("--target", "jvp", "--span-t", "0.01")):
+    for extra in (("--span-t", "0"), ("--span-t", "0.9995"), ("--span-t", "nan"),
+                  ("--target", "jvp", "--span-t", "0.01")):
         assert run("bad", "--steps", "1", *extra) == 2
         assert "--span-t" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
