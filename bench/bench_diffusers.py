@@ -1,26 +1,32 @@
-"""A diffusers UNet2DModel trained here, its distilled GENIE head, and GENIE vs DDIM vs DPM-Solver++.
+"""A diffusers UNet2DModel trained here, its distilled GENIE heads, and GENIE vs DDIM vs DPM-Solver++.
 
-    python bench/bench_diffusers.py --out runs_diffusers/fmnist16 --train-minutes 7 --distill-steps 300
+    python bench/bench_diffusers.py --out runs_diffusers/fmnist16 --train-minutes 7 --distill-steps 400 \
+        --targets jvp,secant --span-t 0.01 --results bench/results/diffusers_secant.json
 
 Phases (each skipped when its output exists, so a rerun only evaluates):
 1. train a small UNet2DModel (16x16 Fashion-MNIST: the padded 32x32 images average-pooled 2x2;
    channels (32, 64), attention at 8x8, 1000-step linear DDPM betas, epsilon prediction) for
-   --train-minutes of wall time, EMA weights saved with save_pretrained as a pipeline folder;
-2. distil its GENIE head with the command line a user runs:
-   ``genie-fast distill --diffusers <out>/model --data <out>/train16.npz --steps N``;
-3. measure on held-out data: the head's relative L2 error against the exact JVP (d eps / d gamma)
-   per t bin, and the sampling error of ddim / dpmpp_2m / genie (learned head) / genie with the
-   exact JVP at NFE 5-20 against a float64-state RK4 reference of the same ODE (--rk4-steps steps
-   uniform in log gamma; logSNR grids for the solvers, t from 1 to 1/N), as RMSE over pixels and
-   samples in [-1, 1] units; and the size of the time derivative's roughness (the exact d eps / dt
-   part of the JVP against a 10-step secant) at a few timesteps.
-Writes bench/results/diffusers.json and prints the tables for bench/RESULTS.md.
+   --train-minutes of this process's CPU time, EMA weights saved with save_pretrained as a pipeline folder;
+2. distil one GENIE head per --targets entry ("jvp", "secant" at --span-t, or "secant:S" at span S)
+   with the command line a user runs:
+   ``genie-fast distill --diffusers <out>/model --data <out>/train16.npz --steps N --target T [--span-t S]``
+   (run folder <out>/distill_<name>, head <out>/heads/<name>);
+3. measure on held-out data: each head's relative L2 error against the exact JVP (d eps / d gamma)
+   and against the secant targets (at --span-t and each head's span), per t bin; and the sampling error of ddim /
+   dpmpp_2m (with and without AFS) / genie with the exact JVP, and per head genie / genie_multistep
+   (with and without AFS), at NFE 5-20 against a float64-state RK4 reference of the same ODE
+   (--rk4-steps steps uniform in log gamma, kept in <out>/reference.pt; logSNR grids for the
+   solvers, t from 1 to 1/N), as RMSE over pixels and samples in [-1, 1] units; and the size of
+   the time derivative's roughness (the exact d eps / dt part of the JVP against a 10-step secant)
+   at a few timesteps.
+Writes --results (JSON) and prints the tables for bench/RESULTS.md.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -32,14 +38,19 @@ import torch.nn.functional as F
 
 import genie_fast
 from genie_fast.data import load_fashion_mnist
-from genie_fast.distill import head_loss
+from genie_fast.distill import distill_target
+from genie_fast.ops import head_combine_ref
 from genie_fast.models.diffusers import load_diffusers
 from genie_fast.reference import rk4_solve
 from genie_fast.sampling import make_noise
 from genie_fast.solvers import exact_deps
 
 NFES = (5, 8, 10, 15, 20)
-SOLVERS = ("ddim", "dpmpp_2m", "genie", "genie + AFS", "genie (exact JVP)")
+# rows without a head, then the rows run once per distilled head
+PLAIN_SOLVERS = ("ddim", "ddim + AFS", "dpmpp_2m", "dpmpp_2m + AFS", "unipc", "unipc + AFS", "genie (exact JVP)",
+                 "genie_multistep (zero head)")
+HEAD_SOLVERS = ("genie", "genie + AFS", "genie_multistep", "genie_multistep + AFS",
+                "genie_multistep + AFS, measured head_error")
 
 
 def fmnist16(split):
@@ -62,8 +73,9 @@ def train(out: Path, minutes: float, batch: int, lr: float, seed: int):
     opt = torch.optim.Adam(unet.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     ac = scheduler.alphas_cumprod
-    t0, step, losses = time.time(), 0, []
-    while time.time() - t0 < 60 * minutes:
+    # the budget is this process's CPU time (one thread), so a run on a loaded machine takes as many steps
+    t0, c0, step, losses = time.time(), time.process_time(), 0, []
+    while time.process_time() - c0 < 60 * minutes:
         idx = torch.randint(len(x), (batch,), generator=gen)
         x0 = x[idx]
         k = torch.randint(1000, (batch,), generator=gen)
@@ -87,41 +99,80 @@ def train(out: Path, minutes: float, batch: int, lr: float, seed: int):
     ema.eval().save_pretrained(out / "model" / "unet")
     scheduler.save_pretrained(out / "model" / "scheduler")
     info = {"steps": step, "batch": batch, "lr": lr, "wall_s": round(time.time() - t0, 1),
+            "cpu_s": round(time.process_time() - c0, 1),
             "final_loss_100": float(np.mean(losses[-100:])), "params": sum(p.numel() for p in unet.parameters())}
     (out / "train.json").write_text(json.dumps(info, indent=2))
     return info
 
 
-def distill(out: Path, steps: int, threads: int):
-    x, _ = fmnist16("train")
-    u8 = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    np.savez(out / "train16.npz", arr_0=u8)
+def parse_target(spec: str, span_t: float) -> tuple[str, str, float | None]:
+    """(name, target, span) of a --targets entry: "jvp", "secant" (at --span-t) or "secant:S"."""
+    target, _, span = spec.partition(":")
+    if target == "jvp" and not span:
+        return "jvp", "jvp", None
+    if target == "secant":
+        span_t = float(span) if span else span_t
+        return f"secant_{span_t:g}", "secant", span_t
+    raise SystemExit(f"--targets: unknown entry {spec!r} (jvp, secant or secant:SPAN)")
+
+
+def distill(out: Path, name: str, target: str, span_t, steps: int, threads: int):
+    if not (out / "train16.npz").exists():
+        x, _ = fmnist16("train")
+        u8 = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        np.savez(out / "train16.npz", arr_0=u8)
+    run = out / f"distill_{name}"
     cmd = [sys.executable, "-m", "genie_fast.cli", "distill", "--diffusers", str(out / "model"),
-           "--out", str(out / "distill"), "--data", str(out / "train16.npz"), "--steps", str(steps),
-           "--batch", "32", "--threads", str(threads), "--log-every", "25", "--lr", "1e-3", "--warmup", "50"]
-    if (out / "distill" / "ckpt.pt").exists():
+           "--out", str(run), "--head-out", str(out / "heads" / name), "--data", str(out / "train16.npz"),
+           "--steps", str(steps), "--batch", "32", "--threads", str(threads), "--log-every", "25", "--lr", "1e-3",
+           "--warmup", "50", "--target", target]
+    if span_t is not None:
+        cmd += ["--span-t", f"{span_t:g}"]
+    if (run / "ckpt.pt").exists():
         cmd.append("--resume")
     print(" ".join(cmd), flush=True)
-    t0 = time.time()
+    t0, c0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run(cmd, check=True)
-    return {"steps": steps, "wall_s": round(time.time() - t0, 1), "command": " ".join(cmd[1:])}
+    c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"steps": steps, "target": target, "span_t": span_t, "wall_s": round(time.time() - t0, 1),
+            "cpu_s": round(c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime, 1), "command": " ".join(cmd[1:])}
 
 
-@torch.no_grad()
-def head_error(model, n: int, seed: int):
-    """Relative L2 error of the head's d eps / d gamma against the exact JVP, per t bin, on
-    x_t = alpha x0 + sigma z from test images."""
+def head_error_bins(model, n: int, seed: int, spans):
+    """Per t bin: x_t = alpha x0 + sigma z from test images, eps, the head's inputs, and the targets
+    {"jvp": exact JVP, "secant_S": secant over span S for S in spans} (computed once, for every head)."""
     x, _ = fmnist16("test")
     gen = torch.Generator().manual_seed(seed)
     x0 = x[torch.randint(len(x), (n,), generator=gen)]
-    rows = {}
+    bins = {}
     edges = (1e-3, 0.1, 0.3, 0.6, 1.0)
+    net, s = model, model.schedule
     for lo, hi in zip(edges[:-1], edges[1:]):
         t = lo + (hi - lo) * torch.rand(n, generator=gen)
-        a, s = model.schedule.alpha(t)[:, None, None, None], model.schedule.sigma(t)[:, None, None, None]
-        x_t = a * x0 + s * torch.randn(x0.shape, generator=gen)
-        _, rel = head_loss(model, x_t, t)
-        rows[f"{lo:g}-{hi:g}"] = float(rel)
+        a, sg = s.alpha(t)[:, None, None, None], s.sigma(t)[:, None, None, None]
+        x_t = a * x0 + sg * torch.randn(x0.shape, generator=gen)
+        with torch.no_grad():
+            eps, feats, temb = net(x_t, t, return_features=True)
+            targets = {"jvp": distill_target(net, x_t, t, s, "jvp", eps=eps)[1]}
+            for span in spans:
+                targets[f"secant_{span:g}"] = distill_target(net, x_t, t, s, "secant", span, eps=eps)[1]
+        bins[f"{lo:g}-{hi:g}"] = (x_t, t, eps, feats, temb, targets)
+    return bins
+
+
+def _rel(a, b):
+    return float((a - b).flatten(1).norm(dim=1).div(b.flatten(1).norm(dim=1).clamp_min(1e-12)).mean())
+
+
+@torch.no_grad()
+def head_error(head, schedule, bins):
+    """Relative L2 error of the head's d eps / d gamma against each target, per t bin."""
+    rows = {}
+    for key, (x_t, t, eps, feats, temb, targets) in bins.items():
+        gamma = schedule.gamma(t)[:, None, None, None].to(x_t.dtype)
+        deps = head_combine_ref(head(x_t, eps, feats, temb), gamma)
+        for name, target in targets.items():
+            rows.setdefault(name, {})[key] = _rel(deps, target)
     return rows
 
 
@@ -137,7 +188,7 @@ def time_roughness(model, n: int, seed: int):
     x, _ = fmnist16("test")
     gen = torch.Generator().manual_seed(seed)
     x0 = x[torch.randint(len(x), (n,), generator=gen)]
-    s, net, rows = model.schedule, model.unet, {}
+    s, net, rows = model.schedule, model, {}
     for k in (100, 300, 600, 900, 990):
         t = torch.full((n,), (k + 1) / 1000)
         x_t = (s.alpha(t)[:, None, None, None] * x0 + s.sigma(t)[:, None, None, None] * torch.randn(x0.shape, generator=gen))
@@ -154,76 +205,140 @@ def time_roughness(model, n: int, seed: int):
 
 
 @torch.no_grad()
-def solver_errors(model, n: int, seed: int, rk4_steps: int):
-    """RMSE of each solver against RK4 (uniform in log gamma) with rk4_steps steps; the RK4 error
-    is estimated from the run with half the steps (Richardson, |x_2N - x_N| / 15, as RMSE)."""
+def reference(model, out: Path, n: int, seed: int, rk4_steps: int):
+    """(noise, RK4 solution, its Richardson error estimate), kept in <out>/reference.pt."""
+    path = out / "reference.pt"
+    key = {"n": n, "seed": seed, "rk4_steps": rk4_steps}
+    if path.exists():
+        ref = torch.load(path, weights_only=True)
+        if ref["key"] == key:
+            return ref["noise"], ref["x"], ref["richardson_rmse"]
     noise = make_noise(n, model.image_shape, seed)
     s = model.schedule
-    ref = rk4_solve(model, noise.double(), s, 1.0, s.t_end, rk4_steps)
+    x = rk4_solve(model, noise.double(), s, 1.0, s.t_end, rk4_steps)
     half = rk4_solve(model, noise.double(), s, 1.0, s.t_end, rk4_steps // 2)
-    ref_err = float((ref - half).pow(2).mean().sqrt()) / 15
-    out = {"reference": {"rk4_steps": rk4_steps, "richardson_rmse": ref_err}}
-    print(f"reference: RK4 {rk4_steps} steps, estimated RMSE {ref_err:.2e}", flush=True)
+    err = float((x - half).pow(2).mean().sqrt()) / 15
+    torch.save({"key": key, "noise": noise, "x": x, "richardson_rmse": err}, path)
+    return noise, x, err
+
+
+@torch.no_grad()
+def solver_errors(model, noise, ref, rows, measured_head_error=None, done=None):
+    """RMSE against the reference of each row: a solver name, "+ AFS", "genie (exact JVP)",
+    "genie_multistep (zero head)" (a head that returns 0 with the default blend weights: what the
+    multistep gets from its history alone), or "..., measured head_error" (genie_multistep trusting
+    the head by its measured error against the secant target at --span-t, mean over the t bins,
+    instead of solvers.DEFAULT_HEAD_ERROR). Rows already in ``done`` (same reference) are kept."""
+    out = {row: {int(k): v for k, v in cells.items()} for row, cells in (done or {}).items()}  # JSON keys
 
     def exact_head(x, t, eps):
         return exact_deps(model, x, t, eps, model.schedule)
-    for solver in SOLVERS:
-        out[solver] = {}
+    for row in rows:
+        if row in out:
+            continue
+        solver = row.split(" ")[0]
+        kw = {"solver": solver, "afs": "+ AFS" in row}
+        if row == "genie (exact JVP)":
+            kw["head"] = exact_head
+        if row == "genie_multistep (zero head)":
+            kw["head"] = lambda x, t, eps: torch.zeros_like(eps)
+        if row.endswith("measured head_error"):
+            kw["head_error"] = measured_head_error
+        out[row] = {}
         for nfe in NFES:
-            kw = {"solver": "genie", "head": exact_head} if solver == "genie (exact JVP)" else \
-                {"solver": "genie", "afs": True} if solver == "genie + AFS" else {"solver": solver}
-            x, spent = genie_fast.sample(model, noise=noise, nfe=nfe, grid="logsnr", **{"afs": False, **kw})
+            x, spent = genie_fast.sample(model, noise=noise, nfe=nfe, grid="logsnr", **kw)
             rmse = float((x.double() - ref).pow(2).mean().sqrt())
-            out[solver][nfe] = {"rmse": rmse, "nfe": spent}
-            print(f"{solver:18s} NFE {nfe:2d}: rmse {rmse:.4f}", flush=True)
+            out[row][nfe] = {"rmse": rmse, "nfe": spent}
+            print(f"{row:42s} NFE {nfe:2d}: rmse {rmse:.4f}", flush=True)
     return out
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs_diffusers/fmnist16")
-    p.add_argument("--train-minutes", type=float, default=7.0)
+    p.add_argument("--train-minutes", type=float, default=7.0, help="CPU minutes of this process")
     p.add_argument("--train-batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--distill-steps", type=int, default=300)
+    p.add_argument("--distill-steps", type=int, default=400)
+    p.add_argument("--targets", default="jvp,secant",
+                   help="comma-separated heads to distil and compare: jvp, secant (at --span-t), secant:SPAN")
+    p.add_argument("--span-t", type=float, default=0.01,
+                   help="the secant target's span in t (0.01: 10 of the 1000 timesteps), for distillation "
+                        "and for the head-error column against the secant")
     p.add_argument("--n-eval", type=int, default=64)
     p.add_argument("--rk4-steps", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--results", default="bench/results/diffusers.json")
+    p.add_argument("--results", default="bench/results/diffusers_secant.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    t_all = time.time()
+    t_all, c_all = time.time(), time.process_time()
     results = json.loads(Path(args.results).read_text()) if Path(args.results).exists() else {}
     if not (out / "model" / "unet").exists():
         train(out, args.train_minutes, args.train_batch, args.lr, args.seed)
     results["train"] = json.loads((out / "train.json").read_text())
-    if not (out / "model" / "genie_head.safetensors").exists():
-        (out / "distill.json").write_text(json.dumps(distill(out, args.distill_steps, args.threads), indent=2))
-    results["distill"] = json.loads((out / "distill.json").read_text()) if (out / "distill.json").exists() else {}
-    results["distill"]["log_tail"] = (out / "distill" / "log.txt").read_text().splitlines()[-2]
-    model = load_diffusers(out / "model")
+    heads = [parse_target(spec, args.span_t) for spec in args.targets.split(",")]
+    results.setdefault("heads", {})
+    for name, target, span_t in heads:
+        info_path = out / f"distill_{name}.json"
+        if not (out / "heads" / f"{name}.safetensors").exists():
+            info_path.write_text(json.dumps(distill(out, name, target, span_t, args.distill_steps, args.threads),
+                                            indent=2))
+        info = json.loads(info_path.read_text()) if info_path.exists() else {}
+        info["log_tail"] = (out / f"distill_{name}" / "log.txt").read_text().splitlines()[-2]
+        results["heads"].setdefault(name, {})["distill"] = info
+
+    model = load_diffusers(out / "model", head=None)
     t0 = time.time()
-    results["head_rel_err"] = head_error(model, args.n_eval, args.seed + 1)
+    spans = sorted({args.span_t} | {span for _, target, span in heads if target == "secant"})
+    bins = head_error_bins(model, args.n_eval, args.seed + 1, spans)
+    results["target_gap"] = {f"secant_{span:g}": {k: _rel(b[5][f"secant_{span:g}"], b[5]["jvp"])
+                                                  for k, b in bins.items()} for span in spans}
+    noise, ref, ref_err = reference(model, out, args.n_eval, args.seed + 2, args.rk4_steps)
+    results["reference"] = {"rk4_steps": args.rk4_steps, "richardson_rmse": ref_err}
+    print(f"reference: RK4 {args.rk4_steps} steps, estimated RMSE {ref_err:.2e}", flush=True)
     results["time_roughness"] = time_roughness(model, 16, args.seed + 3)
-    results["solvers"] = solver_errors(model, args.n_eval, args.seed + 2, args.rk4_steps)
+    eval_key = {"n_eval": args.n_eval, "seed": args.seed, "rk4_steps": args.rk4_steps, "span_t": args.span_t}
+    same = results.get("eval_key") == eval_key  # keep the rows a previous call measured on this reference
+    results["eval_key"] = eval_key
+    results["solvers"] = solver_errors(model, noise, ref, PLAIN_SOLVERS, done=results.get("solvers") if same else None)
+    for name, _, _ in heads:
+        hmodel = load_diffusers(out / "model", head=out / "heads" / name)
+        err = head_error(hmodel.head, model.schedule, bins)
+        measured = float(np.mean(list(err[f"secant_{args.span_t:g}"].values())))
+        done = results["heads"][name].get("solvers") if same else None
+        results["heads"][name].update(head_rel_err=err, measured_head_error=measured,
+                                      solvers=solver_errors(hmodel, noise, ref, HEAD_SOLVERS, measured, done))
     results["eval_wall_s"] = round(time.time() - t0, 1)
     results["machine"] = {"platform": platform.platform(), "processor": platform.processor() or "?",
                           "threads": args.threads, "torch": torch.__version__}
     results["command"] = " ".join(sys.argv)
+    results.pop("cpu_s_this_call", None)
+    results.setdefault("calls", []).append({"command": results["command"],
+                                            "cpu_s": round(time.process_time() - c_all, 1),
+                                            "wall_s": round(time.time() - t_all, 1)})
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     Path(args.results).write_text(json.dumps(results, indent=2) + "\n")
 
-    print("\n| head rel. L2 error vs exact JVP | " + " | ".join(results["head_rel_err"]) + " |")
-    print("|---|" + "---:|" * len(results["head_rel_err"]))
-    print("| t bin | " + " | ".join(f"{v:.3f}" for v in results["head_rel_err"].values()) + " |")
+    keys = list(bins)
+    print("\n| rel. L2 error, t bin | " + " | ".join(keys) + " |")
+    print("|---|" + "---:|" * len(keys))
+    for target, row in results["target_gap"].items():
+        print(f"| {target} target vs exact JVP | " + " | ".join(f"{row[k]:.3f}" for k in keys) + " |")
+    for name, _, _ in heads:
+        for against, row in results["heads"][name]["head_rel_err"].items():
+            print(f"| {name} head vs {against} | " + " | ".join(f"{row[k]:.3f}" for k in keys) + " |")
     print("\n| RMSE vs reference | " + " | ".join(str(n) for n in NFES) + " |")
     print("|---|" + "---:|" * len(NFES))
-    for solver in SOLVERS:
-        print(f"| {solver} | " + " | ".join(f"{results['solvers'][solver][n]['rmse']:.4f}" for n in NFES) + " |")
-    print(f"\ntotal {time.time() - t_all:.0f}s")
+    for row in PLAIN_SOLVERS:
+        print(f"| {row} | " + " | ".join(f"{results['solvers'][row][n]['rmse']:.4f}" for n in NFES) + " |")
+    for name, _, _ in heads:
+        for row in HEAD_SOLVERS:
+            cells = results["heads"][name]["solvers"][row]
+            print(f"| {row}, {name} head | " + " | ".join(f"{cells[n]['rmse']:.4f}" for n in NFES) + " |")
+    print(f"\ntotal {time.time() - t_all:.0f}s wall, {time.process_time() - c_all:.0f}s CPU of this process")
 
 
 if __name__ == "__main__":
