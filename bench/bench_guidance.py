@@ -133,7 +133,8 @@ ENC_SOLVERS = ("ddim", "genie", "dpmpp_2m", "unipc", "heun", "genie_exact", "dpm
 ENC_STEPS = (5, 10, 20, 40)
 # (solver, grid) runs: every solver on its auto grid, and the logSNR grid (fine steps at the data end,
 # where encoding starts) for those whose auto grid is not logSNR
-ENC_RUNS = [(s, "auto") for s in ENC_SOLVERS] + [(s, "logsnr") for s in ENC_SOLVERS if s not in ("dpmpp_3m",)]
+ENC_RUNS = [(s, "auto") for s in ENC_SOLVERS] + [(s, "logsnr") for s in (
+    "ddim", "genie", "dpmpp_2m", "unipc", "genie_multistep", "heun", "ipndm", "dpm_solver_2", "genie_exact")]
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, w: float) -> torch.Tensor:
