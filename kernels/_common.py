@@ -23,6 +23,20 @@ C_DPM_A = tl.constexpr(COL["dpm_a"])
 C_DPM_B = tl.constexpr(COL["dpm_b"])
 
 
+@triton.jit
+def head_deps(head_ptr, c_ptr, c_stride, offs, mask, per_sample, op_t: tl.constexpr):
+    """d eps / d gamma at the row's gamma from the raw head [h1|h2|h3] (B, 3C, ...), in op_t:
+    w1 h1 + w2 h2 + w3 h3. Element i = b*CHW + k of the state reads h1 at i + 2b*CHW."""
+    w1 = tl.load(c_ptr + C_W1 * c_stride).to(op_t)
+    w2 = tl.load(c_ptr + C_W2 * c_stride).to(op_t)
+    w3 = tl.load(c_ptr + C_W3 * c_stride).to(op_t)
+    h1_offs = offs + 2 * (offs // per_sample) * per_sample
+    h1 = tl.load(head_ptr + h1_offs, mask=mask).to(op_t)
+    h2 = tl.load(head_ptr + h1_offs + per_sample, mask=mask).to(op_t)
+    h3 = tl.load(head_ptr + h1_offs + 2 * per_sample, mask=mask).to(op_t)
+    return w1 * h1 + w2 * h2 + w3 * h3
+
+
 def grid(n: int):
     return (triton.cdiv(n, BLOCK),)
 

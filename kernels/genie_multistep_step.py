@@ -10,7 +10,7 @@ import triton.language as tl
 
 from genie_fast.ops import MULTISTEP_D_SLOTS, MULTISTEP_TERMS, MULTISTEP_WEIGHTS, MULTISTEP_X0_SLOTS
 
-from ._common import BLOCK, C_GAMMA, C_W1, C_W2, C_W3, check_dtypes, grid, out_or_new
+from ._common import BLOCK, C_GAMMA, check_dtypes, grid, head_deps, out_or_new
 
 # first weight of the predictor's sum, and the input scale of the next evaluation
 W_PRED = tl.constexpr(MULTISTEP_TERMS)
@@ -41,16 +41,9 @@ def _genie_multistep_step_kernel(xb_ptr, xb_eval_ptr, eps_ptr, head_ptr, x0_hist
     xb = tl.load(xb_ptr + offs, mask=mask)
     op_t = xb.dtype  # float32 math for a float32 state, float64 for float64
     gamma = tl.load(c_ptr + C_GAMMA * c_stride).to(op_t)
-    w1 = tl.load(c_ptr + C_W1 * c_stride).to(op_t)
-    w2 = tl.load(c_ptr + C_W2 * c_stride).to(op_t)
-    w3 = tl.load(c_ptr + C_W3 * c_stride).to(op_t)
     xb_eval = tl.load(xb_eval_ptr + offs, mask=mask)
     e = tl.load(eps_ptr + offs, mask=mask).to(op_t)
-    # h1 of sample b starts at 3b*CHW: flat index i = b*CHW + k maps to i + 2b*CHW
-    h1_offs = offs + 2 * (offs // per_sample) * per_sample
-    h1 = tl.load(head_ptr + h1_offs, mask=mask).to(op_t)
-    h2 = tl.load(head_ptr + h1_offs + per_sample, mask=mask).to(op_t)
-    h3 = tl.load(head_ptr + h1_offs + 2 * per_sample, mask=mask).to(op_t)
+    deps = head_deps(head_ptr, c_ptr, c_stride, offs, mask, per_sample, op_t)
     # history slot k of element i sits at k * n + i; every input is read before any output is written
     x0_0 = tl.load(x0_hist_ptr + offs, mask=mask)
     x0_1 = tl.load(x0_hist_ptr + n + offs, mask=mask)
@@ -58,7 +51,7 @@ def _genie_multistep_step_kernel(xb_ptr, xb_eval_ptr, eps_ptr, head_ptr, x0_hist
     d_0 = tl.load(d_hist_ptr + offs, mask=mask)
     d_1 = tl.load(d_hist_ptr + n + offs, mask=mask)
     x0 = xb_eval - gamma * e
-    d = (gamma * gamma) * (w1 * h1 + w2 * h2 + w3 * h3)
+    d = (gamma * gamma) * deps
     nxt = _weighted_sum(tl.load(w_ptr).to(op_t) * xb, w_ptr, w_stride, 1, x0, d, x0_0, x0_1, x0_2, d_0, d_1)
     pred = _weighted_sum(tl.load(w_ptr + W_PRED * w_stride).to(op_t) * nxt, w_ptr, w_stride, W_PRED + 1,
                          x0, d, x0_0, x0_1, x0_2, d_0, d_1)

@@ -6,8 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (BLOCK, C_H, C_HALF_H2, C_INV_SCALE_NEXT, C_W1, C_W2, C_W3, check_dtypes, grid,
-                      out_or_new)
+from ._common import BLOCK, C_H, C_HALF_H2, C_INV_SCALE_NEXT, check_dtypes, grid, head_deps, out_or_new
 
 
 @triton.jit
@@ -19,17 +18,9 @@ def _genie_step_kernel(xb_ptr, eps_ptr, head_ptr, c_ptr, c_stride, xb_out_ptr, x
     op_t = xb.dtype  # float32 math for a float32 state, float64 for float64
     h = tl.load(c_ptr + C_H * c_stride).to(op_t)
     half_h2 = tl.load(c_ptr + C_HALF_H2 * c_stride).to(op_t)
-    w1 = tl.load(c_ptr + C_W1 * c_stride).to(op_t)
-    w2 = tl.load(c_ptr + C_W2 * c_stride).to(op_t)
-    w3 = tl.load(c_ptr + C_W3 * c_stride).to(op_t)
     inv_scale_next = tl.load(c_ptr + C_INV_SCALE_NEXT * c_stride).to(op_t)
     e = tl.load(eps_ptr + offs, mask=mask).to(op_t)
-    # h1 of sample b starts at 3b*CHW: flat index i = b*CHW + k maps to i + 2b*CHW
-    h1_offs = offs + 2 * (offs // per_sample) * per_sample
-    h1 = tl.load(head_ptr + h1_offs, mask=mask).to(op_t)
-    h2 = tl.load(head_ptr + h1_offs + per_sample, mask=mask).to(op_t)
-    h3 = tl.load(head_ptr + h1_offs + 2 * per_sample, mask=mask).to(op_t)
-    deps = w1 * h1 + w2 * h2 + w3 * h3
+    deps = head_deps(head_ptr, c_ptr, c_stride, offs, mask, per_sample, op_t)
     v = (xb + h * e) + half_h2 * deps
     tl.store(xb_out_ptr + offs, v, mask=mask)
     tl.store(x_out_ptr + offs, (v * inv_scale_next).to(x_out_ptr.dtype.element_ty), mask=mask)
