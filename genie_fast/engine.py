@@ -189,6 +189,10 @@ def _tf32_flags() -> tuple:
         return (b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32)
 
 
+# Encoding with ipndm diverges below this many steps (bench/RESULTS.md, "Encoding with every solver").
+IPNDM_MIN_ENCODE_STEPS = 40
+
+
 @dataclasses.dataclass(frozen=True)
 class GraphKey:
     """Everything a captured graph depends on; any change captures a new graph."""
@@ -502,6 +506,12 @@ class SamplingEngine:
             x = self._state_noise(x0, None, None, 0, dtype)
             key, plan, spent = self._prepare(x, solver, nfe, steps, grid, False, False, net_dtype, schedule,
                                              solver_kw, encode=True)
+            if key.solver == "ipndm" and len(key.ts) - 1 < IPNDM_MIN_ENCODE_STEPS:
+                warnings.warn(f"genie_fast encode: ipndm with {len(key.ts) - 1} steps; its fourth-order "
+                              f"Adams-Bashforth weights on a grid whose steps grow amplify the error "
+                              f"(reconstruction errors of 10^2 to 10^6 below {IPNDM_MIN_ENCODE_STEPS} steps on "
+                              f"the bundled model): use {IPNDM_MIN_ENCODE_STEPS} steps or more, or another solver",
+                              stacklevel=3)
             x_T = self._run(key, plan, x)
             if check_finite:
                 self._check_finite(x_T, key, plan, x, "latents", "data x0")

@@ -206,6 +206,22 @@ def test_encode_refuses_afs_and_labels_need_a_conditional_model():
         genie_fast.sample(m, n=2, guidance_scale=2.0)
 
 
+def test_encode_warns_for_ipndm_below_its_step_floor():
+    import warnings
+
+    import genie_fast
+    from genie_fast.engine import IPNDM_MIN_ENCODE_STEPS
+
+    m = _mixture()
+    x0 = m.sample_data(2)
+    with pytest.warns(UserWarning, match=f"ipndm with 10 steps.*{IPNDM_MIN_ENCODE_STEPS} steps or more"):
+        genie_fast.encode(m, x0, solver="ipndm", steps=10, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        genie_fast.encode(m, x0, solver="ipndm", steps=IPNDM_MIN_ENCODE_STEPS, dtype=torch.float64)
+        genie_fast.encode(m, x0, solver="dpmpp_2m", steps=10, dtype=torch.float64)
+
+
 def test_cli_sample_with_labels_and_encode_with_reconstruction(tmp_path, capsys):
     import matplotlib.image
     from safetensors.torch import load_file
