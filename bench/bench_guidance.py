@@ -50,13 +50,10 @@ TERM_TIMES = (0.9, 0.6, 0.4, 0.25, 0.15, 0.08, 0.04)
 
 def load(args):
     from genie_fast.models.default import load_default, load_model
-    from genie_fast.distill import load_unet_from_train_ckpt
+    from genie_fast.distill import with_trained_unet
 
     if args.unet_ckpt:  # a network still in training, with the head of a saved model
-        model = load_model(args.model) if args.model else load_default()
-        model.unet = load_unet_from_train_ckpt(args.unet_ckpt)
-        model.provenance = {"unet_ckpt": args.unet_ckpt}
-        return model.eval()
+        return with_trained_unet(args.model, args.unet_ckpt)
     return load_model(args.model) if args.model else load_default()
 
 
@@ -254,7 +251,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default=None, help="model stem (default: bundled)")
-    p.add_argument("--unet-ckpt", default=None, help="a training checkpoint's EMA network instead (head from --model)")
+    p.add_argument("--unet-ckpt", default=None, help="a training checkpoint's EMA network instead (head from --model); "
+                   "several, comma-separated: their average")
     p.add_argument("--out", default=str(ROOT / "guidance"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -237,6 +237,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default=None, help="model stem written by `genie-fast export` (default: bundled)")
+    p.add_argument("--unet-ckpt", default=None, help="a training checkpoint's EMA network instead (head from "
+                   "--model); several, comma-separated: their average")
     p.add_argument("--out", default=None, help=f"results directory (default {OUT})")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -250,7 +252,11 @@ def main(argv=None):
     from genie_fast.data import load_fashion_mnist
     from genie_fast.models.default import load_default, load_model
 
-    model = load_model(args.model) if args.model else load_default()
+    if args.unet_ckpt:  # a network still in training, with the head of a saved model
+        from genie_fast.distill import with_trained_unet
+        model = with_trained_unet(args.model, args.unet_ckpt)
+    else:
+        model = load_model(args.model) if args.model else load_default()
     result = {"device": platform.processor() or platform.machine(), "torch": torch.__version__,
               "threads": args.threads, "model_provenance": getattr(model, "provenance", {}),
               "n": args.n, "n_ode": args.n_ode, "ref_steps": args.ref_steps, "seed": args.seed}

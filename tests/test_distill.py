@@ -129,6 +129,22 @@ def test_train_distill_export_end_to_end(tmp_path):
     assert m.provenance == {"a": 1}
     eps, deps = m.eps_and_deps(torch.randn(1, 1, 32, 32), torch.tensor([0.5]))
     assert torch.isfinite(deps).all()
+    # the benchmarks' --unet-ckpt: a saved head on the EMA network of one run's states, or their average
+    from genie_fast.distill import load_unet_from_train_ckpt, with_trained_unet
+    assert main(["train", "--config", "tiny", "--out", str(tmp_path / "tr2"), "--steps", "1", "--seed", "1",
+                 *common]) == 0
+    a, b = (str(tmp_path / d / "ckpt.pt") for d in ("tr", "tr2"))
+    ua, ub = load_unet_from_train_ckpt(a).state_dict(), load_unet_from_train_ckpt(b).state_dict()
+    avg = with_trained_unet(tmp_path / "m", f"{a},{b}")
+    assert avg.provenance["unet_ckpt"] == [a, b] and avg.head is not None
+    for k, v in avg.unet.state_dict().items():
+        assert torch.allclose(v, (ua[k] + ub[k]) / 2, atol=1e-7), k
+    assert any(not torch.equal(ua[k], ub[k]) for k in ua)  # two different networks were averaged
+    assert all(torch.equal(v, ua[k]) for k, v in with_trained_unet(tmp_path / "m", a).unet.state_dict().items())
+    with pytest.raises(ValueError, match="is not the saved model's"):
+        with_trained_unet(None, a)  # the bundled model's head reads another network
+    with pytest.raises(ValueError, match="no checkpoint"):
+        with_trained_unet(tmp_path / "m", ",")
     assert main(["train", "--out", str(tmp_path / "tr"), "--data-root", str(tmp_path / "none"),
                  "--steps", "4", "--resume"]) == 2
 
