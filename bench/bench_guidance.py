@@ -49,12 +49,9 @@ TERM_TIMES = (0.9, 0.6, 0.4, 0.25, 0.15, 0.08, 0.04)
 
 
 def load(args):
-    from genie_fast.models.default import load_default, load_model
     from genie_fast.distill import with_trained_unet
 
-    if args.unet_ckpt:  # a network still in training, with the head of a saved model
-        return with_trained_unet(args.model, args.unet_ckpt)
-    return load_model(args.model) if args.model else load_default()
+    return with_trained_unet(args.model, args.unet_ckpt)  # --unet-ckpt: a network still in training
 
 
 def guided_points(model, labels, scale, t_to, noise):

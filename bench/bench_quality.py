@@ -250,13 +250,9 @@ def main(argv=None):
     import genie_fast
     from genie_fast.cli import save_grid
     from genie_fast.data import load_fashion_mnist
-    from genie_fast.models.default import load_default, load_model
+    from genie_fast.distill import with_trained_unet
 
-    if args.unet_ckpt:  # a network still in training, with the head of a saved model
-        from genie_fast.distill import with_trained_unet
-        model = with_trained_unet(args.model, args.unet_ckpt)
-    else:
-        model = load_model(args.model) if args.model else load_default()
+    model = with_trained_unet(args.model, args.unet_ckpt)  # --unet-ckpt: a network still in training
     result = {"device": platform.processor() or platform.machine(), "torch": torch.__version__,
               "threads": args.threads, "model_provenance": getattr(model, "provenance", {}),
               "n": args.n, "n_ode": args.n_ode, "ref_steps": args.ref_steps, "seed": args.seed}

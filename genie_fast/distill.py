@@ -203,24 +203,24 @@ def load_unet_from_train_ckpt(path: str | os.PathLike, use_ema: bool = True) -> 
     return unet.eval()
 
 
-def with_trained_unet(stem: str | os.PathLike | None, unet_ckpts: str) -> GenieModel:
-    """A saved model (``stem``; None: the bundled one) whose U-Net is replaced by the EMA network of
-    training checkpoint(s) ``unet_ckpts``: comma-separated paths, averaged weight by weight (states
-    of one run, e.g. taken along a fine-tune), for measuring a network in training with a saved head."""
+def with_trained_unet(stem: str | os.PathLike | None, unet_ckpts: str | None = None) -> GenieModel:
+    """A saved model (``stem``; None: the bundled one), its U-Net replaced by the EMA network of
+    training checkpoint(s) ``unet_ckpts`` when given: comma-separated paths, averaged weight by
+    weight (states of one run, e.g. taken along a fine-tune), to measure a network in training with
+    a saved head. The benchmarks' ``--model`` / ``--unet-ckpt``."""
     from .models.default import load_default, load_model
 
     model = load_model(stem) if stem else load_default()
+    if unet_ckpts is None:
+        return model
     paths = [p for p in unet_ckpts.split(",") if p]
     if not paths:
         raise ValueError("unet_ckpts: no checkpoint path given")
     unets = [load_unet_from_train_ckpt(p) for p in paths]
-    configs = {json.dumps(u.config.to_dict(), sort_keys=True) for u in unets}
-    if len(configs) > 1:
-        raise ValueError(f"unet_ckpts {unet_ckpts}: the checkpoints hold different U-Net configs, "
-                         "weights of different architectures cannot be averaged")
-    if unets[0].config.to_dict() != model.unet.config.to_dict():
-        raise ValueError(f"unet_ckpts {unet_ckpts}: its U-Net config {unets[0].config.to_dict()} is not the "
-                         f"saved model's {model.unet.config.to_dict()} (its head reads that network)")
+    for path, unet in zip(paths, unets):  # the head reads the saved model's network: same architecture
+        if unet.config.to_dict() != model.unet.config.to_dict():
+            raise ValueError(f"unet_ckpts: {path} holds U-Net config {unet.config.to_dict()}, not the saved "
+                             f"model's {model.unet.config.to_dict()} (its head reads that network)")
     states = [u.state_dict() for u in unets]
     model.unet = unets[0]
     model.unet.load_state_dict({k: sum(st[k].double() for st in states).div(len(states)).to(v.dtype)

@@ -141,8 +141,10 @@ def test_train_distill_export_end_to_end(tmp_path):
         assert torch.allclose(v, (ua[k] + ub[k]) / 2, atol=1e-7), k
     assert any(not torch.equal(ua[k], ub[k]) for k in ua)  # two different networks were averaged
     assert all(torch.equal(v, ua[k]) for k, v in with_trained_unet(tmp_path / "m", a).unet.state_dict().items())
-    with pytest.raises(ValueError, match="is not the saved model's"):
-        with_trained_unet(None, a)  # the bundled model's head reads another network
+    assert with_trained_unet(tmp_path / "m").provenance == {"a": 1}  # no checkpoint: the saved model
+    for ckpts in (a, f"{a},{b}"):  # the bundled model's head reads another network
+        with pytest.raises(ValueError, match="not the saved model's"):
+            with_trained_unet(None, ckpts)
     with pytest.raises(ValueError, match="no checkpoint"):
         with_trained_unet(tmp_path / "m", ",")
     assert main(["train", "--out", str(tmp_path / "tr"), "--data-root", str(tmp_path / "none"),
