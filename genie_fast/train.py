@@ -35,6 +35,44 @@ def diffusion_loss(model, x0: torch.Tensor, schedule: VPSchedule, generator: tor
     return (model(x_t, t, **kw) - z).pow(2).mean()
 
 
+def null_teacher_loss(model, teacher, x0: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                      schedule: VPSchedule, generator: torch.Generator | None = None):
+    """`diffusion_loss`, except that null-label samples regress onto ``teacher``'s eps (an unconditional
+    network) instead of the drawn noise. Returns (loss, the null-label samples' share of it).
+
+    The noise is an unbiased but noisy target for E[z | x_t]; an unconditional teacher is a low-variance
+    estimate of the same function, so the null class of a conditional fine-tune stays as good as the
+    model it started from while the labelled samples learn the classes.
+    """
+    x_t, t, z = q_sample(x0, schedule, generator)
+    null = labels == num_classes
+    target = z
+    if bool(null.any()):
+        with torch.no_grad():
+            target = z.clone()
+            target[null] = teacher(x_t[null], t[null]).to(z.dtype)
+    err = (model(x_t, t, labels=labels) - target).pow(2)
+    return err.mean(), (err[null].sum() / err.numel()).detach()
+
+
+def load_null_teacher(stem: str | os.PathLike, config: UNetConfig) -> torch.nn.Module:
+    """The U-Net of exported model ``stem`` as a frozen teacher for the null class (`null_teacher_loss`)."""
+    from .models.default import load_model
+
+    if config.num_classes <= 0:
+        raise ValueError("--null-teacher trains a class-conditional config's null class; "
+                         f"this config has no classes ({config.to_dict()})")
+    unet = load_model(stem).unet
+    if unet.config.num_classes > 0:
+        raise ValueError(f"--null-teacher {stem}: the teacher must be an unconditional model; it has "
+                         f"{unet.config.num_classes} classes")
+    if (unet.config.in_channels, unet.config.image_size) != (config.in_channels, config.image_size):
+        raise ValueError(f"--null-teacher {stem}: its images ({unet.config.in_channels} x {unet.config.image_size}^2) "
+                         f"differ from this config's ({config.in_channels} x {config.image_size}^2)")
+    unet.eval().requires_grad_(False)
+    return unet
+
+
 def drop_labels(labels: torch.Tensor, num_classes: int, p: float, generator: torch.Generator) -> torch.Tensor:
     """Replace each label by the null class ``num_classes`` with probability p (classifier-free guidance training)."""
     drop = torch.rand(labels.shape, generator=generator) < p
@@ -233,6 +271,9 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
                    help="class-conditional configs: probability of training a sample with the null label")
     p.add_argument("--label-lr-mult", type=float, default=20.0,
                    help="class-conditional configs: learning-rate multiplier of the label embedding")
+    p.add_argument("--null-teacher", default=None, metavar="STEM",
+                   help="class-conditional configs: null-label samples regress onto the eps of this "
+                        "unconditional exported model instead of the noise (keeps the null class as good)")
     return p
 
 
@@ -297,6 +338,7 @@ def train(args) -> Path:
         ema = copy.deepcopy(model)
         step, wall, state = 0, 0.0, None
     ema.eval()
+    teacher = load_null_teacher(args.null_teacher, config) if getattr(args, "null_teacher", None) else None
     # A new label embedding (zero at the start of a fine-tune) learns at label_lr_mult x the base rate:
     # at the base rate it stayed ~50x smaller than the time embedding after 1,100 steps (no effect).
     label_params = list(model.label_emb.parameters()) if model.label_emb is not None else []
@@ -327,7 +369,11 @@ def train(args) -> Path:
         if not conditional:
             return diffusion_loss(model, next(batches), schedule, gen), {}
         x0, y = next(batches)
-        return diffusion_loss(model, x0, schedule, gen, drop_labels(y, config.num_classes, args.label_dropout, gen)), {}
+        labels = drop_labels(y, config.num_classes, args.label_dropout, gen)
+        if teacher is None:
+            return diffusion_loss(model, x0, schedule, gen, labels), {}
+        loss, null_part = null_teacher_loss(model, teacher, x0, labels, config.num_classes, schedule, gen)
+        return loss, {"null_part": null_part.item()}
 
     model.train()
     step, wall = run_steps(args, opt=opt, step=step, wall=wall, step_loss=step_loss, trained=model.parameters(),

@@ -8,7 +8,9 @@ import torch
 from _helpers import randomize
 from genie_fast.models.head import GenieHead, GenieModel, HeadConfig
 from genie_fast.models.unet import UNet, UNetConfig
-from genie_fast.train import check_run_dir, drop_labels, init_from_model, load_checkpoint, save_checkpoint
+from genie_fast.schedule import VPSchedule, q_sample
+from genie_fast.train import (check_run_dir, diffusion_loss, drop_labels, init_from_model, load_checkpoint,
+                              null_teacher_loss, save_checkpoint)
 
 TINY_COND = UNetConfig(in_channels=1, image_size=8, nf=8, ch_mult=(1, 2), num_res_blocks=1,
                        attn_resolutions=(4,), num_classes=3)
@@ -35,6 +37,30 @@ def test_labels_change_eps_once_embedding_is_trained():
         null = u(x, t, labels=torch.full((4,), 3))
         assert not torch.allclose(e0, e1)
         assert torch.equal(null, u(x, t))  # None means the null class (index num_classes)
+
+
+def test_null_teacher_loss_replaces_the_noise_target_of_null_labels_only():
+    torch.manual_seed(0)
+    u, teacher = UNet(TINY_COND), UNet(UNetConfig(**{**TINY_COND.to_dict(), "num_classes": 0}))
+    randomize(u, 0.2)
+    randomize(teacher, 0.2)
+    x0, sched, k = torch.randn(6, 1, 8, 8), VPSchedule(), TINY_COND.num_classes
+    gen = lambda: torch.Generator().manual_seed(1)  # noqa: E731 (the same t and noise for every loss)
+    labelled = torch.tensor([0, 1, 2, 0, 1, 2])
+    with torch.no_grad():
+        loss, part = null_teacher_loss(u, teacher, x0, labelled, k, sched, gen())
+        assert torch.equal(loss, diffusion_loss(u, x0, sched, gen(), labelled)) and part == 0  # no null label
+        # all null, the teacher being the student's own null branch: nothing left to learn
+        loss, part = null_teacher_loss(u, lambda x, t: u(x, t), x0, torch.full((6,), k), k, sched, gen())
+        assert loss == 0 and part == 0
+        # mixed: the null share is the teacher-matching error of the null samples over the whole batch
+        mixed = torch.tensor([0, k, 2, k, 1, k])
+        loss, part = null_teacher_loss(u, teacher, x0, mixed, k, sched, gen())
+        x_t, t, z = q_sample(x0, sched, gen())
+        err = (u(x_t, t, labels=mixed) - torch.where((mixed == k)[:, None, None, None], teacher(x_t, t), z)).pow(2)
+        torch.testing.assert_close(loss, err.mean())
+        torch.testing.assert_close(part, err[mixed == k].sum() / err.numel())
+        assert 0 < part < loss
 
 
 def test_labels_reach_the_head_through_temb():
@@ -138,13 +164,22 @@ def test_conditional_finetune_distill_export_end_to_end(tmp_path):
     assert main(["export", "--unet-ckpt", str(tmp_path / "u" / "ckpt.pt"), "--head-ckpt",
                  str(tmp_path / "ud" / "ckpt.pt"), "--out", str(tmp_path / "uncond")]) == 0
     assert main(["train", "--config", "tiny_cond", "--init-model", str(tmp_path / "uncond"), "--lr", "1e-2",
-                 "--out", str(tmp_path / "c"), "--steps", "3", "--label-dropout", "0.2", *common]) == 0
+                 "--out", str(tmp_path / "c"), "--steps", "3", "--label-dropout", "0.2", *common,
+                 "--null-teacher", str(tmp_path / "uncond")]) == 0
+    assert "null_part" in (tmp_path / "c" / "log.txt").read_text()
+    # the teacher must be unconditional, and only a conditional config has a null class
+    assert main(["train", "--config", "tiny_cond", "--null-teacher", str(tmp_path / "c_export_absent"),
+                 "--out", str(tmp_path / "c2"), "--steps", "1", *common]) == 2
+    assert main(["train", "--config", "tiny", "--null-teacher", str(tmp_path / "uncond"),
+                 "--out", str(tmp_path / "u2"), "--steps", "1", *common]) == 2
     assert main(["distill", "--unet-ckpt", str(tmp_path / "c" / "ckpt.pt"), "--init-head", str(tmp_path / "uncond"),
                  "--out", str(tmp_path / "cd"), "--steps", "2", "--lr", "1e-2", *common]) == 0
     assert main(["export", "--unet-ckpt", str(tmp_path / "c" / "ckpt.pt"), "--head-ckpt",
                  str(tmp_path / "cd" / "ckpt.pt"), "--out", str(tmp_path / "cond")]) == 0
     m = load_model(tmp_path / "cond")
     assert m.num_classes == 10
+    assert main(["train", "--config", "tiny_cond", "--null-teacher", str(tmp_path / "cond"),
+                 "--out", str(tmp_path / "c3"), "--steps", "1", *common]) == 2
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([0.5, 0.5])
     with torch.no_grad():
         e0, h0 = m.eps_and_head(x, t, labels=torch.tensor([0, 0]))
