@@ -218,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     di = sub.add_parser("distill", help="distil the GENIE head (target: exact JVPs, or secants along the ODE)")
     distill_mod.build_parser(di).set_defaults(func=_cmd_distill)
     ex = sub.add_parser("export", help="write a safetensors + JSON model from checkpoints")
-    ex.add_argument("--unet-ckpt", required=True)
+    ex.add_argument("--unet-ckpt", required=True,
+                    help="training checkpoint (EMA weights); several, comma-separated: their average")
     ex.add_argument("--head-ckpt", required=True)
     ex.add_argument("--out", required=True, help="output stem (writes STEM.safetensors, STEM.json)")
     ex.add_argument("--provenance", default=None, help="JSON object stored in the config")

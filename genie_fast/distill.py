@@ -196,42 +196,51 @@ def train_head(args, model, ema_head, opt, step: int, wall: float, batches, gen:
                      desc=desc)
 
 
-def load_unet_from_train_ckpt(path: str | os.PathLike, use_ema: bool = True) -> UNet:
-    state = load_checkpoint(Path(path), ("config", "ema" if use_ema else "model"))
-    unet = UNet(UNetConfig.from_dict(state["config"]))
-    load_state(unet, state, "ema" if use_ema else "model", path)
-    return unet.eval()
+def load_unet_from_train_ckpt(paths: str | os.PathLike, use_ema: bool = True) -> UNet:
+    """The EMA (or live) U-Net of training checkpoint ``paths``; several comma-separated checkpoints
+    (states of one run, e.g. taken along a fine-tune) are averaged weight by weight: a longer average
+    than the run's EMA. Every checkpoint must hold the same U-Net config."""
+    key = "ema" if use_ema else "model"
+    names = [p for p in str(paths).split(",") if p]
+    if not names:
+        raise ValueError("unet checkpoint: no checkpoint path given")
+    unets = []
+    for name in names:
+        state = load_checkpoint(Path(name), ("config", key))
+        unets.append(UNet(UNetConfig.from_dict(state["config"])))
+        if unets[-1].config.to_dict() != unets[0].config.to_dict():
+            raise ValueError(f"unet checkpoints: {name} holds U-Net config {unets[-1].config.to_dict()}, not "
+                             f"{unets[0].config.to_dict()} ({names[0]}); only states of one network average")
+        load_state(unets[-1], state, key, name)
+    if len(unets) > 1:
+        states = [u.state_dict() for u in unets]
+        unets[0].load_state_dict({k: sum(st[k].double() for st in states).div(len(states)).to(v.dtype)
+                                  for k, v in states[0].items()})
+    return unets[0].eval()
 
 
 def with_trained_unet(stem: str | os.PathLike | None, unet_ckpts: str | None = None) -> GenieModel:
     """A saved model (``stem``; None: the bundled one), its U-Net replaced by the EMA network of
-    training checkpoint(s) ``unet_ckpts`` when given: comma-separated paths, averaged weight by
-    weight (states of one run, e.g. taken along a fine-tune), to measure a network in training with
-    a saved head. The benchmarks' ``--model`` / ``--unet-ckpt``."""
+    training checkpoint(s) ``unet_ckpts`` when given (comma-separated: averaged,
+    `load_unet_from_train_ckpt`), to measure a network in training with a saved head. The benchmarks'
+    ``--model`` / ``--unet-ckpt``."""
     from .models.default import load_default, load_model
 
     model = load_model(stem) if stem else load_default()
     if unet_ckpts is None:
         return model
-    paths = [p for p in unet_ckpts.split(",") if p]
-    if not paths:
-        raise ValueError("unet_ckpts: no checkpoint path given")
-    unets = [load_unet_from_train_ckpt(p) for p in paths]
-    for path, unet in zip(paths, unets):  # the head reads the saved model's network: same architecture
-        if unet.config.to_dict() != model.unet.config.to_dict():
-            raise ValueError(f"unet_ckpts: {path} holds U-Net config {unet.config.to_dict()}, not the saved "
-                             f"model's {model.unet.config.to_dict()} (its head reads that network)")
-    states = [u.state_dict() for u in unets]
-    model.unet = unets[0]
-    model.unet.load_state_dict({k: sum(st[k].double() for st in states).div(len(states)).to(v.dtype)
-                                for k, v in states[0].items()})
-    model.provenance = {"unet_ckpt": paths, "head": str(stem or "bundled")}
+    unet = load_unet_from_train_ckpt(unet_ckpts)
+    if unet.config.to_dict() != model.unet.config.to_dict():  # the head reads the saved model's network
+        raise ValueError(f"unet_ckpts: {unet_ckpts} holds U-Net config {unet.config.to_dict()}, not the saved "
+                         f"model's {model.unet.config.to_dict()} (its head reads that network)")
+    model.unet = unet
+    model.provenance = {"unet_ckpt": [p for p in unet_ckpts.split(",") if p], "head": str(stem or "bundled")}
     return model.eval()
 
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = p or argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--unet-ckpt", default="runs/fmnist/ckpt.pt", help="training checkpoint (EMA weights used)")
+    p.add_argument("--unet-ckpt", default="runs/fmnist/ckpt.pt", help="training checkpoint (EMA weights used); several, comma-separated: their average")
     add_run_args(p, out="runs/distill", steps=2000, batch=32, lr=3e-4, warmup=100, ema=0.995, log_every=25)
     p.add_argument("--width", type=int, default=None, help="head width (default: the U-Net's nf)")
     p.add_argument("--head-blocks", type=int, default=1)

@@ -147,6 +147,14 @@ def test_train_distill_export_end_to_end(tmp_path):
             with_trained_unet(None, ckpts)
     with pytest.raises(ValueError, match="no checkpoint"):
         with_trained_unet(tmp_path / "m", ",")
+    # distill and export take the same average (the bundled network is one)
+    assert main(["export", "--unet-ckpt", f"{a},{b}", "--head-ckpt", str(tmp_path / "di" / "ckpt.pt"),
+                 "--out", str(tmp_path / "m_avg")]) == 0
+    assert all(torch.equal(v, avg.unet.state_dict()[k]) for k, v in load_model(tmp_path / "m_avg").unet.state_dict().items())
+    assert main(["distill", "--unet-ckpt", f"{a},{b}", "--out", str(tmp_path / "di2"), "--steps", "1", *common]) == 0
+    assert main(["train", "--config", "tiny_cond", "--out", str(tmp_path / "tr3"), "--steps", "1", *common]) == 0
+    with pytest.raises(ValueError, match="only states of one network average"):
+        load_unet_from_train_ckpt(f"{a},{tmp_path / 'tr3' / 'ckpt.pt'}")
     assert main(["train", "--out", str(tmp_path / "tr"), "--data-root", str(tmp_path / "none"),
                  "--steps", "4", "--resume"]) == 2
 
