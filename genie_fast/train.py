@@ -15,6 +15,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -153,8 +154,20 @@ def check_run_args(args, numbers: dict | None = None):
         check_number(flag, value, low, high, low_open=flag == "--clip")
     if getattr(args, "resume", False) and getattr(args, "overwrite", False):
         raise ValueError("--resume continues the run in --out, --overwrite starts it over: give one of them")
+    keep_steps(args)
     out = check_out_dir(args.out, "--out")
     check_run_dir(out, args.resume, getattr(args, "overwrite", False))
+
+
+def keep_steps(args) -> set[int]:
+    """The steps of ``--keep-at`` (each in 1..--steps)."""
+    raw = str(getattr(args, "keep_at", "") or "")
+    steps = set()
+    for part in filter(None, (p.strip() for p in raw.split(","))):
+        if not part.isdigit() or not 1 <= int(part) <= args.steps:
+            raise ValueError(f"--keep-at {raw!r}: {part!r} is not a step in 1..{args.steps} (--steps)")
+        steps.add(int(part))
+    return steps
 
 
 def check_finite_loss(loss: float, step: int, ckpt_path: Path, saved_step: int):
@@ -194,10 +207,12 @@ def run_steps(args, *, opt, step: int, wall: float, step_loss, trained, ema_pair
     (loss, {name: value} logged beside it), a stop on a non-finite loss or gradient norm, gradient
     clipping of ``trained`` at ``args.clip``, the optimiser step and EMA (``ema_pairs``: (ema, live)
     modules, decay warming up to ``args.ema``). A log line every ``args.log_every`` steps and at the
-    end; ``checkpoint(step, wall)`` every ``args.ckpt_minutes`` and at the end. Returns (step, wall)."""
+    end; ``checkpoint(step, wall)`` every ``args.ckpt_minutes``, at each ``--keep-at`` step (copied aside as
+    ``ckpt_step<N>.pt``) and at the end. Returns (step, wall)."""
     trained = list(trained)
     last_ckpt, saved_step = time.time(), step
     t_seg, sums, n_acc = time.time(), {}, 0
+    keep = keep_steps(args)
     bar = tqdm(total=args.steps, initial=step, desc=desc, dynamic_ncols=True)
     while step < args.steps:
         t0 = time.time()
@@ -229,9 +244,11 @@ def run_steps(args, *, opt, step: int, wall: float, step_loss, trained, ema_pair
             log.flush()
             bar.set_postfix({name: f"{v:.4f}" for name, v in means.items()} | {"sps": f"{sps:.2f}"})
             t_seg, sums, n_acc = time.time(), {}, 0
-        if time.time() - last_ckpt > 60 * args.ckpt_minutes:
+        if step in keep or time.time() - last_ckpt > 60 * args.ckpt_minutes:
             checkpoint(step, wall)
             last_ckpt, saved_step = time.time(), step
+            if step in keep:
+                shutil.copyfile(ckpt_path, ckpt_path.with_name(f"ckpt_step{step}.pt"))
     checkpoint(step, wall)
     bar.close()
     return step, wall
@@ -249,6 +266,9 @@ def add_run_args(p: argparse.ArgumentParser, *, out: str, steps: int, batch: int
     p.add_argument("--clip", type=float, default=1.0, help="gradient norm clip")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--ckpt-minutes", type=float, default=3.0)
+    p.add_argument("--keep-at", default="", metavar="STEPS",
+                   help="comma-separated steps whose checkpoint is also kept as <out>/ckpt_step<N>.pt "
+                        "(states to average later: --unet-ckpt a.pt,b.pt)")
     p.add_argument("--log-every", type=int, default=log_every)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-root", default=None)

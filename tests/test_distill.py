@@ -159,6 +159,27 @@ def test_train_distill_export_end_to_end(tmp_path):
                  "--steps", "4", "--resume"]) == 2
 
 
+def test_keep_at_keeps_states_a_shorter_run_remakes(tmp_path):
+    """--keep-at copies the state at those steps aside; the same command with --steps N remakes the
+    step-N state exactly (how a weight average of one run's states is remade)."""
+    from genie_fast.cli import main
+    from genie_fast.train import load_checkpoint
+
+    rng = np.random.default_rng(2)
+    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (8, 28, 28)))
+    _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, (8,)))
+    common = ["--config", "tiny", "--data-root", str(tmp_path), "--batch", "4", "--threads", "1", "--lr", "1e-2"]
+    assert main(["train", "--out", str(tmp_path / "a"), "--steps", "4", "--keep-at", "1,3", *common]) == 0
+    assert main(["train", "--out", str(tmp_path / "b"), "--steps", "3", *common]) == 0
+    kept = {n: load_checkpoint(tmp_path / "a" / f"ckpt_step{n}.pt") for n in (1, 3)}
+    assert [kept[n]["step"] for n in (1, 3)] == [1, 3] and not (tmp_path / "a" / "ckpt_step2.pt").exists()
+    short = load_checkpoint(tmp_path / "b" / "ckpt.pt")
+    assert all(torch.equal(v, short["ema"][k]) for k, v in kept[3]["ema"].items())
+    assert any(not torch.equal(v, short["ema"][k]) for k, v in kept[1]["ema"].items())
+    for bad in ("0", "5", "x"):
+        assert main(["train", "--out", str(tmp_path / "c"), "--steps", "4", "--keep-at", bad, *common]) == 2
+
+
 def test_train_init_from(tmp_path, capsys):
     from genie_fast.cli import main
     from genie_fast.train import load_checkpoint
