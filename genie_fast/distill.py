@@ -240,7 +240,8 @@ def with_trained_unet(stem: str | os.PathLike | None, unet_ckpts: str | None = N
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = p or argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--unet-ckpt", default="runs/fmnist/ckpt.pt", help="training checkpoint (EMA weights used); several, comma-separated: their average")
+    p.add_argument("--unet-ckpt", default="runs/fmnist/ckpt.pt",
+                   help="training checkpoint (EMA weights used); several, comma-separated: their average")
     add_run_args(p, out="runs/distill", steps=2000, batch=32, lr=3e-4, warmup=100, ema=0.995, log_every=25)
     p.add_argument("--width", type=int, default=None, help="head width (default: the U-Net's nf)")
     p.add_argument("--head-blocks", type=int, default=1)

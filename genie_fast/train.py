@@ -47,10 +47,9 @@ def null_teacher_loss(model, teacher, x0: torch.Tensor, labels: torch.Tensor, nu
     """
     x_t, t, z = q_sample(x0, schedule, generator)
     null = labels == num_classes
-    target = z
+    target = z.clone()
     if bool(null.any()):
         with torch.no_grad():
-            target = z.clone()
             target[null] = teacher(x_t[null], t[null]).to(z.dtype)
     err = (model(x_t, t, labels=labels) - target).pow(2)
     return err.mean(), (err[null].sum() / err.numel()).detach()

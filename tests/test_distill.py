@@ -150,7 +150,8 @@ def test_train_distill_export_end_to_end(tmp_path):
     # distill and export take the same average (the bundled network is one)
     assert main(["export", "--unet-ckpt", f"{a},{b}", "--head-ckpt", str(tmp_path / "di" / "ckpt.pt"),
                  "--out", str(tmp_path / "m_avg")]) == 0
-    assert all(torch.equal(v, avg.unet.state_dict()[k]) for k, v in load_model(tmp_path / "m_avg").unet.state_dict().items())
+    exported = load_model(tmp_path / "m_avg").unet.state_dict()
+    assert all(torch.equal(v, exported[k]) for k, v in avg.unet.state_dict().items())
     assert main(["distill", "--unet-ckpt", f"{a},{b}", "--out", str(tmp_path / "di2"), "--steps", "1", *common]) == 0
     assert main(["train", "--config", "tiny_cond", "--out", str(tmp_path / "tr3"), "--steps", "1", *common]) == 0
     with pytest.raises(ValueError, match="only states of one network average"):
