@@ -18,21 +18,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .files import to_uint8
+
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, pad: int = 2) -> Path:
     """Write images (N, C, H, W) in [-1, 1] (C = 1 or 3) as one PNG grid."""
     import matplotlib.image
 
-    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    n, c, h, w = x.shape
+    n, c, h, w = images.shape
     if c not in (1, 3):
         raise ValueError(f"save_grid needs 1 or 3 channels, got {c}")
+    x = to_uint8(images)  # (N, H, W, C)
     nrow = nrow or int(math.ceil(math.sqrt(n)))
     ncol = int(math.ceil(n / nrow))
     grid = np.full((ncol * (h + pad) + pad, nrow * (w + pad) + pad, 3), 255, dtype=np.uint8)
     for i in range(n):
         r, q = divmod(i, nrow)
-        tile = x[i].permute(1, 2, 0).numpy()
+        tile = x[i]
         grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = tile
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .files import from_uint8
+
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
            "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -72,7 +74,7 @@ def to_model_range(images_u8: np.ndarray | torch.Tensor, pad_to: int = 32) -> to
         raise TypeError(f"images must be a uint8 array (0..255), got dtype {dtype}")
     if images_u8.ndim != 3:
         raise ValueError(f"images must be (N, H, W), got shape {tuple(images_u8.shape)}")
-    x = torch.as_tensor(np.asarray(images_u8)).float().div(127.5).sub(1.0)[:, None]
+    x = from_uint8(np.asarray(images_u8)[..., None])
     ph, pw = pad_to - x.shape[-2], pad_to - x.shape[-1]
     if ph < 0 or pw < 0:
         raise ValueError(f"images {tuple(x.shape[-2:])} larger than pad_to={pad_to}")

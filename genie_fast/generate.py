@@ -30,7 +30,6 @@ progress of all ranks.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import os
@@ -45,6 +44,7 @@ import numpy as np
 import torch
 
 from .engine import seed_noise  # the one definition of a per-image seed's noise (also sample(seeds=))
+from .files import to_uint8, weights_hash  # also names of this module (generate.to_uint8, generate.weights_hash)
 
 __all__ = ["parse_seeds", "format_seeds", "seed_noise", "weights_hash", "to_uint8", "generate",
            "build_parser", "check_args", "main"]
@@ -91,22 +91,6 @@ def format_seeds(seeds) -> str:
         parts.append(str(seeds[i]) if i == j else f"{seeds[i]}-{seeds[j]}")
         i = j + 1
     return ",".join(parts)
-
-
-def weights_hash(module: torch.nn.Module) -> str:
-    """sha256 of a module's state (names, dtypes, shapes and bytes of every tensor, sorted by name)."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """(B, C, H, W) in [-1, 1] -> uint8 (B, H, W, C), rounded to the nearest level."""
-    x = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).contiguous().numpy()
 
 
 def _atomic_bytes(path: Path, data: bytes, tag: str):

@@ -524,7 +524,7 @@ def test_a_diverging_run_stops_before_it_saves_nan(tmp_path, data_root, capsys):
 def test_bad_arguments_one_line_exit_2_before_any_work(tmp_path, capsys, monkeypatch, argv, says):
     import genie_fast.generate as gen
     import genie_fast.models.default as default
-    import genie_fast.train as train
+    import genie_fast.training.unet as train  # where train() finds load_fashion_mnist
 
     def no_work(*a, **k):
         raise AssertionError("work started before the arguments were checked")

@@ -65,6 +65,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..files import weights_hash
 from ..schedule import DiscreteVPSchedule
 from .head import GenieHead, GenieModel, HeadConfig
 
@@ -341,12 +342,9 @@ def load_head(path, net: DiffusersUNet | None = None, check_unet: bool = True) -
         if (hc.in_channels, hc.feature_channels, hc.temb_dim) != want:
             raise ValueError(f"{js}: the head reads (channels, features, temb) = "
                              f"{(hc.in_channels, hc.feature_channels, hc.temb_dim)}, this UNet gives {want}")
-        if check_unet and config.get("unet_sha256"):
-            from ..generate import weights_hash
-
-            if weights_hash(net.unet) != config["unet_sha256"]:
-                raise ValueError(f"{js}: the head was distilled for other UNet weights (sha256 "
-                                 f"{config['unet_sha256'][:12]}...); pass check_unet=False to use it anyway")
+        if check_unet and config.get("unet_sha256") and weights_hash(net.unet) != config["unet_sha256"]:
+            raise ValueError(f"{js}: the head was distilled for other UNet weights (sha256 "
+                             f"{config['unet_sha256'][:12]}...); pass check_unet=False to use it anyway")
     head.load_state_dict(read_weights(st, head.state_dict(), js))  # names, shapes, float32, finite
     head.provenance = config.get("provenance", {})
     return head
