@@ -1,0 +1,113 @@
+"""The default sampling options, the per-solver choices behind grid="auto" / afs=None, and `resolve`:
+one place that turns a user's options into the values a run uses."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+
+from ..checks import check_flag, check_int
+from ..schedule import GRIDS, time_grid
+from .accounting import _check_solver, nfe_of, steps_for_nfe
+
+DEFAULT_SOLVER = "genie"
+DEFAULT_NFE = 10
+# AFS saves the network evaluation at t = 1 for one more step: better or equal for every solver at
+# 5 and 10 NFE on the bundled model (bench/bench_grids.py, bench/RESULTS.md), so it is on by default.
+DEFAULT_AFS = True
+# grid="auto": the grid with the lowest ODE error for each solver on the bundled model at NFE 5, 10
+# and 20 with AFS (bench/bench_grids.py; the table is in README.md and bench/RESULTS.md).
+AUTO_GRID = {
+    "ddim": "uniform",
+    "genie": "uniform",
+    "genie_exact": "edm",
+    "heun": "edm",
+    "dpm_solver_2": "edm",
+    "dpmpp_2m": "edm",
+    "dpmpp_3m": "logsnr",
+    "unipc": "edm",
+    "ipndm": "uniform",
+    "genie_multistep": "edm",  # bench_quality.py on the bundled model (bench/RESULTS.md, issue 15)
+}
+# afs=None: the solver's entry. Every solver has the same one, DEFAULT_AFS (no solver measured better
+# without AFS); the table is kept so that a caller can look a solver up.
+AUTO_AFS = dict.fromkeys(AUTO_GRID, DEFAULT_AFS)
+
+
+def grid_for(solver: str, grid="auto"):
+    """The grid `grid="auto"` means for `solver` (`AUTO_GRID`; "logsnr" for a solver added later
+    without an entry); any other grid is returned as is."""
+    _check_solver(solver)
+    return AUTO_GRID.get(solver, "logsnr") if isinstance(grid, str) and grid == "auto" else grid
+
+
+class Options(NamedTuple):
+    """Sampling options as a run uses them (`resolve`)."""
+    solver: str
+    grid: object        # a grid name ("auto" resolved), or the checked float64 times of a given grid
+    steps: int          # the number of steps
+    nfe: int | None     # the budget: as given, DEFAULT_NFE for a named grid without nfe or steps, else None
+    spent: int          # network evaluations per sample the run spends (`nfe_of`)
+    afs: bool
+    denoise: bool
+
+
+def resolve(solver=None, nfe=None, steps=None, grid="auto", afs=None, denoise=False, *,
+            evals_per_call: int = 1, encode: bool = False) -> Options:
+    """A user's sampling options with every default and per-solver choice filled in, checked.
+
+    solver: a name of SOLVERS (None: DEFAULT_SOLVER). nfe / steps: a budget of network evaluations
+    (the most steps that fit are taken, `steps_for_nfe`) or the number of steps, not both; neither:
+    the budget DEFAULT_NFE. grid: a name of `schedule.GRIDS`, "auto" or None (`grid_for`), or the
+    times themselves (checked by `time_grid`; steps and nfe, when given, must agree with them).
+    afs: True, False or None (`AUTO_AFS`); denoise: True or False. evals_per_call: the model's
+    (`evals_per_call`), which multiplies every NFE count. encode: the options of an encoding run
+    (AFS and denoising refused; a given grid may run either way), else a sampling run (a given
+    grid must decrease). Raises what `SamplingEngine` raises for the same options.
+    """
+    for name, value in (("nfe", nfe), ("steps", steps)):  # the checks in SamplingEngine's order
+        if value is not None:
+            check_int(name, value, 1)
+    afs, denoise = check_flag("afs", afs, allow_none=True), check_flag("denoise", denoise)
+    solver = DEFAULT_SOLVER if solver is None else solver
+    _check_solver(solver)
+    if encode:
+        if afs or denoise:
+            raise ValueError("encoding runs from data to noise: AFS and the denoising step do not apply")
+        afs = False
+        if not isinstance(grid, str) and isinstance(grid, (Sequence, torch.Tensor)):
+            grid = time_grid(None, None, grid)
+    elif afs is None:
+        afs = AUTO_AFS.get(solver, DEFAULT_AFS)
+    if nfe is not None and steps is not None:
+        raise ValueError(f"give nfe= or steps=, not both (got nfe={nfe}, steps={steps})")
+    grid = grid_for(solver, "auto" if grid is None else grid)
+    if isinstance(grid, str):
+        if steps is None:
+            nfe = DEFAULT_NFE if nfe is None else nfe
+            steps = steps_for_nfe(solver, nfe, afs, denoise, evals_per_call)
+            if steps < 1 or nfe_of(solver, steps, afs, denoise, evals_per_call) < 1:  # (one AFS step calls nothing)
+                raise ValueError(f"nfe={nfe} is too small for {solver} (afs={afs}, denoise={denoise}): the "
+                                 f"smallest run that calls the network needs "
+                                 f"{nfe_of(solver, steps + 1, afs, denoise, evals_per_call)}")
+        if grid not in GRIDS:
+            raise ValueError(f"unknown time grid {grid!r}; choose one of {GRIDS} or pass the times")
+    else:
+        if not isinstance(grid, (Sequence, torch.Tensor)):
+            raise TypeError(f"grid must be a name or a sequence of times, got {type(grid).__name__}")
+        grid = time_grid(None, None, grid)
+        if not encode and grid[-1] > grid[0]:
+            raise ValueError("sampling runs from noise to data: the grid must decrease strictly (t = 1 -> t_end)")
+        if steps is not None and steps != len(grid) - 1:
+            raise ValueError(f"steps={steps} disagrees with the given grid of {len(grid) - 1} steps")
+        need = nfe_of(solver, len(grid) - 1, afs, denoise, evals_per_call)
+        if nfe is not None and need > nfe:
+            raise ValueError(f"the given grid of {len(grid) - 1} steps needs {need} NFE with {solver}, "
+                             f"over nfe={nfe}")
+        steps = len(grid) - 1
+    spent = nfe_of(solver, steps, afs, denoise, evals_per_call)
+    if spent < 1:
+        raise ValueError(f"a grid of {steps} step(s) with afs={afs}, denoise={denoise} "
+                         "would call the network zero times")
+    return Options(solver, grid, steps, nfe, spent, afs, denoise)
