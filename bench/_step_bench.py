@@ -26,7 +26,7 @@ import genie_fast
 from genie_fast import ops
 from genie_fast.schedule import VPSchedule, coeff_table, time_grid
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results" / "step_ops"
 
 
 def environment(threads: int | None) -> dict:
@@ -105,7 +105,7 @@ def parse_args(doc: str):
     p.add_argument("--gpu-batch", type=int, default=256, help="GPU batch (C H W = 3 32 32)")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--repeats", type=int, default=30)
-    p.add_argument("--out", type=Path, default=None, help="JSON lines file (default bench/results/bench_<op>.jsonl)")
+    p.add_argument("--out", type=Path, default=None, help="JSON lines file (default bench/results/step_ops/bench_<op>.jsonl)")
     p.add_argument("--no-write", action="store_true")
     return p.parse_args()
 

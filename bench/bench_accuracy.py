@@ -1,7 +1,7 @@
 """Solver accuracy vs NFE on exact-score problems (Gaussian mixtures), against float64 references.
 
-    python bench/bench_accuracy.py                 # writes bench/results/accuracy.{json,png}
-    python bench/bench_accuracy.py --grid logsnr   # writes bench/results/accuracy_logsnr.{json,png}
+    python bench/bench_accuracy.py                 # writes bench/results/accuracy/accuracy.{json,png}
+    python bench/bench_accuracy.py --grid logsnr   # writes bench/results/accuracy/accuracy_logsnr.{json,png}
 
 Problems: a single Gaussian (diagonal covariance, 3x8x8; closed-form ODE solution) and an
 8-mode mixture (1x8x8; RK4 reference, `genie_fast.reference`). Every solver runs in float64 from
@@ -145,7 +145,7 @@ def machine():
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "accuracy"))
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--grid", default="quadratic")

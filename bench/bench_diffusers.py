@@ -1,10 +1,10 @@
 """A diffusers UNet2DModel trained here, its distilled GENIE heads, and GENIE vs DDIM vs DPM-Solver++.
 
     python bench/bench_diffusers.py --out runs_diffusers/fmnist16 --train-minutes 7 --distill-steps 400 \
-        --targets jvp,secant --span-t 0.01 --results bench/results/diffusers_secant.json
+        --targets jvp,secant --span-t 0.01 --results bench/results/diffusers/diffusers_secant.json
     python bench/bench_diffusers.py --out runs_diffusers/fmnist16c --continuous-t --train-minutes 7 \
         --distill-steps 400 --targets jvp,secant,jvp@800,jvp@1200,jvp@1600 --span-t 0.01 \
-        --results bench/results/diffusers_continuous.json
+        --results bench/results/diffusers/diffusers_continuous.json
 
 Phases (each skipped when its output exists, so a rerun only evaluates):
 1. train a small UNet2DModel (16x16 Fashion-MNIST: the padded 32x32 images average-pooled 2x2;
@@ -357,7 +357,7 @@ def main():
     p.add_argument("--rk4-steps", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--results", default="bench/results/diffusers_secant.json")
+    p.add_argument("--results", default="bench/results/diffusers/diffusers_secant.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)

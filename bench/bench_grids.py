@@ -3,10 +3,10 @@
 For every solver, grid (uniform, quadratic, logsnr, edm), AFS off/on and NFE budget, the RMSE of
 x0 against a high-accuracy solution of the same network's ODE from the same noise (RK4 in
 log gamma, `bench_quality.rk4_reference`, checked against itself at half the steps). This is
-what chose `genie_fast.solvers.AUTO_GRID` / `AUTO_AFS` (the table is in README.md and
+what chose `genie_fast.solvers.AUTO_GRID` / `AUTO_AFS` (the table is in docs/guide.md and
 bench/RESULTS.md, "Sampling defaults").
 
-    PYTHONPATH=. python bench/bench_grids.py --n 16 --nfes 5,10,20 --threads 1 --json bench/results/grids.json
+    PYTHONPATH=. python bench/bench_grids.py --n 16 --nfes 5,10,20 --threads 1 --json bench/results/grids/grids.json
 """
 from __future__ import annotations
 

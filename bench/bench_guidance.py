@@ -1,14 +1,14 @@
 """Classifier-free guidance on the class-conditional bundled model: what guidance costs GENIE's
 head, and what it buys in class accuracy and sample quality.
 
-Parts (``--only``; all by default, each writes its rows into bench/guidance/guidance.json as it goes,
+Parts (``--only``; all by default, each writes its rows into bench/results/guidance/guidance.json as it goes,
 a rerun skips rows already there for the same model and settings):
 
 * ``term``: the part of d eps_g / d gamma along the guided ODE that the linear combination of the
   two branches' heads cannot see, s (s - 1) (J_c - J_u)(eps_c - eps_u) / sqrt(1 + gamma^2), relative to
   the exact guided derivative (one JVP of the guided eps), pooled with GENIE's gamma weighting, at
   points of guided trajectories (DPM-Solver++(2M), 15 logSNR steps from t = 1 to each t).
-* ``classes``: our Fashion-MNIST classifier (bench/quality/classifier.safetensors, test accuracy
+* ``classes``: our Fashion-MNIST classifier (bench/results/quality/classifier.safetensors, test accuracy
   in its JSON) on unconditional samples and on real test images: mean top-class probability and
   the class histogram (a well-spread model has about n/10 per class).
 * ``scales``: class accuracy (classifier's top class == the label asked for), FD in the
@@ -19,7 +19,7 @@ a rerun skips rows already there for the same model and settings):
 * ``encode``: encode-then-decode reconstruction error and the latents' error against a reference
   encoding, per solver and steps, on held-out test images; a figure of slerp interpolations.
 
-Writes bench/guidance/{guidance.json, table.md, guidance.png, interpolation.png}.
+Writes bench/results/guidance/{guidance.json, table.md, guidance.png, interpolation.png}.
 
 NFE here is network evaluations per sample (a guided step evaluates both branches: 2); the batched
 calls are half of that. Every solver runs on its default grid (grid="auto") with AFS (the library's
@@ -250,7 +250,7 @@ def main(argv=None):
     p.add_argument("--model", default=None, help="model stem (default: bundled)")
     p.add_argument("--unet-ckpt", default=None, help="a training checkpoint's EMA network instead (head from --model); "
                    "several, comma-separated: their average")
-    p.add_argument("--out", default=str(ROOT / "guidance"))
+    p.add_argument("--out", default=str(ROOT / "results" / "guidance"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     parts = args.only or ["term", "classes", "scales", "nfe", "encode"]

@@ -1,7 +1,7 @@
 """genie_multistep against the multistep peers on an exact-score mixture, each on its best grid.
 
-    python bench/bench_multistep.py            # writes bench/results/multistep.{json,png}
-    python bench/bench_multistep.py --quality bench/quality_multistep/quality.json
+    python bench/bench_multistep.py            # writes bench/results/multistep/multistep.{json,png}
+    python bench/bench_multistep.py --quality bench/results/quality_multistep/quality.json
         # the same best-grid table from a bench_quality.py run on the bundled model (ODE RMSE, FD)
 
 The 8-mode mixture of bench_accuracy.py (1x8x8, float64, RK4 reference); every solver with AFS
@@ -67,7 +67,7 @@ def quality_table(path: str):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quality", default=None, help="print the best-grid table of this bench_quality.py result")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "multistep"))
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)

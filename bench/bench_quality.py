@@ -1,7 +1,7 @@
 """Sample quality of the bundled Fashion-MNIST model across solvers and NFEs.
 
 No Inception network exists offline, so the feature space is a small CNN classifier trained here
-on Fashion-MNIST (cached in bench/quality/classifier.safetensors). Numbers are a Frechet distance
+on Fashion-MNIST (cached in bench/results/quality/classifier.safetensors). Numbers are a Frechet distance
 ("FD") and KID in *that* feature space against the test set: not FID, not comparable to FID.
 
 Also measured: ODE-solution error of each solver against a high-accuracy reference of the same
@@ -11,7 +11,7 @@ relative L2 error against the exact JVP on held-out (x_t, t).
     PYTHONPATH=. python bench/bench_quality.py --n 500 --threads 1          # full table
     PYTHONPATH=. python bench/bench_quality.py --only head                  # head fidelity only
 
-Writes bench/quality/{quality.json, table.md, error_vs_nfe.png, fd_vs_nfe.png, grid_<solver>.png}.
+Writes bench/results/quality/{quality.json, table.md, error_vs_nfe.png, fd_vs_nfe.png, grid_<solver>.png}.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from torch import nn
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent
-CLF_DIR = ROOT / "quality"  # the cached classifier
+CLF_DIR = ROOT / "results" / "quality"  # the cached classifier
 OUT = CLF_DIR  # results; --out changes it
 
 # Solver -> time grids; first is the solver authors' recommendation for unconditional sampling.

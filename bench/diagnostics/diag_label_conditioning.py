@@ -2,7 +2,7 @@
 
 Prints the norm of each row of the label embedding next to the norm of the time embedding (at
 t = 0.5), and the class accuracy of conditional samples (our Fashion-MNIST classifier,
-bench/quality/classifier.safetensors: top class == label asked for) at the given guidance scales:
+bench/results/quality/classifier.safetensors: top class == label asked for) at the given guidance scales:
 n samples, labels 0..9 in turn, DPM-Solver++(2M), 10 logSNR steps, no AFS.
 
     python bench/diagnostics/diag_label_conditioning.py                          # the bundled model
