@@ -24,13 +24,28 @@ C_DPM_B = tl.constexpr(COL["dpm_b"])
 
 
 @triton.jit
-def head_deps(head_ptr, c_ptr, c_stride, offs, mask, per_sample, op_t: tl.constexpr):
+def sample_block(per_sample, blocks_per_sample, BLOCK: tl.constexpr):
+    """This program's part of a launch over (sample, block within the sample), flattened into
+    axis 0 (`sample_grid`): (start, k, mask) with start = b * per_sample the sample's first
+    element and k its BLOCK in-sample indices, both 64-bit; element start + k of the state is
+    k of sample b. The sample index costs one scalar division per program, not one 64-bit
+    division per element; a block never spans two samples (the last block of each is masked)."""
+    pid = tl.program_id(0)
+    b = pid // blocks_per_sample
+    j = pid - b * blocks_per_sample
+    k = j.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    return b.to(tl.int64) * per_sample, k, k < per_sample
+
+
+@triton.jit
+def head_deps(head_ptr, c_ptr, c_stride, start, k, mask, per_sample, op_t: tl.constexpr):
     """d eps / d gamma at the row's gamma from the raw head [h1|h2|h3] (B, 3C, ...), in op_t:
-    w1 h1 + w2 h2 + w3 h3. Element i = b*CHW + k of the state reads h1 at i + 2b*CHW."""
+    w1 h1 + w2 h2 + w3 h3. Element start + k (k of the sample whose first element is start, see
+    `sample_block`) reads h1 at 3 start + k."""
     w1 = tl.load(c_ptr + C_W1 * c_stride).to(op_t)
     w2 = tl.load(c_ptr + C_W2 * c_stride).to(op_t)
     w3 = tl.load(c_ptr + C_W3 * c_stride).to(op_t)
-    h1_offs = offs + 2 * (offs // per_sample) * per_sample
+    h1_offs = 3 * start + k
     h1 = tl.load(head_ptr + h1_offs, mask=mask).to(op_t)
     h2 = tl.load(head_ptr + h1_offs + per_sample, mask=mask).to(op_t)
     h3 = tl.load(head_ptr + h1_offs + 2 * per_sample, mask=mask).to(op_t)
@@ -39,6 +54,14 @@ def head_deps(head_ptr, c_ptr, c_stride, offs, mask, per_sample, op_t: tl.conste
 
 def grid(n: int):
     return (triton.cdiv(n, BLOCK),)
+
+
+def sample_grid(batch: int, per_sample: int) -> tuple[tuple[int], int]:
+    """(launch grid, blocks per sample) of a kernel that reads per-sample data (`sample_block`):
+    one program per BLOCK of each sample, flattened into axis 0 (2**31 - 1 programs at most, no
+    limit on the batch as CUDA's 65535 of axes 1 and 2 would set)."""
+    blocks = triton.cdiv(per_sample, BLOCK)
+    return (batch * blocks,), blocks
 
 
 def out_or_new(out: torch.Tensor | None, like: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:

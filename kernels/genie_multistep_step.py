@@ -10,7 +10,7 @@ import triton.language as tl
 
 from genie_fast.ops import MULTISTEP_D_SLOTS, MULTISTEP_TERMS, MULTISTEP_WEIGHTS, MULTISTEP_X0_SLOTS
 
-from ._common import BLOCK, C_GAMMA, check_dtypes, grid, head_deps, out_or_new
+from ._common import BLOCK, C_GAMMA, check_dtypes, head_deps, out_or_new, sample_block, sample_grid
 
 # first weight of the predictor's sum, and the input scale of the next evaluation
 W_PRED = tl.constexpr(MULTISTEP_TERMS)
@@ -33,23 +33,31 @@ def _weighted_sum(acc, w_ptr, w_stride, first: tl.constexpr, x0, d, x0_0, x0_1, 
 
 
 @triton.jit
+def history_slot(slot: tl.constexpr, n, offs):
+    """Offset of element `offs` (64-bit) in history slot `slot` of a stacked (slots, *state) history
+    of n elements per slot: slot * n + offs in 64 bits. (n arrives as a 32-bit integer below 2**31,
+    so slot * n in its own type would wrap from n = 2**30 on: 3 x 3 x 256 x 256 x 512 elements.)"""
+    return tl.cast(n, tl.int64) * slot + offs
+
+
+@triton.jit
 def _genie_multistep_step_kernel(xb_ptr, xb_eval_ptr, eps_ptr, head_ptr, x0_hist_ptr, d_hist_ptr, w_ptr, w_stride,
                                  c_ptr, c_stride, xb_out_ptr, xb_pred_out_ptr, x_out_ptr, x0_out_ptr, d_out_ptr, n,
-                                 per_sample, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+                                 per_sample, blocks_per_sample, BLOCK: tl.constexpr):
+    start, k, mask = sample_block(per_sample, blocks_per_sample, BLOCK)
+    offs = start + k
     xb = tl.load(xb_ptr + offs, mask=mask)
     op_t = xb.dtype  # float32 math for a float32 state, float64 for float64
     gamma = tl.load(c_ptr + C_GAMMA * c_stride).to(op_t)
     xb_eval = tl.load(xb_eval_ptr + offs, mask=mask)
     e = tl.load(eps_ptr + offs, mask=mask).to(op_t)
-    deps = head_deps(head_ptr, c_ptr, c_stride, offs, mask, per_sample, op_t)
+    deps = head_deps(head_ptr, c_ptr, c_stride, start, k, mask, per_sample, op_t)
     # history slot k of element i sits at k * n + i; every input is read before any output is written
     x0_0 = tl.load(x0_hist_ptr + offs, mask=mask)
-    x0_1 = tl.load(x0_hist_ptr + n + offs, mask=mask)
-    x0_2 = tl.load(x0_hist_ptr + 2 * n + offs, mask=mask)
+    x0_1 = tl.load(x0_hist_ptr + history_slot(1, n, offs), mask=mask)
+    x0_2 = tl.load(x0_hist_ptr + history_slot(2, n, offs), mask=mask)
     d_0 = tl.load(d_hist_ptr + offs, mask=mask)
-    d_1 = tl.load(d_hist_ptr + n + offs, mask=mask)
+    d_1 = tl.load(d_hist_ptr + history_slot(1, n, offs), mask=mask)
     x0 = xb_eval - gamma * e
     d = (gamma * gamma) * deps
     nxt = _weighted_sum(tl.load(w_ptr).to(op_t) * xb, w_ptr, w_stride, 1, x0, d, x0_0, x0_1, x0_2, d_0, d_1)
@@ -96,7 +104,8 @@ def genie_multistep_step(x_bar: torch.Tensor, x_bar_eval: torch.Tensor, eps: tor
         return x_bar_next, x_bar_pred, x_pred, x0, d
     x_bar, x_bar_eval, eps = x_bar.contiguous(), x_bar_eval.contiguous(), eps.contiguous()
     head_out, x0_hist, d_hist = head_out.contiguous(), x0_hist.contiguous(), d_hist.contiguous()
-    _genie_multistep_step_kernel[grid(n)](x_bar, x_bar_eval, eps, head_out, x0_hist, d_hist, weights,
-                                          weights.stride(0), coeffs, coeffs.stride(0), x_bar_next, x_bar_pred,
-                                          x_pred, x0, d, n, n // x_bar.shape[0], BLOCK=BLOCK)
+    launch, blocks = sample_grid(x_bar.shape[0], n // x_bar.shape[0])
+    _genie_multistep_step_kernel[launch](x_bar, x_bar_eval, eps, head_out, x0_hist, d_hist, weights,
+                                         weights.stride(0), coeffs, coeffs.stride(0), x_bar_next, x_bar_pred,
+                                         x_pred, x0, d, n, n // x_bar.shape[0], blocks, BLOCK=BLOCK)
     return x_bar_next, x_bar_pred, x_pred, x0, d

@@ -6,21 +6,22 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import BLOCK, C_H, C_HALF_H2, C_INV_SCALE_NEXT, check_dtypes, grid, head_deps, out_or_new
+from ._common import (BLOCK, C_H, C_HALF_H2, C_INV_SCALE_NEXT, check_dtypes, head_deps, out_or_new, sample_block,
+                      sample_grid)
 
 
 @triton.jit
-def _genie_step_kernel(xb_ptr, eps_ptr, head_ptr, c_ptr, c_stride, xb_out_ptr, x_out_ptr, n, per_sample,
-                       BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+def _genie_step_kernel(xb_ptr, eps_ptr, head_ptr, c_ptr, c_stride, xb_out_ptr, x_out_ptr, per_sample,
+                       blocks_per_sample, BLOCK: tl.constexpr):
+    start, k, mask = sample_block(per_sample, blocks_per_sample, BLOCK)
+    offs = start + k
     xb = tl.load(xb_ptr + offs, mask=mask)
     op_t = xb.dtype  # float32 math for a float32 state, float64 for float64
     h = tl.load(c_ptr + C_H * c_stride).to(op_t)
     half_h2 = tl.load(c_ptr + C_HALF_H2 * c_stride).to(op_t)
     inv_scale_next = tl.load(c_ptr + C_INV_SCALE_NEXT * c_stride).to(op_t)
     e = tl.load(eps_ptr + offs, mask=mask).to(op_t)
-    deps = head_deps(head_ptr, c_ptr, c_stride, offs, mask, per_sample, op_t)
+    deps = head_deps(head_ptr, c_ptr, c_stride, start, k, mask, per_sample, op_t)
     v = (xb + h * e) + half_h2 * deps
     tl.store(xb_out_ptr + offs, v, mask=mask)
     tl.store(x_out_ptr + offs, (v * inv_scale_next).to(x_out_ptr.dtype.element_ty), mask=mask)
@@ -39,6 +40,7 @@ def genie_step(x_bar: torch.Tensor, eps: torch.Tensor, head_out: torch.Tensor, c
     if n == 0:
         return x_bar_next, x_next
     x_bar, eps, head_out = x_bar.contiguous(), eps.contiguous(), head_out.contiguous()
-    _genie_step_kernel[grid(n)](x_bar, eps, head_out, coeffs, coeffs.stride(0), x_bar_next, x_next, n,
-                                n // x_bar.shape[0], BLOCK=BLOCK)
+    launch, blocks = sample_grid(x_bar.shape[0], n // x_bar.shape[0])
+    _genie_step_kernel[launch](x_bar, eps, head_out, coeffs, coeffs.stride(0), x_bar_next, x_next,
+                               n // x_bar.shape[0], blocks, BLOCK=BLOCK)
     return x_bar_next, x_next

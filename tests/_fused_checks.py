@@ -12,6 +12,10 @@ NET_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # batch 1, odd sizes (C*H*W not a multiple of 4), a no-spatial (B, C) case, a vector-friendly one
 SMALL_SHAPES = ((1, 3, 5, 7), (3, 2, 3, 5), (5, 2), (2, 4, 8, 8))
 LARGE_SHAPE = (64, 3, 32, 32)
+# odd per-sample sizes over more than one kernel block (Triton's BLOCK is 1024): 1311 elements a
+# sample (a flat split of the state into blocks would put sample boundaries inside blocks), and
+# 2 x 1031 (one element past a block, batch 1: a last block of one element)
+BLOCK_SHAPES = ((3, 3, 19, 23), (1, 2, 1031))
 
 
 def cpu_backends(op: str) -> list[str]:
@@ -262,6 +266,12 @@ class StepOpTests:
         self._need(backend)
         check_against_reference(self.SPEC, backend, "cpu", (3, 3, 5, 7), net_dtype, "late", use_out=True)
 
+    @pytest.mark.parametrize("backend", FUSED_CPU_BACKENDS)
+    @pytest.mark.parametrize("shape", BLOCK_SHAPES)
+    def test_samples_across_blocks(self, backend, shape):
+        self._need(backend)
+        check_against_reference(self.SPEC, backend, "cpu", shape, torch.float16, "first", use_out=True)
+
     @pytest.mark.parametrize("net_dtype", NET_DTYPES)
     def test_large_cpp(self, net_dtype):
         check_against_reference(self.SPEC, "cpp", "cpu", LARGE_SHAPE, net_dtype, "late", use_out=True)
@@ -296,6 +306,12 @@ class StepOpTests:
     @pytest.mark.parametrize("use_out", [False, True])
     def test_cuda_matches_reference(self, backend, net_dtype, shape, use_out):
         check_against_reference(self.SPEC, backend, "cuda", shape, net_dtype, "first", use_out)
+
+    @cuda
+    @pytest.mark.parametrize("backend", FUSED_CUDA_BACKENDS)
+    @pytest.mark.parametrize("shape", BLOCK_SHAPES)
+    def test_cuda_samples_across_blocks(self, backend, shape):
+        check_against_reference(self.SPEC, backend, "cuda", shape, torch.float16, "first", use_out=True)
 
     @cuda
     @pytest.mark.parametrize("backend", FUSED_CUDA_BACKENDS)

@@ -221,3 +221,46 @@ def test_cuda_weights_any_float_dtype(backend, weights_dtype):
     got = ops.genie_multistep_step(*args, c, backend=backend)
     for i, (g, r) in enumerate(zip(got, want)):
         torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-3, msg=f"output {i}")
+
+
+# --------------------------------------------------------------------------- 64-bit history offsets
+
+try:  # (conftest has set TRITON_INTERPRET on a machine without a GPU: the kernels import after it)
+    import triton
+    import triton.language as tl
+
+    from genie_fast.kernels.genie_multistep_step import history_slot
+except ImportError:  # pragma: no cover - Triton is a dependency where the kernels are tested
+    triton = None
+
+if triton is not None:
+    # The history offsets as the op's kernel computes them (its jitted helper), and computed in n's
+    # own 32-bit type (the kernel before the fix). n is only an argument: nothing n-sized exists.
+    @triton.jit
+    def _helper_offsets(out_ptr, n, SLOT: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK).to(tl.int64)
+        tl.store(out_ptr + offs, history_slot(SLOT, n, offs))
+
+    @triton.jit
+    def _i32_offsets(out_ptr, n, SLOT: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK).to(tl.int64)
+        tl.store(out_ptr + offs, SLOT * n + offs)
+
+
+@pytest.mark.skipif(triton is None, reason="needs Triton")
+@pytest.mark.parametrize("n", [2 ** 30 + 3, 2 ** 31 - 5, 2 ** 31 + 7, 3 * 2 ** 31])
+def test_history_slot_offsets_are_64_bit(n):
+    """Slot k of element i sits at k n + i: from n = 2**30 on (n arrives as i32 below 2**31), the
+    slot offset must not wrap. The same computation in n's 32-bit type does wrap (so the check
+    can fail: it did on the kernel's `x0_hist_ptr + 2 * n + offs`)."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    block = 16
+    want = torch.arange(block, dtype=torch.int64)
+    for slot in (1, 2):
+        out = torch.empty(block, dtype=torch.int64, device=dev)
+        _helper_offsets[(1,)](out, n, SLOT=slot, BLOCK=block)
+        assert torch.equal(out.cpu(), slot * n + want), (slot, n)
+    if n < 2 ** 31:
+        out = torch.empty(block, dtype=torch.int64, device=dev)
+        _i32_offsets[(1,)](out, n, SLOT=2, BLOCK=block)
+        assert not torch.equal(out.cpu(), 2 * n + want)  # the 32-bit form wraps: the test above can fail
