@@ -43,7 +43,7 @@
 #                                        model, batch 1 and 64, NFE 10, genie: eager fp32 (a),
 #                                        eager fp16 (b), the engine (d), the NFE x forward floor.
 #                                        Rows are written as measured; a timeout keeps them
-#   kernel_tests   45    70    30  1|2   the fused-kernel CUDA tests (~340; pytest -m cuda, all but
+#   kernel_tests   45    70    30  1|2   the fused-kernel CUDA tests (~360; pytest -m cuda, all but
 #                                        the engine's; pytest-xdist -n 8 where installed)
 #   engine_tests   35    60    25  1|2   the engine's CUDA tests (tests/test_engine.py -m cuda,
 #                                        ~56 graph captures; pytest-xdist -n 4 where installed)
