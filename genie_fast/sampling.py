@@ -28,7 +28,7 @@ def sample(model=None, noise=None, n=None, shape=None, solver=DEFAULT_SOLVER, nf
         seeds: one per-image seed per sample, each drawn from its own generator (EDM's
         ``--seeds 0-49999``; ``genie-fast generate`` draws a seed's noise the same way, `seed_noise`).
         A sample's noise never depends on the batch around it; the sample itself changes with the
-        batch only by batched float round-off (README, "Seeds").
+        batch only by batched float round-off (docs/guide.md, section 1, "Seeds").
     solver: one of `genie_fast.SOLVERS` (default "genie"); solver_kw go to it (head= for genie,
         order= for unipc / ipndm) and are part of the engine's graph key.
     steps / nfe: the number of steps, or a budget of network evaluations (default budget: 10) of

@@ -299,7 +299,7 @@ def test_seeds_select_disjoint_batches_and_match_generate(gmm, tmp_path):
 
 
 def test_a_sample_changes_with_its_batch_within_the_stated_bound():
-    """README: a sample's noise does not depend on the batch; the sample itself moves only by
+    """docs/guide.md, section 1: a sample's noise does not depend on the batch; the sample itself moves only by
     batched float32 round-off: measured at most 2.0e-5 for dpmpp_2m on the bundled model and at most
     4.0e-4 on an earlier one (bench/diagnostics/diag_batch_invariance.py); held to 5e-4."""
     import genie_fast

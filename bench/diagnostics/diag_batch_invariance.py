@@ -1,4 +1,4 @@
-"""How much does a sample change with the batch around it? (The README's batch-invariance figures.)
+"""How much does a sample change with the batch around it? (The batch-invariance figures of docs/guide.md, section 1.)
 
 A sample's noise never depends on its batch (`seeds=`), so any difference between the same seed
 sampled alone and inside a batch is the round-off of batched float32 network calls. For each solver:

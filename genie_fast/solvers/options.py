@@ -17,7 +17,7 @@ DEFAULT_NFE = 10
 # 5 and 10 NFE on the bundled model (bench/bench_grids.py, bench/RESULTS.md), so it is on by default.
 DEFAULT_AFS = True
 # grid="auto": the grid with the lowest ODE error for each solver on the bundled model at NFE 5, 10
-# and 20 with AFS (bench/bench_grids.py; the table is in README.md and bench/RESULTS.md).
+# and 20 with AFS (bench/bench_grids.py; the table is in docs/guide.md and bench/RESULTS.md).
 AUTO_GRID = {
     "ddim": "uniform",
     "genie": "uniform",
