@@ -180,7 +180,8 @@ if [ "$PLAN_ONLY" = 1 ]; then
                 selected "$s" || note="(only when the extension is not ready)"
             elif ! is_headline "$s"; then note="(while the total leaves its need; else the rerun)"
             fi
-            by=$(( by + CAP[$s] )); plan_sum=$(( plan_sum + PLAN[$s] ))
+            by=$(( by + CAP[$s] ))
+            selected "$s" && plan_sum=$(( plan_sum + PLAN[$s] ))  # (an install only if not ready: not counted)
             end=$by
             if is_headline "$s"; then [ "$end" -gt "$HEADLINE_S" ] && end=$HEADLINE_S
             else [ "$end" -gt "$TOTAL_S" ] && end=$TOTAL_S; fi
