@@ -1,0 +1,137 @@
+"""Head candidates for the cached-target lab. Each maps a cache batch dict (x_t, eps, temb, f32, f16,
+f8, mid: the U-Net's decoder features, see cache.py) to the raw (B, 3C, 32, 32) [h1 | h2 | h3].
+
+* ``Shipped(width, blocks)``: the architecture of genie_fast.models.head.GenieHead (same parameter
+  names, so the bundled head's state_dict loads): conv3x3(cat(x, eps, f32)) -> ResBlock(s) with temb
+  -> GroupNorm -> SiLU -> conv3x3 to 3C (zero-init), everything at 32 px.
+* ``MultiRes``: a small U-shaped decoder that starts at 8 px from cat(bottleneck, 8 px decoder
+  output), ResBlocks conditioned on temb (optionally FiLM / scale-shift, optionally self-attention
+  at 8 px), upsamples (nearest) to 16 px merging the 16 px decoder output by a 1x1 conv, and to
+  32 px merging cat(up(h), f32) by a 1x1 conv and cat(x, eps) by a 3x3 conv, optional thin ResBlocks
+  at 32 px, then GroupNorm -> SiLU -> conv3x3 to 3C (zero-init).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from genie_fast.models.unet import ResBlock, _groups
+
+
+class FiLMResBlock(nn.Module):
+    """ResBlock whose second norm is modulated by (1 + scale, shift) from temb (AdaGN, as in ADM)."""
+
+    def __init__(self, ch, temb_dim):
+        super().__init__()
+        self.norm0 = nn.GroupNorm(_groups(ch), ch, eps=1e-6)
+        self.conv0 = nn.Conv2d(ch, ch, 3, padding=1)
+        self.dense = nn.Linear(temb_dim, 2 * ch)
+        self.norm1 = nn.GroupNorm(_groups(ch), ch, eps=1e-6)
+        self.conv1 = nn.Conv2d(ch, ch, 3, padding=1)
+        nn.init.zeros_(self.conv1.weight)
+        nn.init.zeros_(self.conv1.bias)
+
+    def forward(self, x, temb):
+        h = self.conv0(F.silu(self.norm0(x)))
+        scale, shift = self.dense(F.silu(temb))[:, :, None, None].chunk(2, dim=1)
+        h = self.norm1(h) * (1 + scale) + shift
+        h = self.conv1(F.silu(h))
+        return (x + h) / math.sqrt(2.0)
+
+
+class Attn(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.norm = nn.GroupNorm(_groups(ch), ch, eps=1e-6)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = nn.Conv2d(ch, ch, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).flatten(2).transpose(1, 2).chunk(3, dim=2)
+        h = F.scaled_dot_product_attention(q, k, v)
+        return (x + self.proj(h.transpose(1, 2).reshape(B, C, H, W))) / math.sqrt(2.0)
+
+
+class Shipped(nn.Module):
+    def __init__(self, width=32, blocks=1, C=1, feat=32, temb_dim=128):
+        super().__init__()
+        self.conv_in = nn.Conv2d(2 * C + feat, width, 3, padding=1)
+        self.blocks = nn.ModuleList([ResBlock(width, width, temb_dim, 0.0) for _ in range(blocks)])
+        self.norm_out = nn.GroupNorm(_groups(width), width, eps=1e-6)
+        self.conv_out = nn.Conv2d(width, 3 * C, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, b):
+        h = self.conv_in(torch.cat([b["x_t"], b["eps"], b["f32"]], dim=1))
+        for blk in self.blocks:
+            h = blk(h, b["temb"])
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class MultiRes(nn.Module):
+    def __init__(self, w8=32, n8=1, w16=32, n16=0, w32=32, n32=0, film=False, attn8=False,
+                 C=1, c32=32, c16=64, c8=64, cmid=64, temb_dim=128):
+        super().__init__()
+        blk = (lambda w: FiLMResBlock(w, temb_dim)) if film else (lambda w: ResBlock(w, w, temb_dim, 0.0))
+        self.in8 = nn.Conv2d(cmid + c8, w8, 1)
+        self.b8 = nn.ModuleList([blk(w8) for _ in range(n8)])
+        self.attn8 = Attn(w8) if attn8 else None
+        self.in16 = nn.Conv2d(w8 + c16, w16, 1)
+        self.b16 = nn.ModuleList([blk(w16) for _ in range(n16)])
+        self.in32 = nn.Conv2d(w16 + c32, w32, 1)
+        self.in32_img = nn.Conv2d(2 * C, w32, 3, padding=1)
+        self.b32 = nn.ModuleList([blk(w32) for _ in range(n32)])
+        self.norm_out = nn.GroupNorm(_groups(w32), w32, eps=1e-6)
+        self.conv_out = nn.Conv2d(w32, 3 * C, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, b):
+        temb = b["temb"]
+        h = self.in8(torch.cat([b["mid"], b["f8"]], dim=1))
+        for i, blk in enumerate(self.b8):
+            h = blk(h, temb)
+            if i == 0 and self.attn8 is not None:
+                h = self.attn8(h)
+        h = self.in16(torch.cat([F.interpolate(h, scale_factor=2.0, mode="nearest"), b["f16"]], dim=1))
+        for blk in self.b16:
+            h = blk(h, temb)
+        h = self.in32(torch.cat([F.interpolate(h, scale_factor=2.0, mode="nearest"), b["f32"]], dim=1)) \
+            + self.in32_img(torch.cat([b["x_t"], b["eps"]], dim=1))
+        for blk in self.b32:
+            h = blk(h, temb)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+CANDIDATES = {
+    # name: (constructor, init-from-bundled)
+    "shipped_init": (lambda: Shipped(32, 1), True),
+    "shipped_scratch": (lambda: Shipped(32, 1), False),
+    "shipped_w64": (lambda: Shipped(64, 1), False),
+    "mr_s": (lambda: MultiRes(w8=32, n8=1, w16=32, n16=0, w32=32, n32=0), False),
+    "mr_m": (lambda: MultiRes(w8=32, n8=1, w16=32, n16=1, w32=16, n32=0), False),
+    "mr_l": (lambda: MultiRes(w8=32, n8=1, w16=24, n16=1, w32=16, n32=1, attn8=True), False),
+    "mr_m_film": (lambda: MultiRes(w8=32, n8=1, w16=24, n16=1, w32=16, n32=0, film=True), False),
+    "mr_w8": (lambda: MultiRes(w8=44, n8=1, w16=24, n16=0, w32=24, n32=0), False),
+    # hybrids: low-res context (8/16 px) + one full-resolution ResBlock; the 32 px input is a 1x1 conv of
+    # cat(up(h), f32) plus a 3x3 conv of cat(x, eps) instead of the shipped 3x3 conv of all 34 channels
+    "hyb": (lambda: MultiRes(w8=24, n8=1, w16=24, n16=0, w32=32, n32=1), False),
+    "hyb_film": (lambda: MultiRes(w8=24, n8=1, w16=24, n16=0, w32=32, n32=1, film=True), False),
+    "mr_d8": (lambda: MultiRes(w8=32, n8=2, w16=24, n16=0, w32=24, n32=0), False),
+}
+
+
+def build(name):
+    ctor, init = CANDIDATES[name]
+    head = ctor()
+    if init:
+        from genie_fast.models import load_default
+        head.load_state_dict(load_default().head.state_dict())
+    return head
