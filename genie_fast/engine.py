@@ -705,19 +705,23 @@ class _sync_check:
 
 
 def _converted_copy(model: nn.Module, device, dtype) -> nn.Module:
-    """deepcopy of `model` whose floating parameters and buffers are converted tensor by tensor
-    (no full-precision intermediate copy on the device), without gradients, in the model's mode."""
+    """deepcopy of `model` converted as ``model.to(device, dtype)`` converts it, through the modules'
+    own ``_apply`` (a module that keeps a table in float64 through ``.half()``, e.g.
+    `genie_fast.models.diffusers.DiffusersUNet`, keeps it here too), tensor by tensor (no
+    full-precision intermediate copy on the device), without gradients, in the model's mode. The
+    model itself is left untouched: the copy starts from aliases of its tensors, each replaced by
+    its converted copy."""
     memo = {}
     with torch.inference_mode(False), torch.no_grad():
         for p in model.parameters():
             if id(p) not in memo:
-                memo[id(p)] = nn.Parameter(p.detach().to(device=device, dtype=dtype if p.is_floating_point()
-                                                         else p.dtype, copy=True), requires_grad=False)
+                memo[id(p)] = nn.Parameter(p.detach(), requires_grad=False)  # an alias, converted below
         for b in model.buffers():
             if id(b) not in memo:
-                memo[id(b)] = b.detach().to(device=device, dtype=dtype if b.is_floating_point() else b.dtype,
-                                            copy=True)
-        return copy.deepcopy(model, memo)
+                memo[id(b)] = b.detach()
+        net = copy.deepcopy(model, memo)
+        net._apply(lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype, copy=True))
+        return net
 
 
 def _is_weakrefable(obj) -> bool:

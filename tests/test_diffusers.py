@@ -220,6 +220,31 @@ def test_adapter_calls_the_unet_at_its_timestep(unet):
     assert not unet.conv_norm_out._forward_pre_hooks and not unet.time_embedding._forward_hooks
 
 
+def test_engine_copy_keeps_the_float64_table(unet):
+    """The engine's copy in another dtype (engine._converted_copy: what a GPU engine runs in fp16)
+    converts as .half() / .to(dtype) do, through the adapter's own _apply: its float64 log-alpha
+    table stays float64 (in fp16, tau ~ 999 would round to steps of 0.5 and alpha with it); the
+    UNet's weights are converted; the user's model is untouched."""
+    from genie_fast.engine import _converted_copy
+
+    model = from_diffusers(copy.deepcopy(unet), {"beta_schedule": "linear", "prediction_type": "v_prediction"})
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    x, t = _noise(), torch.tensor([0.9, 0.5, 0.02])
+    with torch.no_grad():
+        ref = model(x, t)
+        for dt in (torch.float16, torch.bfloat16, torch.float64):
+            low = _converted_copy(model, "cpu", dt)
+            assert low.log_alpha_table.dtype == torch.float64
+            assert torch.equal(low.log_alpha_table, model.log_alpha_table)
+            assert {p.dtype for p in low.unet.parameters()} == {dt}
+            assert not any(p.requires_grad for p in low.parameters())
+            if dt != torch.float16:  # (fp16 convolutions on the CPU are slow; bf16 shows the same)
+                err = float((low(x.to(dt), t).double() - ref.double()).norm() / ref.double().norm())
+                assert err < (1e-2 if dt == torch.bfloat16 else 1e-6), (dt, err)
+    assert all(torch.equal(v, weights[k]) and v.dtype == weights[k].dtype for k, v in model.state_dict().items())
+    assert next(model.unet.parameters()).dtype == torch.float32 and model.log_alpha_table.dtype == torch.float64
+
+
 def test_float32_times_land_on_the_steps():
     """0.9 in float32 is 0.89999998: the adapter still calls the network at timestep 899 exactly
     (a time between steps is left alone), and the derivative in t stays N (the snap is detached)."""
