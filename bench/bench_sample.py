@@ -12,17 +12,28 @@ weights; timing only) and on the bundled default model:
   floor NFE back-to-back replays of a CUDA graph of ONE fp16 network (+ head for genie) forward
 
 The plan, in order of value (each item starts only while --budget-s leaves it its need; what the
-budget leaves out is listed as skipped):
-  1. headline: solver genie, NFE 10, every model in --models, every batch in --batch (1 and 64):
-     a, floor, d, b
+budget leaves out is listed as skipped). The main solver is the package's default
+(genie_fast.solvers.DEFAULT_SOLVER, genie today):
+  1. headline: the main solver, NFE 10, every model in --models, every batch in --batch (1 and
+     64): a, floor, d, b
   2. c_ro of each model in --compile-models at --compile-batch (one compile per model)
   3. the engine (d) for every other solver of genie_fast.solvers.SOLVERS, first model, at
      --solver-batch, with an eps-only floor; a solver the engine refuses is a recorded skip
   4. --extra-batch (256): a, floor, d, b
   5. c_ma of each model in --compile-models at --compile-batch
+  6. the other NFEs of --nfe, if asked for
+  7. step op: the Triton genie_step op alone on a --step-op-batch x 3 x 32 x 32 state (fp16 network
+     outputs), achieved GB/s against a device-to-device copy of the same bytes (CUDA events,
+     back-to-back launches; the CUDA extension's op beside it where built); a skip row off a GPU
+--rows headline runs item 1 only, --rows rest items 2 to 7, --rows all (the default) every item:
+a short first call can take the headline, and `--rows rest --resume` on the same --json file
+the rest later (a resumed run measures nothing the file already holds).
 
 Each time is the median of whole-sample times taken with CUDA events after warm-up (capture and
-compile times are reported apart), with min / max / interquartile spread. overhead = T_d / T_floor
+compile times are reported apart), with min / max / interquartile spread. The engine is timed as
+the other variants run, without its finiteness check (check_finite=False: a reduction and a
+device-to-host sync inside the window, which the floor and the eager loops do not have); each
+variant's result is checked finite once, after its timed calls (`finite` in its row). overhead = T_d / T_floor
 - 1 (the floor scaled to the NFE d really used). Memory: peak of torch.cuda.max_memory_allocated
 above the start (weights included; the graph pool's live blocks are allocations too) and of
 max_memory_reserved, for b and d, each measured from a fresh model copy.
@@ -35,6 +46,8 @@ variant (`op_backends`). SIGINT (a step timeout) or SIGTERM stops the plan; the 
 measured is printed in every case. --resume FILE continues a file, skipping what it already holds.
 
     python bench/bench_sample.py --json out.jsonl      # GPU: the plan above within --budget-s
+    python bench/bench_sample.py --rows headline --json out.jsonl          # item 1 only, then
+    python bench/bench_sample.py --rows rest --resume --json out.jsonl     # the rest, same file
     python bench/bench_sample.py --smoke --json x.jsonl  # CPU: a tiny eager run of every path
     python bench/bench_sample.py --table out.jsonl     # the table of a (partial) run
     python bench/bench_sample.py --versions            # versions, op backends, NVTX emitter (JSON)
@@ -78,7 +91,7 @@ def table(rows: list[dict]) -> str:
     """One line per (model, solver, NFE, batch): medians, speedups of d, overhead, memory ratio."""
     by, floors = {}, {}
     for r in rows:
-        if r.get("kind", "row") not in ("row", "skip") or r.get("variant") == "precision":
+        if r.get("kind", "row") not in ("row", "skip") or r.get("variant") in ("precision", STEP_OP_VARIANT):
             continue
         k = (r["model"], r["solver"], r["nfe"], r["batch"])
         by.setdefault(k, {})[r["variant"]] = r
@@ -120,6 +133,16 @@ def table(rows: list[dict]) -> str:
         lines.append(f"{model:>8} {solver:>12} {nfe:>3} {b:>4} | {f(ta)} {f(tb)} {f(tr)} {f(tm)} {dcell} {f(tf)} | "
                      f"{f(sp(ta), 6, 2)} {f(sp(tb), 6, 2)} {f(sp(tc), 6, 2)} {f(ovh, 6, 1)} "
                      f"{f(ratio('peak_alloc_mib'), 6, 2)} {f(ratio('peak_reserved_mib'), 6, 2)} | {ops_note}")
+    for r in rows:
+        if r.get("variant") == STEP_OP_VARIANT and r.get("kind", "row") == "row":
+            lines.append(f"step op {r['solver']} {r.get('backend', 'triton')} B={r['batch']} {r.get('dtype')}: "
+                         + (f"{r['median_us']:.1f} us, {r['GBps']:.0f} GB/s = {100 * r['fraction_of_copy']:.0f}% "
+                            f"of a copy of the same bytes ({r['copy_GBps']:.0f} GB/s)"
+                            if r.get("median_us") else f"ERROR {r.get('error')}"))
+    bad = [r for r in rows if r.get("kind", "row") == "row" and r.get("finite") is False]
+    if bad:
+        lines.append("NON-FINITE results (timed all the same): " + "; ".join(
+            f"{r['model']} {r['solver']} B={r['batch']} {r['variant']}" for r in bad))
     prec = [r for r in rows if r.get("variant") == "precision" and r.get("kind", "row") == "row"]
     if prec:
         lines.append("precision (engine vs fp32 eager, TF32 off): " + "; ".join(
@@ -142,6 +165,10 @@ def print_table(rows, env):
 # solvers.HEAD_SOLVERS, named here so that the table (--table) runs without importing torch;
 # checked against it below.
 _HEAD_SOLVER_NAMES = ("genie", "genie_multistep")
+# the variant name of the step-op bandwidth row (plan item 7)
+STEP_OP_VARIANT = "step_op_bw"
+STEP_OP = "genie_step"
+ROWS = ("headline", "rest", "all")
 
 
 def _table_cli(path: str) -> int:
@@ -166,12 +193,12 @@ from genie_fast.engine import SamplingEngine  # noqa: E402
 from genie_fast.models.head import GenieModel  # noqa: E402
 from genie_fast.models.unet import UNet  # noqa: E402
 from genie_fast.schedule import COL, coeff_table, time_grid  # noqa: E402
-from genie_fast.solvers import HEAD_SOLVERS, SOLVERS, nfe_of, steps_for_nfe  # noqa: E402
+from genie_fast.solvers import DEFAULT_SOLVER, HEAD_SOLVERS, SOLVERS, nfe_of, steps_for_nfe  # noqa: E402
 
 assert set(_HEAD_SOLVER_NAMES) == set(HEAD_SOLVERS), "update _HEAD_SOLVER_NAMES"
 
 CUDA = torch.cuda.is_available()
-MAIN_SOLVER = "genie"
+MAIN_SOLVER = DEFAULT_SOLVER  # the headline rows follow the package's default solver
 
 
 # --------------------------------------------------------------------------- environment
@@ -354,10 +381,12 @@ def no_tf32():
     return _off()
 
 
-def engine_sample(eng, noise, solver, nfe):
+def engine_sample(eng, noise, solver, nfe, check_finite: bool = True):
     """One engine call with the benchmark's fixed options (quadratic grid, no AFS, no denoising,
-    the same as the eager baselines); returns (x0, nfe used)."""
-    return eng.sample(noise, solver=solver, nfe=nfe, grid="quadratic", afs=False, denoise=False)
+    the same as the eager baselines); returns (x0, nfe used). check_finite=False: no finiteness
+    check (a reduction and a host sync), as the timed calls run it."""
+    return eng.sample(noise, solver=solver, nfe=nfe, grid="quadratic", afs=False, denoise=False,
+                      check_finite=check_finite)
 
 
 # --------------------------------------------------------------------------- the variants
@@ -566,7 +595,10 @@ class Bench:
             times = time_calls(fn, self.args.reps, self.args.target_s)
             out = fn()
             out = out[0] if isinstance(out, tuple) else out
-            if isinstance(out, torch.Tensor):
+            if isinstance(out, torch.Tensor):  # checked once, outside the timed window
+                extra["finite"] = bool(torch.isfinite(out).all())
+                if not extra["finite"]:
+                    self.log(f"  WARNING: {case.name} {case.solver} B={case.batch} {variant}: non-finite result")
                 case.outputs[variant] = out.detach().float().cpu()
                 ref = case.outputs.get("a")
                 if ref is not None and variant != "a":
@@ -618,8 +650,9 @@ class Bench:
                         results[v] = self.row(case, "d", None, median_ms=None,
                                               error=f"{type(e).__name__}: {str(e)[:300]}")
                     if eng is not None:
-                        results[v] = self.measure(
-                            case, "d", lambda: (lambda: engine_sample(eng, case.noise, case.solver, case.nfe)),
+                        results[v] = self.measure(  # timed without the engine's finiteness check
+                            case, "d", lambda: (lambda: engine_sample(eng, case.noise, case.solver, case.nfe,
+                                                                      check_finite=False)),
                             need[v], backend=eng.backend, dtype=str(eng_dtype).replace("torch.", ""))
                 if eng is not None and results.get(v) is not None and results[v].get("median_ms") is not None:
                     info = eng.cache_info()
@@ -643,6 +676,9 @@ class Bench:
             elif v in ("c_ro", "c_ma"):
                 if not CUDA and not self.args.compile_on_cpu:
                     self.skip(case, v, "CPU run")
+                    continue
+                if case.solver != "genie":
+                    self.skip(case, v, f"the compiled baseline is written for genie, not {case.solver}")
                     continue
                 mode = "reduce-overhead" if v == "c_ro" else "max-autotune"
                 if self.left_s() < need[v]:
@@ -706,14 +742,69 @@ class Bench:
             if CUDA:
                 torch.cuda.empty_cache()
 
-    def plan(self, models: list[str]) -> list[tuple]:
-        """(model, solver, nfe, batch, variants) in order of value; see the module docstring."""
+    def step_op_bandwidth(self, batch: int):
+        """Plan item 7: the Triton genie_step op alone on a (batch, 3, 32, 32) float32 state with
+        network outputs in the run's dtype, CUDA events over back-to-back launches, against a
+        device-to-device copy of the same bytes (and the CUDA extension's op where built). A skip
+        row where it cannot run (no GPU, no Triton)."""
+        fields = {"model": "step_op", "solver": STEP_OP, "nfe": 0, "batch": batch}
+        if item_key(*fields.values(), STEP_OP_VARIANT) in self.done:
+            return None
+        if not CUDA:
+            self.skip(fields, STEP_OP_VARIANT, "no CUDA GPU: the Triton step op is timed on a GPU only")
+            return None
+        if "triton" not in ops.available_backends(STEP_OP, "cuda"):
+            self.skip(fields, STEP_OP_VARIANT, "Triton cannot run genie_step here (not installed or no GPU "
+                                               "backend)")
+            return None
+        if self.left_s() < 10:
+            self.skip(fields, STEP_OP_VARIANT, "budget")
+            return None
+        import _step_bench
+
+        low = torch.float16 if self.args.dtype == "fp16" else torch.bfloat16
+        shape = (batch, 3, 32, 32)
+        rec = {"kind": "row", **fields, "variant": STEP_OP_VARIANT, "backend": "triton",
+               "dtype": str(low).replace("torch.", ""), "shape": list(shape), "gpu": self.env["gpu"],
+               "torch": self.env["torch"], "triton": self.env["triton"], "cuda": self.env["cuda"]}
+        try:
+            args = _step_bench.make_args(("state", "net", "head"), shape, low, "cuda")
+            _, _, fused_out, nbytes = _step_bench.step_fns(STEP_OP, args)
+            src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
+            dst = torch.empty_like(src)
+            fns = {"triton": fused_out("triton"), "copy": lambda: dst.copy_(src)}
+            if "cuda" in ops.available_backends(STEP_OP, "cuda"):
+                fns["cuda"] = fused_out("cuda")
+            res = _step_bench.time_cuda(fns, iters=20, repeats=10)
+            gbps = {k: nbytes / r["median_us"] / 1e3 for k, r in res.items()}
+            rec.update(bytes=nbytes, median_us=res["triton"]["median_us"], min_us=res["triton"]["min_us"],
+                       GBps=gbps["triton"], copy_GBps=gbps["copy"], fraction_of_copy=gbps["triton"] / gbps["copy"],
+                       cuda_ext_GBps=gbps.get("cuda"))
+            self.log(f"  step op {STEP_OP} triton {shape} {rec['dtype']}: {rec['median_us']:.1f} us, "
+                     f"{gbps['triton']:.0f} GB/s (copy of the same bytes {gbps['copy']:.0f} GB/s"
+                     + (f", CUDA extension {gbps['cuda']:.0f} GB/s)" if "cuda" in gbps else ")"))
+        except Exception as e:
+            self.log(traceback.format_exc(limit=3))
+            rec.update(median_us=None, error=f"{type(e).__name__}: {str(e)[:300]}")
+        finally:
+            gc.collect()
+            torch.cuda.empty_cache()
+        self.rows.append(rec)
+        self.writer.write(rec)
+        return rec
+
+    def plan(self, models: list[str], rows: str = "all") -> list[tuple]:
+        """(model, solver, nfe, batch, variants) in order of value; see the module docstring.
+        rows: "headline" (item 1), "rest" (items 2 to 6; item 7, the step op, is no Case and runs
+        after them in main) or "all"."""
+        if rows not in ROWS:
+            raise ValueError(f"rows must be one of {ROWS}, got {rows!r}")
         a = self.args
         base = [v for v in ("a", "floor", "d", "b") if v in a.variants]
         nfe = a.nfe[0]
-        items = []
+        headline, items = [], []
         for name in models:                                            # 1. headline
-            items += [(name, MAIN_SOLVER, nfe, b, base) for b in a.batch]
+            headline += [(name, MAIN_SOLVER, nfe, b, base) for b in a.batch]
         comp_models = [m for m in a.compile_models if m in models]
         if "c_ro" in a.variants:                                       # 2. reduce-overhead
             items += [(m, MAIN_SOLVER, nfe, a.compile_batch, ["c_ro"]) for m in comp_models]
@@ -731,7 +822,9 @@ class Bench:
         for extra_nfe in a.nfe[1:]:                                    # 6. other NFEs, if asked for
             for name in models:
                 items += [(name, MAIN_SOLVER, extra_nfe, b, base) for b in a.batch]
-        return items
+        headline = [it for it in headline if it[4]]
+        items = [it for it in items if it[4]]
+        return {"headline": headline, "rest": items, "all": headline + items}[rows]
 
 
 # --------------------------------------------------------------------------- main
@@ -754,6 +847,13 @@ def main(argv=None):
     p.add_argument("--compile-models", nargs="*", default=["default", "deep"],
                    help="models of the compiled baselines, in order (the bundled model compiles fastest)")
     p.add_argument("--variants", nargs="+", default=["a", "b", "c_ro", "c_ma", "d", "floor"])
+    p.add_argument("--rows", default="all", choices=ROWS,
+                   help="headline: plan item 1 only (the main solver at NFE 10, --models x --batch: a, b, d, "
+                        "floor); rest: items 2 to 7 (compiled baselines, other solvers, extra batches and "
+                        "NFEs, the Triton step-op bandwidth row); all: every item. Use --resume to add "
+                        "the rest to a headline file")
+    p.add_argument("--step-op-batch", type=int, default=2048,
+                   help="batch of the step-op bandwidth row's (B, 3, 32, 32) state")
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
     p.add_argument("--reps", type=int, default=5, help="timed calls at least (more while under --target-s)")
     p.add_argument("--target-s", type=float, default=0.5, help="timed seconds per variant aimed at")
@@ -782,7 +882,8 @@ def main(argv=None):
     if a.versions:
         print(json.dumps(versions(), indent=1, default=str))
         return 0
-    if any(b < 1 for b in [*a.batch, *a.extra_batch, a.solver_batch, a.compile_batch]) or any(n < 1 for n in a.nfe):
+    if any(b < 1 for b in [*a.batch, *a.extra_batch, a.solver_batch, a.compile_batch, a.step_op_batch]) \
+            or any(n < 1 for n in a.nfe):
         p.error("batches and NFEs must be positive")
     a.solvers = list(SOLVERS) if a.solvers == ["all"] else a.solvers
     unknown = [s for s in a.solvers if s not in SOLVERS]
@@ -832,7 +933,7 @@ def main(argv=None):
         bench.log(f"WARNING: some ops run the PyTorch reference on the GPU (unfused): {bench.env['op_backends_auto']}")
     interrupted = False
     try:
-        bench.log(f"plan: models={a.models} solvers={a.solvers} nfe={a.nfe} batch={a.batch} "
+        bench.log(f"plan ({a.rows} rows): models={a.models} solvers={a.solvers} nfe={a.nfe} batch={a.batch} "
                   f"extra_batch={a.extra_batch} variants={a.variants} dtype={a.dtype} budget={a.budget_s:.0f}s"
                   + (f" (resuming: {len(done)} items done)" if done else ""))
         models = load_models(a.models, bench.log)
@@ -841,7 +942,7 @@ def main(argv=None):
                 for s in a.solvers:
                     bench.precision(name, m, s, a.nfe[0], min(16, max(a.batch)), dev, low)
         else:
-            for name, solver, nfe, batch, variants in bench.plan(list(models)):
+            for name, solver, nfe, batch, variants in bench.plan(list(models), a.rows):
                 fields = {"model": name, "solver": solver, "nfe": nfe, "batch": batch}
                 if steps_for_nfe(solver, nfe) < 1:
                     for v in variants:
@@ -857,6 +958,8 @@ def main(argv=None):
                 bench.run_case(case, variants)
                 if CUDA:
                     models[name].cpu()  # (a) moved it to the GPU; keep memory probes clean
+            if a.rows in ("rest", "all"):                              # 7. the step op, last
+                bench.step_op_bandwidth(a.step_op_batch)
     except KeyboardInterrupt as e:
         interrupted = True
         bench.log(f"bench_sample: interrupted ({e or 'SIGINT'}) after {time.perf_counter() - bench.t_start:.0f}s: "

@@ -167,7 +167,10 @@ def test_cpp_op_checks():
     c = coeff_rows()["late"]
     args = _make((2, 3, 4, 4), torch.float32, "cpu")
     x_bar, x_bar_eval, eps, head, x0_hist, d_hist, w = args
-    op = torch.ops.genie_fast.genie_multistep_step
+    fresh = [torch.empty(like.shape, dtype=dt) for like, dt in _outs(args)]
+
+    def op(*a):
+        torch.ops.genie_fast.genie_multistep_step_out(*a, *fresh)
     with pytest.raises(RuntimeError, match="x0_hist must have shape"):
         op(x_bar, x_bar_eval, eps, head, x0_hist[:2], d_hist, w, c)
     with pytest.raises(RuntimeError, match="d_hist must have shape"):
@@ -193,13 +196,16 @@ def test_triton_launcher_checks():
     from genie_fast.kernels import genie_multistep_step as launch
 
     c = coeff_rows()["late"]
-    x_bar, x_bar_eval, eps, head, x0_hist, d_hist, w = _make((2, 3, 4, 4), torch.float32, "cpu")
+    args = _make((2, 3, 4, 4), torch.float32, "cpu")
+    x_bar, x_bar_eval, eps, head, x0_hist, d_hist, w = args
+    outs = [poisoned_like(like, dt) for like, dt in _outs(args)]
     with pytest.raises(TypeError, match="d_hist dtype"):
-        launch(x_bar, x_bar_eval, eps, head, x0_hist, d_hist.double(), w, c)
+        launch(x_bar, x_bar_eval, eps, head, x0_hist, d_hist.double(), w, c, *outs)
     with pytest.raises(TypeError, match="weights must be float64"):
-        launch(x_bar, x_bar_eval, eps, head, x0_hist, d_hist, w.int(), c)
+        launch(x_bar, x_bar_eval, eps, head, x0_hist, d_hist, w.int(), c, *outs)
+    outs[3] = poisoned_like(x_bar, torch.float64)
     with pytest.raises(ValueError, match="output x0 must be"):
-        launch(x_bar, x_bar_eval, eps, head, x0_hist, d_hist, w, c, x0=poisoned_like(x_bar, torch.float64))
+        launch(x_bar, x_bar_eval, eps, head, x0_hist, d_hist, w, c, *outs)
 
 
 # --------------------------------------------------------------------------- on a GPU
@@ -247,8 +253,11 @@ if triton is not None:
         tl.store(out_ptr + offs, SLOT * n + offs)
 
 
+SLOT_NS = [2 ** 30 + 3, 2 ** 31 - 5, 2 ** 31 + 7, 3 * 2 ** 31]
+
+
 @pytest.mark.skipif(triton is None, reason="needs Triton")
-@pytest.mark.parametrize("n", [2 ** 30 + 3, 2 ** 31 - 5, 2 ** 31 + 7, 3 * 2 ** 31])
+@pytest.mark.parametrize("n", SLOT_NS)
 def test_history_slot_offsets_are_64_bit(n):
     """Slot k of element i sits at k n + i: from n = 2**30 on (n arrives as i32 below 2**31), the
     slot offset must not wrap. The same computation in n's 32-bit type does wrap (so the check
@@ -264,3 +273,10 @@ def test_history_slot_offsets_are_64_bit(n):
         out = torch.empty(block, dtype=torch.int64, device=dev)
         _i32_offsets[(1,)](out, n, SLOT=2, BLOCK=block)
         assert not torch.equal(out.cpu(), 2 * n + want)  # the 32-bit form wraps: the test above can fail
+
+
+@cuda
+@pytest.mark.parametrize("n", SLOT_NS)
+def test_cuda_history_slot_offsets_are_64_bit(n):
+    """The same, compiled for the GPU (part of the `-m cuda` run)."""
+    test_history_slot_offsets_are_64_bit(n)
