@@ -742,24 +742,28 @@ class Bench:
             if CUDA:
                 torch.cuda.empty_cache()
 
-    def step_op_bandwidth(self, batch: int):
+    def step_op_bandwidth(self, batch: int, device="cuda"):
         """Plan item 7: the Triton genie_step op alone on a (batch, 3, 32, 32) float32 state with
         network outputs in the run's dtype, CUDA events over back-to-back launches, against a
         device-to-device copy of the same bytes (and the CUDA extension's op where built). A skip
-        row where it cannot run (no GPU, no Triton)."""
+        row where it cannot run (no GPU, no Triton). (device: "cuda"; the CPU only in a test, under
+        Triton's interpreter, with perf_counter clocks.)"""
         fields = {"model": "step_op", "solver": STEP_OP, "nfe": 0, "batch": batch}
         if item_key(*fields.values(), STEP_OP_VARIANT) in self.done:
             return None
         if not CUDA:
             self.skip(fields, STEP_OP_VARIANT, "no CUDA GPU: the Triton step op is timed on a GPU only")
             return None
-        if "triton" not in ops.available_backends(STEP_OP, "cuda"):
+        if "triton" not in ops.available_backends(STEP_OP, device):
             self.skip(fields, STEP_OP_VARIANT, "Triton cannot run genie_step here (not installed or no GPU "
                                                "backend)")
             return None
         if self.left_s() < 10:
             self.skip(fields, STEP_OP_VARIANT, "budget")
             return None
+        here = os.path.dirname(os.path.abspath(__file__))  # bench/ (not on sys.path when imported)
+        if here not in sys.path:
+            sys.path.append(here)
         import _step_bench
 
         low = torch.float16 if self.args.dtype == "fp16" else torch.bfloat16
@@ -768,14 +772,17 @@ class Bench:
                "dtype": str(low).replace("torch.", ""), "shape": list(shape), "gpu": self.env["gpu"],
                "torch": self.env["torch"], "triton": self.env["triton"], "cuda": self.env["cuda"]}
         try:
-            args = _step_bench.make_args(("state", "net", "head"), shape, low, "cuda")
+            args = _step_bench.make_args(("state", "net", "head"), shape, low, device)
             _, _, fused_out, nbytes = _step_bench.step_fns(STEP_OP, args)
-            src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
+            src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
             dst = torch.empty_like(src)
             fns = {"triton": fused_out("triton"), "copy": lambda: dst.copy_(src)}
-            if "cuda" in ops.available_backends(STEP_OP, "cuda"):
+            if "cuda" in ops.available_backends(STEP_OP, device):
                 fns["cuda"] = fused_out("cuda")
-            res = _step_bench.time_cuda(fns, iters=20, repeats=10)
+            if torch.device(device).type == "cuda":
+                res = _step_bench.time_cuda(fns, iters=20, repeats=10)
+            else:
+                res = _step_bench.time_cpu(fns, iters=1, repeats=2)
             gbps = {k: nbytes / r["median_us"] / 1e3 for k, r in res.items()}
             rec.update(bytes=nbytes, median_us=res["triton"]["median_us"], min_us=res["triton"]["min_us"],
                        GBps=gbps["triton"], copy_GBps=gbps["copy"], fraction_of_copy=gbps["triton"] / gbps["copy"],
@@ -788,7 +795,8 @@ class Bench:
             rec.update(median_us=None, error=f"{type(e).__name__}: {str(e)[:300]}")
         finally:
             gc.collect()
-            torch.cuda.empty_cache()
+            if CUDA:
+                torch.cuda.empty_cache()
         self.rows.append(rec)
         self.writer.write(rec)
         return rec

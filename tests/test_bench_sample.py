@@ -174,3 +174,29 @@ def test_smoke_rows_all(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "plan (all rows)" in out
     assert bs.main(["--table", str(jl)]) == 0  # a file with a step-op record still gives its table
+
+
+def test_step_op_row_code_path(monkeypatch, capsys):
+    """The step-op bandwidth row's code, run on the CPU under Triton's interpreter (CUDA pretended,
+    perf_counter clocks, a small state): one row with its GB/s and the copy's, and its table line."""
+    from genie_fast import ops
+
+    bs = _bench_module()
+    if "triton" not in ops.available_backends("genie_step", "cpu"):
+        pytest.skip("Triton cannot run genie_step on the CPU here")
+    monkeypatch.setattr(bs, "CUDA", True)
+    bench = bs.Bench.__new__(bs.Bench)
+    bench.args = types.SimpleNamespace(dtype="bf16", budget_s=1e9)
+    bench.rows, bench.skipped, bench.done = [], [], set()
+    bench.t_start = 0.0
+    bench.env = {"gpu": "cpu (test)", "torch": "x", "triton": "x", "cuda": None}
+    written = []
+    bench.writer = types.SimpleNamespace(write=written.append)
+    bench.log = print
+    rec = bench.step_op_bandwidth(2, device="cpu")
+    assert rec is written[0] and rec["kind"] == "row" and rec["variant"] == bs.STEP_OP_VARIANT
+    assert rec.get("error") is None and rec["GBps"] > 0 and rec["copy_GBps"] > 0 and rec["bytes"] > 0
+    assert rec["shape"] == [2, 3, 32, 32] and rec["dtype"] == "bfloat16"
+    bench.done = {bs.item_key("step_op", "genie_step", 0, 2, bs.STEP_OP_VARIANT)}
+    assert bench.step_op_bandwidth(2, device="cpu") is None  # a resumed run does not measure it again
+    assert "step op genie_step triton B=2 bfloat16" in bs.table([rec])
