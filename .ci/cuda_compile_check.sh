@@ -38,7 +38,9 @@ import sys
 import torch
 so, want_cuda = sys.argv[1], sys.argv[2] == "1"
 torch.ops.load_library(so)
-ops = ["genie_step", "ddim_step", "denoise_step", "dpmpp_2m_step", "genie_multistep_step", "schedule_table"]
+# the step ops register only their `_out` form; schedule_table is functional
+ops = [f"{op}_out" for op in ("genie_step", "ddim_step", "denoise_step", "dpmpp_2m_step", "genie_multistep_step")]
+ops.append("schedule_table")
 has = lambda op, key: torch._C._dispatch_has_kernel_for_dispatch_key(f"genie_fast::{op}", key)
 bad = [op for op in ops if not has(op, "CPU") or has(op, "CUDA") != want_cuda]
 print("  kernels:", {op: [k for k in ("CPU", "CUDA") if has(op, k)] for op in ops})

@@ -1,10 +1,12 @@
 // schedule_table on the CPU: schedule.coeff_table of a VPSchedule for a grid of times, one row
-// per step, float64 (the same closed forms as the host table, shared with the CUDA kernel).
+// per step, float64 (the same closed forms as the host table, shared with the CUDA kernel:
+// vp_table_row in step_formulas.h).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include "step_common.h"
+#include "step_checks.h"
 
 namespace genie_fast {
 namespace {

@@ -23,19 +23,26 @@ except ImportError as e:  # pragma: no cover - depends on the build
     )
 
 
+def _registered(name: str) -> str | None:
+    """The op of genie_fast._C that runs `name`: the op itself (schedule_table, or a name given
+    with its suffix), else its `<name>_out` form (a step op has only that form); None: neither."""
+    for op in (name, name + "_out"):
+        if hasattr(torch.ops.genie_fast, op):
+            return op
+    return None
+
+
 def has_op(name: str, device_type: str | None = None) -> bool:
-    """True when torch.ops.genie_fast.<name> is registered by the C++ extension, and, when
-    device_type ("cpu", "cuda") is given, has a kernel for that device."""
-    if _C is None or not hasattr(torch.ops.genie_fast, name):
+    """True when genie_fast._C registers op `name` (a step op by its public name, e.g. "genie_step",
+    whose kernel is torch.ops.genie_fast.genie_step_out), and, when device_type ("cpu", "cuda") is
+    given, has a kernel for that device."""
+    op = None if _C is None else _registered(name)
+    if op is None:
         return False
     if device_type is None:
         return True
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"genie_fast::{name}", key)
-
-
-def _contiguous_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    return torch.empty(t.shape, dtype=dtype or t.dtype, device=t.device)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"genie_fast::{op}", key)
 
 
 def _register_fakes():
@@ -43,35 +50,13 @@ def _register_fakes():
         return
     fake = torch.library.register_fake
 
-    # Functional ops: fresh contiguous outputs, state dtype for x_bar/x0, network dtype for x.
-    @fake("genie_fast::genie_step")
-    def _genie_step_fake(x_bar, eps, head_out, coeffs):
-        return _contiguous_like(x_bar), _contiguous_like(eps)
-
-    @fake("genie_fast::ddim_step")
-    def _ddim_step_fake(x_bar, eps, coeffs):
-        return _contiguous_like(x_bar), _contiguous_like(eps)
-
-    @fake("genie_fast::denoise_step")
-    def _denoise_step_fake(x_bar, eps, coeffs):
-        return _contiguous_like(x_bar)
-
-    @fake("genie_fast::dpmpp_2m_step")
-    def _dpmpp_2m_step_fake(x_bar, eps, x0_prev, coeffs):
-        return _contiguous_like(x_bar), _contiguous_like(eps), _contiguous_like(x_bar)
-
-    @fake("genie_fast::genie_multistep_step")
-    def _genie_multistep_step_fake(x_bar, x_bar_eval, eps, head_out, x0_hist, d_hist, weights, coeffs):
-        return (_contiguous_like(x_bar), _contiguous_like(x_bar), _contiguous_like(eps), _contiguous_like(x_bar),
-                _contiguous_like(x_bar))
-
     @fake("genie_fast::schedule_table")
     def _schedule_table_fake(ts, beta_min, beta_d):
         from .schedule import COEFF_COLUMNS
 
         return ts.new_empty((ts.shape[0] - 1, len(COEFF_COLUMNS)), dtype=torch.float64)
 
-    # `_out` ops write into their arguments and return nothing.
+    # The step ops (`_out` only) write into their arguments and return nothing.
     @fake("genie_fast::genie_step_out")
     def _genie_step_out_fake(x_bar, eps, head_out, coeffs, x_bar_next, x_next):
         return None
@@ -85,7 +70,7 @@ def _register_fakes():
         return None
 
     @fake("genie_fast::dpmpp_2m_step_out")
-    def _dpmpp_2m_step_out_fake(x_bar, eps, x0_prev, coeffs, x_bar_next, x_next, x0):
+    def _dpmpp_2m_step_out_fake(x_bar, eps, x0_prev, weights, coeffs, x_bar_next, x_next, x0):
         return None
 
     @fake("genie_fast::genie_multistep_step_out")

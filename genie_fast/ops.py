@@ -1,8 +1,8 @@
 """The single place that picks an implementation for each fused op.
 
 Every op has a plain PyTorch reference (`<op>_ref`, the readable math, against which every
-kernel is tested) and fused versions: `torch.ops.genie_fast.<op>` (C++ on the CPU, CUDA on
-the GPU; csrc/) and a Triton kernel (kernels/<op>.py). Solvers call the un-suffixed function
+kernel is tested) and fused versions: `torch.ops.genie_fast.<op>_out` (C++ on the CPU, CUDA on
+the GPU; csrc/; `schedule_table` keeps its plain name) and a Triton kernel (kernels/<op>.py). Solvers call the un-suffixed function
 with a `backend`:
     "torch"   the reference (any device)
     "cpp"     the C++ CPU kernel (CPU tensors)
@@ -14,14 +14,18 @@ A backend that was asked for by name and cannot run raises an error saying why.
 
 The step ops take `out=`: preallocated contiguous outputs (a tuple in the order of the
 returned tensors), which may be the inputs themselves (x_bar updated in place): every element
-is read before it is written. A CUDA graph engine can so keep fixed buffers.
+is read before it is written. A CUDA graph engine can so keep fixed buffers. The fused kernels
+have only that form (`torch.ops.genie_fast.<op>_out`, the Triton launchers likewise): without
+`out=` the outputs are allocated here, contiguous, and the same kernel writes them. The reference
+backend allocates its own results (and copies them into `out=` when given).
 
 `taylor_step` (explicit d eps/d gamma, used by genie_exact) stays a reference on every
 backend: its step is one elementwise pass next to a forward-mode JVP through the network
 (about four network evaluations, `solvers.JVP_NFE`), so a fused kernel would not be measurable.
 
 Coefficients are read from a row of `schedule.coeff_table` (columns in
-`schedule.COEFF_COLUMNS`), so a step never needs a host scalar or a host-device sync.
+`schedule.COEFF_COLUMNS`) and a solver's own per-step weights from a small weight vector beside it
+(layouts in `genie_fast.layout`), so a step never needs a host scalar or a host-device sync.
 States (x_bar, x0) are float32 (float64 for float64 runs); eps, the head output and the next
 network input x are in the network's dtype.
 """
@@ -33,12 +37,14 @@ import os
 import torch
 
 from ._ext import has_op
+from .layout import (DPMPP_2M_A, DPMPP_2M_B, DPMPP_2M_WEIGHTS, MULTISTEP_D_SLOTS, MULTISTEP_TERMS,
+                     MULTISTEP_WEIGHTS, MULTISTEP_X0_SLOTS)
 from .schedule import COL, VPSchedule, coeff_table
 
 __all__ = [
     "BACKENDS", "head_combine_ref", "available_backends", "check_backend", "schedule_table",
     "taylor_step_ref", "genie_step_ref", "ddim_step_ref", "denoise_step_ref", "dpmpp_2m_step_ref",
-    "genie_multistep_step_ref", "MULTISTEP_WEIGHTS", "genie_multistep_step",
+    "genie_multistep_step_ref", "MULTISTEP_WEIGHTS", "DPMPP_2M_WEIGHTS", "genie_multistep_step",
     "taylor_step", "genie_step", "ddim_step", "denoise_step", "dpmpp_2m_step",
 ]
 
@@ -99,26 +105,22 @@ def denoise_step_ref(x_bar, eps, coeffs):
     return (x_bar.to(dt) - coeffs.to(dt)[COL["gamma_next"]] * eps.to(dt)).to(x_bar.dtype)
 
 
-def dpmpp_2m_step_ref(x_bar, eps, x0_prev, coeffs):
+def dpmpp_2m_step_ref(x_bar, eps, x0_prev, weights, coeffs):
     """DPM-Solver++(2M) step (Lu et al. 2022, eq. for the multistep data-prediction solver).
 
     In x_bar = x / alpha it reads x_bar_next = r x_bar + (1 - r) (a x0 + b x0_prev) with
-    x0 = x_bar - gamma eps, r = gamma_next / gamma and a, b from the logSNR step ratio.
+    x0 = x_bar - gamma eps, r = gamma_next / gamma (column dpm_r of the row `coeffs`) and the
+    step's solver weights [a, b] = `weights` (`layout.DPMPP_2M_WEIGHTS` values, from the log-SNR
+    step ratio: `solvers.multistep._dpmpp_2m_weights`).
     Returns (x_bar_next, x_next, x0); x0 is the next step's x0_prev (state dtype).
     """
     dt = _opmath(x_bar)
-    c = coeffs.to(dt)
+    c, w = coeffs.to(dt), weights.to(dt)
     x0 = x_bar.to(dt) - c[COL["gamma"]] * eps.to(dt)
-    d = c[COL["dpm_a"]] * x0 + c[COL["dpm_b"]] * x0_prev.to(dt)
+    d = w[DPMPP_2M_A] * x0 + w[DPMPP_2M_B] * x0_prev.to(dt)
     x_bar_next = c[COL["dpm_r"]] * x_bar.to(dt) + (1.0 - c[COL["dpm_r"]]) * d
     x_next = (x_bar_next * c[COL["inv_scale_next"]]).to(eps.dtype)
     return x_bar_next.to(x_bar.dtype), x_next, x0.to(x_bar.dtype)
-
-
-# genie_multistep: layout of one step's weight row (see `genie_multistep_step_ref`)
-MULTISTEP_X0_SLOTS, MULTISTEP_D_SLOTS = 3, 2
-MULTISTEP_TERMS = 3 + MULTISTEP_X0_SLOTS + MULTISTEP_D_SLOTS  # [base, x0, d, X0..X2, D0..D1]
-MULTISTEP_WEIGHTS = 2 * MULTISTEP_TERMS + 1                      # corrector, predictor, inv_scale
 
 
 def genie_multistep_step_ref(x_bar, x_bar_eval, eps, head_out, x0_hist, d_hist, weights, coeffs):
@@ -168,6 +170,11 @@ def _check_step_args(x_bar, eps, coeffs, head_out=None):
             raise ValueError(f"head output must have shape {want} (3*C channels), got {tuple(head_out.shape)}")
     if coeffs.dim() != 1 or coeffs.numel() < len(COL):
         raise ValueError(f"coeffs must be one row of coeff_table ({len(COL)} values), got shape {tuple(coeffs.shape)}")
+
+
+def _check_weights(weights, n: int):
+    if weights.dim() != 1 or weights.numel() != n:
+        raise ValueError(f"weights must be {n} values, got shape {tuple(weights.shape)}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -283,29 +290,35 @@ def taylor_step(x_bar, eps, deps, coeffs, backend: str = "auto"):
     return taylor_step_ref(x_bar, eps, deps, coeffs)
 
 
-# op -> (its reference, how many tensors it returns): the one dispatch table of the fused step ops.
+# op -> (its reference, the argument whose dtype each output takes): the one dispatch table of the
+# fused step ops. Every output has x_bar's shape; a state output takes x_bar's dtype (argument 0),
+# the next network input eps's.
 _STEP_OPS = {
-    "genie_step": (genie_step_ref, 2),
-    "ddim_step": (ddim_step_ref, 2),
-    "denoise_step": (denoise_step_ref, 1),
-    "dpmpp_2m_step": (dpmpp_2m_step_ref, 3),
-    "genie_multistep_step": (genie_multistep_step_ref, 5),
+    "genie_step": (genie_step_ref, (0, 1)),                 # x_bar_next, x_next
+    "ddim_step": (ddim_step_ref, (0, 1)),                   # x_bar_next, x_next
+    "denoise_step": (denoise_step_ref, (0,)),               # x0
+    "dpmpp_2m_step": (dpmpp_2m_step_ref, (0, 1, 0)),        # x_bar_next, x_next, x0
+    "genie_multistep_step": (genie_multistep_step_ref, (0, 0, 2, 0, 0)),  # x_bar_next, x_bar_pred, x_pred, x0, d
 }
 
 
 def _run_step(op: str, args: tuple, backend: str, out):
-    """Runs fused step `op` on `args` (its tensors, coeffs last) with `backend`, into `out`."""
-    ref, n_out = _STEP_OPS[op]
+    """Runs fused step `op` on `args` (its tensors, coeffs last) with `backend`, into `out`; without
+    `out`, into fresh contiguous outputs allocated here (the kernels have only the out form)."""
+    ref, dtypes_of = _STEP_OPS[op]
     b = _pick(op, args[0].device, backend)
     if b == "torch":
         return _copy_out(ref(*args), out)
-    outs = () if out is None else _outs(out, n_out)
-    if b == "triton":
-        return getattr(_triton(), op)(*args, *outs)
     if out is None:
-        return getattr(torch.ops.genie_fast, op)(*args)
-    getattr(torch.ops.genie_fast, op + "_out")(*args, *outs)
-    return outs[0] if n_out == 1 else outs
+        x_bar = args[0]
+        outs = tuple(torch.empty(x_bar.shape, dtype=args[i].dtype, device=x_bar.device) for i in dtypes_of)
+    else:
+        outs = _outs(out, len(dtypes_of))
+    if b == "triton":
+        getattr(_triton(), op)(*args, *outs)
+    else:
+        getattr(torch.ops.genie_fast, op + "_out")(*args, *outs)
+    return outs[0] if len(outs) == 1 else outs
 
 
 def genie_step(x_bar, eps, head_out, coeffs, backend: str = "auto", out=None):
@@ -326,12 +339,14 @@ def denoise_step(x_bar, eps, coeffs, backend: str = "auto", out=None):
     return _run_step("denoise_step", (x_bar, eps, coeffs), backend, out)
 
 
-def dpmpp_2m_step(x_bar, eps, x0_prev, coeffs, backend: str = "auto", out=None):
-    """DPM-Solver++(2M) step; see `dpmpp_2m_step_ref`. Returns (x_bar_next, x_next, x0)."""
+def dpmpp_2m_step(x_bar, eps, x0_prev, weights, coeffs, backend: str = "auto", out=None):
+    """DPM-Solver++(2M) step with the step's weights [a, b]; see `dpmpp_2m_step_ref`.
+    Returns (x_bar_next, x_next, x0)."""
     _check_step_args(x_bar, eps, coeffs)
     if x0_prev.shape != x_bar.shape:
         raise ValueError(f"x0_prev {tuple(x0_prev.shape)} must have the shape of x_bar {tuple(x_bar.shape)}")
-    return _run_step("dpmpp_2m_step", (x_bar, eps, x0_prev, coeffs), backend, out)
+    _check_weights(weights, DPMPP_2M_WEIGHTS)
+    return _run_step("dpmpp_2m_step", (x_bar, eps, x0_prev, weights, coeffs), backend, out)
 
 
 def genie_multistep_step(x_bar, x_bar_eval, eps, head_out, x0_hist, d_hist, weights, coeffs,
@@ -344,8 +359,7 @@ def genie_multistep_step(x_bar, x_bar_eval, eps, head_out, x0_hist, d_hist, weig
     for name, hist, slots in (("x0_hist", x0_hist, MULTISTEP_X0_SLOTS), ("d_hist", d_hist, MULTISTEP_D_SLOTS)):
         if tuple(hist.shape) != (slots, *x_bar.shape):
             raise ValueError(f"{name} must have shape {(slots, *x_bar.shape)}, got {tuple(hist.shape)}")
-    if weights.dim() != 1 or weights.numel() != MULTISTEP_WEIGHTS:
-        raise ValueError(f"weights must be {MULTISTEP_WEIGHTS} values, got shape {tuple(weights.shape)}")
+    _check_weights(weights, MULTISTEP_WEIGHTS)
     return _run_step("genie_multistep_step", (x_bar, x_bar_eval, eps, head_out, x0_hist, d_hist, weights, coeffs),
                      backend, out)
 

@@ -268,11 +268,11 @@ COEFF_COLUMNS = (
     "w3",          # head weight of h3: 1 / (gamma_n (1 + gamma_n^2))
     "scale",       # sqrt(1 + gamma_n^2) = 1 / alpha_n   (x_bar = x * scale)
     "inv_scale_next",  # 1 / sqrt(1 + gamma_{n+1}^2) = alpha_{n+1}  (x = x_bar * inv_scale_next)
-    # DPM-Solver++(2M) in x_bar: x_bar_next = r x_bar + (1 - r) (a x0_n + b x0_{n-1})
-    "dpm_r",       # r = gamma_{n+1} / gamma_n = exp(-h_lambda)
-    "dpm_a",       # 1 + 1 / (2 q), q = h_lambda_{n-1} / h_lambda_n  (1 on the first step)
-    "dpm_b",       # -1 / (2 q)                                      (0 on the first step)
+    "dpm_r",       # r = gamma_{n+1} / gamma_n = exp(-h_lambda): the decay of x_bar over the step in
+                   # log-SNR (exponential integrators: DPM-Solver++, x_bar_next = r x_bar + ...)
 )
+# A solver's own weights (e.g. DPM-Solver++(2M)'s a, b from consecutive log-SNR step sizes) are not
+# columns: the solver computes them into its plan and passes them beside the row (genie_fast.layout).
 COL = {name: i for i, name in enumerate(COEFF_COLUMNS)}
 
 
@@ -286,15 +286,9 @@ def coeff_table(schedule: _Schedule, ts) -> torch.Tensor:
     t, t_next, gam, gam_next = ts[:-1], ts[1:], g[:-1], g[1:]
     h = gam_next - gam
     one_g2 = 1.0 + gam * gam
-    # logSNR step sizes h_lambda = log(gamma_n / gamma_{n+1}); the ratio q needs the previous step
-    h_lam = torch.log(gam) - torch.log(gam_next)
-    q = torch.ones_like(h_lam)
-    q[1:] = h_lam[:-1] / h_lam[1:]
-    dpm_b = -0.5 / q
-    dpm_b[0] = 0.0
     cols = [t, t_next, gam, gam_next, h, 0.5 * h * h, -1.0 / gam, gam / one_g2,
             1.0 / (gam * one_g2), torch.sqrt(one_g2), torch.rsqrt(1.0 + gam_next * gam_next),
-            gam_next / gam, 1.0 - dpm_b, dpm_b]
+            gam_next / gam]
     return torch.stack(cols, dim=1)
 
 

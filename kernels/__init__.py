@@ -1,5 +1,6 @@
 """Triton kernels of genie_fast's fused ops, one module per op (`kernels/<op>.py`, installed as
-`genie_fast.kernels`): `_<op>_kernel` and its launcher `<op>(...)`.
+`genie_fast.kernels`): `_<op>_kernel` and its launcher `<op>(...)`, which writes into the outputs
+it is given (the step ops; genie_fast.ops allocates them for its functional API).
 
 Import this package only through `genie_fast.ops` (which imports it lazily): under
 `TRITON_INTERPRET=1` (CPU tests) the variable must be set before the kernels are defined.

@@ -1,4 +1,4 @@
-"""Shared pieces of the Triton step launchers: coefficient columns, output checks, grid."""
+"""Shared pieces of the Triton step launchers: coefficient columns, input and output checks, grid."""
 from __future__ import annotations
 
 import torch
@@ -19,8 +19,8 @@ C_W2 = tl.constexpr(COL["w2"])
 C_W3 = tl.constexpr(COL["w3"])
 C_INV_SCALE_NEXT = tl.constexpr(COL["inv_scale_next"])
 C_DPM_R = tl.constexpr(COL["dpm_r"])
-C_DPM_A = tl.constexpr(COL["dpm_a"])
-C_DPM_B = tl.constexpr(COL["dpm_b"])
+# dtypes of a solver's per-step weight vector (genie_fast.layout), read in the state's math type
+WEIGHT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
@@ -64,17 +64,25 @@ def sample_grid(batch: int, per_sample: int) -> tuple[tuple[int], int]:
     return (batch * blocks,), blocks
 
 
-def out_or_new(out: torch.Tensor | None, like: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
-    """The preallocated output, checked, or a fresh contiguous one."""
-    if out is None:
-        return torch.empty(like.shape, dtype=dtype, device=like.device)
+def check_out(out: torch.Tensor, like: torch.Tensor, dtype: torch.dtype, name: str):
+    """A preallocated output (the launchers write into given outputs only; genie_fast.ops allocates
+    them for its functional API): like's shape, `dtype`, like's device, contiguous."""
     if out.shape != like.shape or out.dtype != dtype or out.device != like.device:
         raise ValueError(f"output {name} must be {tuple(like.shape)} {dtype} on {like.device}, "
                          f"got {tuple(out.shape)} {out.dtype} on {out.device}")
     if not out.is_contiguous():
         raise ValueError(f"output {name} must be contiguous (row-major); channels_last or strided outputs "
                          "are not supported")
-    return out
+
+
+def check_weights(weights: torch.Tensor, n: int, device: torch.device):
+    """A solver's per-step weight vector: n values in a float dtype on the tensors' device."""
+    if weights.dtype not in WEIGHT_DTYPES:
+        raise TypeError(f"weights must be float64, float32, float16 or bfloat16, got {weights.dtype}")
+    if weights.dim() != 1 or weights.numel() != n:
+        raise ValueError(f"weights must be {n} values, got shape {tuple(weights.shape)}")
+    if weights.device != device:
+        raise ValueError(f"weights are on {weights.device}, x_bar on {device}")
 
 
 def check_dtypes(x_bar: torch.Tensor, eps: torch.Tensor, coeffs: torch.Tensor):

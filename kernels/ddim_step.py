@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import BLOCK, C_H, C_INV_SCALE_NEXT, check_dtypes, grid, out_or_new
+from ._common import BLOCK, C_H, C_INV_SCALE_NEXT, check_dtypes, check_out, grid
 
 
 @triton.jit
@@ -23,15 +23,14 @@ def _ddim_step_kernel(xb_ptr, eps_ptr, c_ptr, c_stride, xb_out_ptr, x_out_ptr, n
     tl.store(x_out_ptr + offs, (v * inv_scale_next).to(x_out_ptr.dtype.element_ty), mask=mask)
 
 
-def ddim_step(x_bar: torch.Tensor, eps: torch.Tensor, coeffs: torch.Tensor,
-              x_bar_next: torch.Tensor | None = None, x_next: torch.Tensor | None = None):
-    """Returns (x_bar_next, x_next); outputs as in genie_step."""
+def ddim_step(x_bar: torch.Tensor, eps: torch.Tensor, coeffs: torch.Tensor, x_bar_next: torch.Tensor,
+              x_next: torch.Tensor):
+    """Writes (x_bar_next, x_next); outputs as in genie_step."""
     check_dtypes(x_bar, eps, coeffs)
-    x_bar_next = out_or_new(x_bar_next, x_bar, x_bar.dtype, "x_bar_next")
-    x_next = out_or_new(x_next, x_bar, eps.dtype, "x_next")
+    check_out(x_bar_next, x_bar, x_bar.dtype, "x_bar_next")
+    check_out(x_next, x_bar, eps.dtype, "x_next")
     n = x_bar.numel()
     if n == 0:
-        return x_bar_next, x_next
+        return
     x_bar, eps = x_bar.contiguous(), eps.contiguous()
     _ddim_step_kernel[grid(n)](x_bar, eps, coeffs, coeffs.stride(0), x_bar_next, x_next, n, BLOCK=BLOCK)
-    return x_bar_next, x_next

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import BLOCK, C_GAMMA_NEXT, check_dtypes, grid, out_or_new
+from ._common import BLOCK, C_GAMMA_NEXT, check_dtypes, check_out, grid
 
 
 @triton.jit
@@ -19,13 +19,12 @@ def _denoise_step_kernel(xb_ptr, eps_ptr, c_ptr, c_stride, x0_ptr, n, BLOCK: tl.
     tl.store(x0_ptr + offs, xb - gamma_next * e, mask=mask)
 
 
-def denoise_step(x_bar: torch.Tensor, eps: torch.Tensor, coeffs: torch.Tensor, x0: torch.Tensor | None = None):
-    """Returns x0; a preallocated contiguous output may be given."""
+def denoise_step(x_bar: torch.Tensor, eps: torch.Tensor, coeffs: torch.Tensor, x0: torch.Tensor):
+    """Writes x0 into the given contiguous output (which may be x_bar)."""
     check_dtypes(x_bar, eps, coeffs)
-    x0 = out_or_new(x0, x_bar, x_bar.dtype, "x0")
+    check_out(x0, x_bar, x_bar.dtype, "x0")
     n = x_bar.numel()
     if n == 0:
-        return x0
+        return
     x_bar, eps = x_bar.contiguous(), eps.contiguous()
     _denoise_step_kernel[grid(n)](x_bar, eps, coeffs, coeffs.stride(0), x0, n, BLOCK=BLOCK)
-    return x0

@@ -8,14 +8,13 @@ import torch
 import triton
 import triton.language as tl
 
-from genie_fast.ops import MULTISTEP_D_SLOTS, MULTISTEP_TERMS, MULTISTEP_WEIGHTS, MULTISTEP_X0_SLOTS
+from genie_fast.layout import MULTISTEP_D_SLOTS, MULTISTEP_TERMS, MULTISTEP_WEIGHTS, MULTISTEP_X0_SLOTS
 
-from ._common import BLOCK, C_GAMMA, check_dtypes, head_deps, out_or_new, sample_block, sample_grid
+from ._common import BLOCK, C_GAMMA, check_dtypes, check_out, check_weights, head_deps, sample_block, sample_grid
 
 # first weight of the predictor's sum, and the input scale of the next evaluation
 W_PRED = tl.constexpr(MULTISTEP_TERMS)
 W_INV_SCALE = tl.constexpr(2 * MULTISTEP_TERMS)
-WEIGHT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
@@ -73,10 +72,9 @@ def _genie_multistep_step_kernel(xb_ptr, xb_eval_ptr, eps_ptr, head_ptr, x0_hist
 
 def genie_multistep_step(x_bar: torch.Tensor, x_bar_eval: torch.Tensor, eps: torch.Tensor, head_out: torch.Tensor,
                          x0_hist: torch.Tensor, d_hist: torch.Tensor, weights: torch.Tensor, coeffs: torch.Tensor,
-                         x_bar_next: torch.Tensor | None = None, x_bar_pred: torch.Tensor | None = None,
-                         x_pred: torch.Tensor | None = None, x0: torch.Tensor | None = None,
-                         d: torch.Tensor | None = None):
-    """Returns (x_bar_next, x_bar_pred, x_pred, x0, d); outputs as in genie_step (they may be the
+                         x_bar_next: torch.Tensor, x_bar_pred: torch.Tensor, x_pred: torch.Tensor, x0: torch.Tensor,
+                         d: torch.Tensor):
+    """Writes (x_bar_next, x_bar_pred, x_pred, x0, d); outputs as in genie_step (they may be the
     inputs, a history slot included: each element is read before it is written)."""
     check_dtypes(x_bar, eps, coeffs)
     if head_out.dtype != eps.dtype:
@@ -84,28 +82,24 @@ def genie_multistep_step(x_bar: torch.Tensor, x_bar_eval: torch.Tensor, eps: tor
     for name, t in (("x_bar_eval", x_bar_eval), ("x0_hist", x0_hist), ("d_hist", d_hist)):
         if t.dtype != x_bar.dtype:
             raise TypeError(f"{name} dtype {t.dtype} must be the state dtype {x_bar.dtype}")
-    if weights.dtype not in WEIGHT_DTYPES:
-        raise TypeError(f"weights must be float64, float32, float16 or bfloat16, got {weights.dtype}")
-    if weights.dim() != 1 or weights.numel() != MULTISTEP_WEIGHTS:
-        raise ValueError(f"weights must be {MULTISTEP_WEIGHTS} values, got shape {tuple(weights.shape)}")
+    check_weights(weights, MULTISTEP_WEIGHTS, x_bar.device)
     if x0_hist.shape[0] != MULTISTEP_X0_SLOTS or d_hist.shape[0] != MULTISTEP_D_SLOTS:
         raise ValueError(f"x0_hist and d_hist must hold {MULTISTEP_X0_SLOTS} and {MULTISTEP_D_SLOTS} slots, "
                          f"got {x0_hist.shape[0]} and {d_hist.shape[0]}")
-    devices = {t.device for t in (x_bar_eval, head_out, x0_hist, d_hist, weights)}
+    devices = {t.device for t in (x_bar_eval, head_out, x0_hist, d_hist)}
     if devices != {x_bar.device}:
         raise ValueError(f"every input must be on x_bar's device {x_bar.device}, got {sorted(map(str, devices))}")
-    x_bar_next = out_or_new(x_bar_next, x_bar, x_bar.dtype, "x_bar_next")
-    x_bar_pred = out_or_new(x_bar_pred, x_bar, x_bar.dtype, "x_bar_pred")
-    x_pred = out_or_new(x_pred, x_bar, eps.dtype, "x_pred")
-    x0 = out_or_new(x0, x_bar, x_bar.dtype, "x0")
-    d = out_or_new(d, x_bar, x_bar.dtype, "d")
+    check_out(x_bar_next, x_bar, x_bar.dtype, "x_bar_next")
+    check_out(x_bar_pred, x_bar, x_bar.dtype, "x_bar_pred")
+    check_out(x_pred, x_bar, eps.dtype, "x_pred")
+    check_out(x0, x_bar, x_bar.dtype, "x0")
+    check_out(d, x_bar, x_bar.dtype, "d")
     n = x_bar.numel()
     if n == 0:
-        return x_bar_next, x_bar_pred, x_pred, x0, d
+        return
     x_bar, x_bar_eval, eps = x_bar.contiguous(), x_bar_eval.contiguous(), eps.contiguous()
     head_out, x0_hist, d_hist = head_out.contiguous(), x0_hist.contiguous(), d_hist.contiguous()
     launch, blocks = sample_grid(x_bar.shape[0], n // x_bar.shape[0])
     _genie_multistep_step_kernel[launch](x_bar, x_bar_eval, eps, head_out, x0_hist, d_hist, weights,
                                          weights.stride(0), coeffs, coeffs.stride(0), x_bar_next, x_bar_pred,
                                          x_pred, x0, d, n, n // x_bar.shape[0], blocks, BLOCK=BLOCK)
-    return x_bar_next, x_bar_pred, x_pred, x0, d

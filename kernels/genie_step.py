@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (BLOCK, C_H, C_HALF_H2, C_INV_SCALE_NEXT, check_dtypes, head_deps, out_or_new, sample_block,
+from ._common import (BLOCK, C_H, C_HALF_H2, C_INV_SCALE_NEXT, check_dtypes, check_out, head_deps, sample_block,
                       sample_grid)
 
 
@@ -28,19 +28,18 @@ def _genie_step_kernel(xb_ptr, eps_ptr, head_ptr, c_ptr, c_stride, xb_out_ptr, x
 
 
 def genie_step(x_bar: torch.Tensor, eps: torch.Tensor, head_out: torch.Tensor, coeffs: torch.Tensor,
-               x_bar_next: torch.Tensor | None = None, x_next: torch.Tensor | None = None):
-    """Returns (x_bar_next, x_next); preallocated contiguous outputs may be given (and may be the
-    inputs: each element is read before it is written). Strided inputs are copied contiguous."""
+               x_bar_next: torch.Tensor, x_next: torch.Tensor):
+    """Writes (x_bar_next, x_next) into the given contiguous outputs (which may be the inputs: each
+    element is read before it is written). Strided inputs are copied contiguous."""
     check_dtypes(x_bar, eps, coeffs)
     if head_out.dtype != eps.dtype:
         raise TypeError(f"head output dtype {head_out.dtype} differs from eps dtype {eps.dtype}")
-    x_bar_next = out_or_new(x_bar_next, x_bar, x_bar.dtype, "x_bar_next")
-    x_next = out_or_new(x_next, x_bar, eps.dtype, "x_next")
+    check_out(x_bar_next, x_bar, x_bar.dtype, "x_bar_next")
+    check_out(x_next, x_bar, eps.dtype, "x_next")
     n = x_bar.numel()
     if n == 0:
-        return x_bar_next, x_next
+        return
     x_bar, eps, head_out = x_bar.contiguous(), eps.contiguous(), head_out.contiguous()
     launch, blocks = sample_grid(x_bar.shape[0], n // x_bar.shape[0])
     _genie_step_kernel[launch](x_bar, eps, head_out, coeffs, coeffs.stride(0), x_bar_next, x_next,
                                n // x_bar.shape[0], blocks, BLOCK=BLOCK)
-    return x_bar_next, x_next

@@ -14,7 +14,7 @@ _BLOCK = 128
 _T, _T_NEXT, _GAMMA, _GAMMA_NEXT = (tl.constexpr(COL[c]) for c in ("t", "t_next", "gamma", "gamma_next"))
 _H, _HALF_H2, _W1, _W2, _W3 = (tl.constexpr(COL[c]) for c in ("h", "half_h2", "w1", "w2", "w3"))
 _SCALE, _INV_SCALE_NEXT = tl.constexpr(COL["scale"]), tl.constexpr(COL["inv_scale_next"])
-_DPM_R, _DPM_A, _DPM_B = (tl.constexpr(COL[c]) for c in ("dpm_r", "dpm_a", "dpm_b"))
+_DPM_R = tl.constexpr(COL["dpm_r"])
 
 
 @triton.jit
@@ -39,15 +39,10 @@ def _schedule_table_kernel(ts_ptr, table_ptr, n_steps, beta_min: tl.float64, bet
     mask = n < n_steps
     t = tl.load(ts_ptr + n, mask=mask, other=0.5).to(tl.float64)
     t_next = tl.load(ts_ptr + n + 1, mask=mask, other=0.25).to(tl.float64)
-    t_prev = tl.load(ts_ptr + n - 1, mask=mask & (n > 0), other=1.0).to(tl.float64)
     g = _vp_gamma(t, beta_min, beta_d)
     gn = _vp_gamma(t_next, beta_min, beta_d)
-    g_prev = _vp_gamma(t_prev, beta_min, beta_d)
     h = gn - g
     one_g2 = 1.0 + g * g
-    # DPM-Solver++(2M): q = h_lambda_{n-1} / h_lambda_n with h_lambda_n = log gamma_n - log gamma_{n+1}
-    q = (tl.log(g_prev) - tl.log(g)) / (tl.log(g) - tl.log(gn))
-    dpm_b = tl.where(n > 0, -0.5 / tl.where(n > 0, q, 1.0), 0.0)
     row = table_ptr + n.to(tl.int64) * _NCOLS
     tl.store(row + _T, t, mask=mask)
     tl.store(row + _T_NEXT, t_next, mask=mask)
@@ -61,8 +56,6 @@ def _schedule_table_kernel(ts_ptr, table_ptr, n_steps, beta_min: tl.float64, bet
     tl.store(row + _SCALE, tl.sqrt(one_g2), mask=mask)
     tl.store(row + _INV_SCALE_NEXT, 1.0 / tl.sqrt(1.0 + gn * gn), mask=mask)
     tl.store(row + _DPM_R, gn / g, mask=mask)
-    tl.store(row + _DPM_A, 1.0 - dpm_b, mask=mask)
-    tl.store(row + _DPM_B, dpm_b, mask=mask)
 
 
 def schedule_table(ts: torch.Tensor, beta_min: float, beta_d: float) -> torch.Tensor:

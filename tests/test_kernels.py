@@ -35,9 +35,10 @@ SCRIPT = textwrap.dedent('''
                                                     f"*{net}", "i32", "i32"]),
                 "ddim_step": (_ddim_step_kernel, ["*fp32", f"*{net}", f"*{coef}", "i64", "*fp32", f"*{net}", "i64"]),
                 "denoise_step": (_denoise_step_kernel, ["*fp32", f"*{net}", f"*{coef}", "i64", "*fp32", "i64"]),
-                "dpmpp_2m_step": (_dpmpp_2m_step_kernel, ["*fp32", f"*{net}", "*fp32", f"*{coef}", "i64", "*fp32",
-                                                          f"*{net}", "*fp32", "i64"]),
-                # weights in the coefficients' dtype (float64 or float32 rows)
+                # weights (dpmpp_2m's [a, b], genie_multistep's row) in the coefficients' dtype (float64 or
+                # float32 rows)
+                "dpmpp_2m_step": (_dpmpp_2m_step_kernel, ["*fp32", f"*{net}", "*fp32", f"*{coef}", "i64",
+                                                          f"*{coef}", "i64", "*fp32", f"*{net}", "*fp32", "i64"]),
                 "genie_multistep_step": (_genie_multistep_step_kernel,
                                          ["*fp32", "*fp32", f"*{net}", f"*{net}", "*fp32", "*fp32", f"*{coef}", "i64",
                                           f"*{coef}", "i64", "*fp32", "*fp32", f"*{net}", "*fp32", "*fp32", "i32",

@@ -6,7 +6,7 @@ back). The only exceptions are the few upward edges of `ALLOWED_UPWARD`, each wi
 
 Layers (low to high; a module of layer n may import layers 0..n):
 
-    0 base      _ext, checks, profiling, schedule, reference, precision, files
+    0 base      _ext, checks, profiling, schedule, layout, reference, precision, files
     1 ops       ops, kernels (genie_fast.kernels: the Triton kernels ops dispatches to)
     2 models    models (and models/*), data: networks, their files and the training data
     3 solvers   solvers (the module, or the package genie_fast/solvers/ and all its modules)
@@ -44,7 +44,7 @@ LAYER_NAMES = ("base", "ops", "models", "solvers", "engine", "sampling", "jobs",
 LAYERS = {
     "genie_fast._ext": BASE, "genie_fast.checks": BASE, "genie_fast.profiling": BASE,
     "genie_fast.schedule": BASE, "genie_fast.reference": BASE, "genie_fast.precision": BASE,
-    "genie_fast.files": BASE,
+    "genie_fast.files": BASE, "genie_fast.layout": BASE,
     "genie_fast.ops": OPS, "genie_fast.kernels": OPS,
     "genie_fast.models": MODELS, "genie_fast.data": MODELS,
     "genie_fast.solvers": SOLVERS,

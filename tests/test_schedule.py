@@ -172,7 +172,8 @@ def test_coeff_table_columns():
     torch.testing.assert_close(tab[:, COL["w1"]] * g[:-1], -torch.ones(6, dtype=torch.float64))
     torch.testing.assert_close(tab[:, COL["scale"]], 1 / s.alpha(ts[:-1]))
     torch.testing.assert_close(tab[:, COL["inv_scale_next"]], s.alpha(ts[1:]))
-    # uniform logSNR steps: the DPM-Solver++(2M) step ratio is 1, so a = 3/2 and b = -1/2 after step 0
-    torch.testing.assert_close(tab[1:, COL["dpm_a"]], torch.full((5,), 1.5, dtype=torch.float64))
-    torch.testing.assert_close(tab[1:, COL["dpm_b"]], torch.full((5,), -0.5, dtype=torch.float64))
-    assert float(tab[0, COL["dpm_a"]]) == 1.0 and float(tab[0, COL["dpm_b"]]) == 0.0
+    # uniform logSNR steps: r = gamma_{n+1} / gamma_n = exp(-h_lambda) is the same on every step
+    torch.testing.assert_close(tab[:, COL["dpm_r"]], g[1:] / g[:-1])
+    torch.testing.assert_close(tab[:, COL["dpm_r"]], tab[:1, COL["dpm_r"]].expand(6))
+    # a solver's own weights (DPM-Solver++(2M)'s a, b) are not columns: tests/test_dpmpp_2m_step.py
+    assert not {"dpm_a", "dpm_b"} & set(COL)

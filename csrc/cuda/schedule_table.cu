@@ -1,6 +1,7 @@
 // schedule_table on CUDA: the VPSchedule coefficient table for a device grid of times, one
 // thread per step, float64, the same closed forms as the CPU kernel and the host table.
 #include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include "step_cuda.cuh"

@@ -13,7 +13,7 @@
 #include <tuple>
 #include <utility>
 
-#include "../step_common.h"
+#include "../step_ops.h"
 
 namespace genie_fast {
 namespace cuda {

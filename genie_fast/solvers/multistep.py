@@ -7,7 +7,7 @@ import math
 import torch
 
 from .. import ops
-from ..schedule import COL
+from ..layout import DPMPP_2M_A, DPMPP_2M_B, DPMPP_2M_WEIGHTS
 from .loop import _StepLoop
 
 
@@ -41,20 +41,31 @@ def _step_orders(num_steps: int, order: int, lowered: bool) -> list[int]:
     return [min(order, n + 1, num_steps - n if lowered else order) for n in range(num_steps)]
 
 
-def _first_order_row(row: torch.Tensor) -> torch.Tensor:
-    """A coefficient-table row whose DPM-Solver++(2M) weights make the step first order (a = 1, b = 0:
-    x_bar_next = r x_bar + (1 - r) x0, DDIM). Built on the row's device once per plan."""
-    row = row.clone()
-    row[COL["dpm_a"]] = 1.0
-    row[COL["dpm_b"]] = 0.0
-    return row
+def _dpmpp_2m_weights(plan, lowered: bool) -> list:
+    """Per step: [a, b] of x_bar_{n+1} = r x_bar_n + (1 - r) (a x0_n + b x0_{n-1}) (`layout.DPMPP_2M_A`,
+    `DPMPP_2M_B`): b = -1 / (2 q), a = 1 - b with the log-SNR step ratio q = h_{n-1} / h_n
+    (h_n = log gamma_n - log gamma_{n+1}); a = 1, b = 0 (first order, DDIM) on the first step and,
+    when lowered, on the last."""
+    g = plan.gammas
+    h_lam = torch.log(g[:-1]) - torch.log(g[1:])
+    q = torch.ones_like(h_lam)
+    q[1:] = h_lam[:-1] / h_lam[1:]
+    b = -0.5 / q
+    b[0] = 0.0
+    if lowered:
+        b[-1] = 0.0
+    rows = torch.zeros(plan.num_steps, DPMPP_2M_WEIGHTS, dtype=torch.float64)
+    rows[:, DPMPP_2M_A], rows[:, DPMPP_2M_B] = 1.0 - b, b
+    return rows.tolist()
 
 
 def dpmpp_2m(model, x, ts, schedule, *, afs=False, denoise=False, backend="auto", net_dtype=None, plan=None,
              lower_order_final=False):
     """DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2), data prediction, 1 NFE per step.
 
-    x_bar_{n+1} = r x_bar_n + (1 - r) (a x0_n + b x0_{n-1}); the first step is DDIM (b = 0). This is
+    x_bar_{n+1} = r x_bar_n + (1 - r) (a x0_n + b x0_{n-1}) (r from the coefficient row, the step's
+    weights a, b from the log-SNR step sizes: `_dpmpp_2m_weights`, kept in the plan); the first step is
+    DDIM (b = 0). This is
     the 'dpmsolver' form of the second-order multistep update (diffusers: solver_type="midpoint"),
     I_0 x0_n + (I_0 / 2) D1_0 with D1_0 = (x0_n - x0_{n-1}) / r0 (see `dpmpp_3m`).
     lower_order_final: False (default, order 2 on every step but the first); True, the DPM-Solver
@@ -65,17 +76,16 @@ def dpmpp_2m(model, x, ts, schedule, *, afs=False, denoise=False, backend="auto"
     """
     _check_lower_order_final(lower_order_final)
     run = _StepLoop(model, x, ts, schedule, afs, denoise, backend, net_dtype, plan)
-    last = run.num_steps - 1
-    # the lowered last step reads a row with a = 1, b = 0, kept in the plan (no allocation in the loop)
-    last_row = (run.plan._cached("dpmpp_2m_first_order_last", lambda: _first_order_row(run.rows[last]))
-                if _lowered(run.num_steps, lower_order_final, "dpm") else run.rows[last])
+    lowered = _lowered(run.num_steps, lower_order_final, "dpm")
+    # per-step [a, b], kept in the plan (the lowered last step has a = 1, b = 0: no allocation in the loop)
+    weights = run.plan.weights("dpmpp_2m" + ("_lowered" if lowered else ""),
+                               lambda: _dpmpp_2m_weights(run.plan, lowered))
     x_bar, x_n = run.x_bar, x
     x0_prev = torch.zeros_like(x_bar)
     for n in run.steps():
         eps = run.eps(x_n, n)
-        row = last_row if n == last else run.rows[n]
         # x_bar_{n+1} = r x_bar_n + (1 - r) (a x0_n + b x0_{n-1})
-        x_bar, x_n, x0_prev = ops.dpmpp_2m_step(x_bar, eps, x0_prev, row, backend=backend)
+        x_bar, x_n, x0_prev = ops.dpmpp_2m_step(x_bar, eps, x0_prev, weights[n], run.rows[n], backend=backend)
     return run.finish(x_bar, x_n)
 
 
