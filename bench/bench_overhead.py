@@ -20,6 +20,12 @@ behind `solvers.JVP_NFE`.
 --precision: relative L2 error of x0 with an fp16 / bf16 network against the fp32 network (same
 noise, NFE 10, float32 state), every solver, random-weight tiny and fmnist_small U-Nets; the
 solvers are called directly with an fp16/bf16 copy (the engine refuses half precision on the CPU).
+--precision --bundled: the same on the bundled (trained) model with the settings of the agreement
+check `bench/profile_sample.py --check --model default --batch 8 --nfe 10` (its noise, batch 8,
+quadratic grid, no AFS, no denoising): the figures behind genie_fast.precision's bundled-model rows.
+
+    PYTHONPATH=. python bench/bench_overhead.py --precision --bundled \\
+        --json bench/results/precision/precision_bundled.json
 """
 from __future__ import annotations
 
@@ -169,6 +175,32 @@ def precision(args):
     return rows
 
 
+def precision_bundled(args):
+    """--precision on the bundled model, as bench/profile_sample.py --check runs it (fp32 reference
+    with TF32 irrelevant here: the CPU has none)."""
+    from genie_fast.models import load_default
+    from genie_fast.schedule import time_grid
+
+    model = load_default().eval()
+    s, rows, batch, nfe = model.schedule, [], 8, 10
+    z = torch.randn((batch, *model.image_shape), generator=torch.Generator().manual_seed(5))  # profile_sample's
+    low = {dt: _converted_copy(model, "cpu", dt) for dt in (torch.float16, torch.bfloat16)}
+    for solver in args.solvers.split(","):
+        steps = steps_for_nfe(solver, nfe, False, False)
+        ts = time_grid(s, steps, "quadratic")
+        with torch.no_grad():
+            ref, _ = SOLVERS[solver](model, z, ts, s, afs=False, denoise=False)
+            row = {"model": "default", "solver": solver, "batch": batch, "nfe": nfe_of(solver, steps, False, False)}
+            for name, dt in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+                x, _ = SOLVERS[solver](low[dt], z, ts, s, afs=False, denoise=False, net_dtype=dt)
+                row[name] = float((x.double() - ref.double()).norm() / ref.double().norm())
+                per = (x.double() - ref.double()).flatten(1).norm(dim=1) / ref.double().flatten(1).norm(dim=1)
+                row[name + "_worst_sample"] = float(per.max())
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 class _Stub(nn.Module):
     """An eps model (with a head) that costs next to nothing: sample() time is then the loop's own."""
 
@@ -207,11 +239,16 @@ def main(argv=None):
     p.add_argument("--solvers", default=",".join(SOLVERS))
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--precision", action="store_true", help="half-precision network error instead")
+    p.add_argument("--bundled", action="store_true",
+                   help="--precision on the bundled model with profile_sample --check's settings")
     p.add_argument("--stub", action="store_true", help="sample() on a model that costs nothing (the loop alone)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    rows = precision(args) if args.precision else stub(args) if args.stub else overhead(args)
+    if args.precision:
+        rows = precision_bundled(args) if args.bundled else precision(args)
+    else:
+        rows = stub(args) if args.stub else overhead(args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"env": {"torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "threads": 1},

@@ -46,12 +46,13 @@ from genie_fast.solvers import SOLVERS  # noqa: E402
 CUDA = torch.cuda.is_available()
 
 
-def check_bounds(solver: str) -> dict[str, float]:
-    """The bound of each agreement check of `solver`: the per-solver table of genie_fast.precision
-    (the one the CUDA tests use; where it was measured is written there)."""
-    fp16, bf16 = half_bounds(solver)
+def check_bounds(solver: str, model: str | None = None) -> dict[str, float]:
+    """The bound of each agreement check of `solver` on `model` (a --model name): genie_fast.precision's
+    per-solver tables (the one the CUDA tests use for random-weight U-Nets, the bundled model's own
+    for "default"; where each was measured is written there)."""
+    fp16, bf16 = half_bounds(solver, model)
     return {"graph fp32 vs eager fp32": GRAPH_VS_EAGER_FP32_BOUND,
-            "graph fp16 vs eager fp16": graph_vs_eager_half_bound(solver),
+            "graph fp16 vs eager fp16": graph_vs_eager_half_bound(solver, model),
             "graph fp16 vs eager fp32": fp16,
             "graph bf16 vs eager fp32": bf16,
             "eager bf16 vs eager fp32": bf16}
@@ -141,7 +142,7 @@ def run_check(model, args, dev, emit) -> int:
                 else:
                     checks = [("eager bf16 vs eager fp32", lambda: low, ref)]
                     emit({"check": "skip", **base, "reason": "no CUDA GPU: graph checks not run"})
-                bounds = check_bounds(solver)
+                bounds = check_bounds(solver, args.model)
                 for name, get, against in checks:
                     bound = bounds[name]
                     x = get()
