@@ -13,7 +13,7 @@ Two measures per (solver, batch), interleaved in one process (each round: the fo
 Goal (issue 11): <= 5% for every solver at batch 1 and 64. Also printed: the JVP / forward ratio
 behind `solvers.JVP_NFE`.
 
-    PYTHONPATH=. python bench/bench_overhead.py --batches 1,64 --rounds 5 --json bench/results/overhead.json
+    PYTHONPATH=. python bench/bench_overhead.py --batches 1,64 --rounds 5 --json bench/results/overhead/overhead.json
     PYTHONPATH=. python bench/bench_overhead.py --precision     # half-precision network error per solver
     PYTHONPATH=. python bench/bench_overhead.py --stub          # the loop alone, on a model costing nothing
 
