@@ -116,8 +116,52 @@ def draw_traj(model, n, nfe=10, seed=3000):
     return torch.cat(xs)[:n], torch.cat(tt)[:n], torch.cat(ll)[:n]
 
 
+EXTRA = ("e32a", "e32b", "e32c")
+
+
+def attach_extra_taps(unet):
+    """The other 32 px activations the last decoder block reads: e32a = conv_in output (its skip),
+    e32b = the encoder's 32 px ResBlock output (skip of the first 32 px decoder block), e32c = the
+    first 32 px decoder block's output (the last block's main input)."""
+    from genie_fast.models.unet import ResBlock
+    out, up = {}, list(unet.up)
+    i32 = [i for i, b in enumerate(up) if isinstance(b[0], ResBlock)][-2]
+    mods = {"e32a": unet.conv_in, "e32b": unet.down[0][-1], "e32c": up[i32][-1]}
+
+    def mk(n):
+        def fn(module, inp, o):
+            out[n] = o
+        return fn
+    return out, [m.register_forward_hook(mk(n)) for n, m in mods.items()]
+
+
+def build_extra(model, split, n, batch=64):
+    """Forward-only pass over the same (deterministic) draws as the cached chunks: <split>_<k>_extra.pt."""
+    taps, _ = attach_extra_taps(model.unet)
+    traj = draw_traj(model, n) if split == "traj" else None
+    for k in range(math.ceil(n / CHUNK)):
+        path = CACHE / f"{split}_{k}_extra.pt"
+        if path.exists():
+            continue
+        base = torch.load(CACHE / f"{split}_{k}.pt")
+        nk = len(base["t"])
+        x_t, t, lab = draw_fwd(split, k, model, nk) if traj is None else (v[k * CHUNK:k * CHUNK + nk] for v in traj)
+        assert torch.equal(t.float(), base["t"]) and torch.equal(lab, base["label"]), "draws differ from the cache"
+        assert (x_t.half() - base["x_t"]).abs().max() < 1e-2
+        parts = []
+        with torch.no_grad():
+            for i in range(0, nk, batch):
+                model.unet(x_t[i:i + batch], t[i:i + batch], labels=lab[i:i + batch])
+                parts.append({e: taps[e].to(torch.float16) for e in EXTRA})
+        d = {e: torch.cat([q[e] for q in parts]) for e in EXTRA}
+        torch.save(d, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").rename(path)
+        print(f"saved {path}", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser()
+    p.add_argument("--extra", action="store_true", help="only the extra 32 px activations of existing chunks")
     p.add_argument("--split", choices=["train", "test", "traj"], required=True)
     p.add_argument("--n", type=int, required=True)
     p.add_argument("--batch", type=int, default=64)
@@ -126,6 +170,8 @@ def main():
     torch.set_num_threads(1)
     CACHE.mkdir(parents=True, exist_ok=True)
     model = load_model()
+    if a.extra:
+        return build_extra(model, a.split, a.n, a.batch)
     taps, _ = attach_taps(model.unet)
     n_chunks = math.ceil(a.n / CHUNK)
     traj = draw_traj(model, a.n) if a.split == "traj" else None

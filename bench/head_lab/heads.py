@@ -76,9 +76,14 @@ class Shipped(nn.Module):
 
 
 class MultiRes(nn.Module):
-    def __init__(self, w8=32, n8=1, w16=32, n16=0, w32=32, n32=0, film=False, attn8=False,
+    def __init__(self, w8=32, n8=1, w16=32, n16=0, w32=32, n32=0, film=False, attn8=False, rich=False,
                  C=1, c32=32, c16=64, c8=64, cmid=64, temb_dim=128):
         super().__init__()
+        # rich: the 32 px merge also reads the other 32 px activations of the U-Net (cache.EXTRA:
+        # conv_in output, encoder 32 px block output, first 32 px decoder block output; 3 x 32 ch)
+        self.needs_extra = rich
+        if rich:
+            c32 += 96
         blk = (lambda w: FiLMResBlock(w, temb_dim)) if film else (lambda w: ResBlock(w, w, temb_dim, 0.0))
         self.in8 = nn.Conv2d(cmid + c8, w8, 1)
         self.b8 = nn.ModuleList([blk(w8) for _ in range(n8)])
@@ -103,7 +108,8 @@ class MultiRes(nn.Module):
         h = self.in16(torch.cat([F.interpolate(h, scale_factor=2.0, mode="nearest"), b["f16"]], dim=1))
         for blk in self.b16:
             h = blk(h, temb)
-        h = self.in32(torch.cat([F.interpolate(h, scale_factor=2.0, mode="nearest"), b["f32"]], dim=1)) \
+        f32 = torch.cat([b["f32"], b["e32a"], b["e32b"], b["e32c"]], dim=1) if self.needs_extra else b["f32"]
+        h = self.in32(torch.cat([F.interpolate(h, scale_factor=2.0, mode="nearest"), f32], dim=1)) \
             + self.in32_img(torch.cat([b["x_t"], b["eps"]], dim=1))
         for blk in self.b32:
             h = blk(h, temb)
@@ -124,6 +130,7 @@ CANDIDATES = {
     # cat(up(h), f32) plus a 3x3 conv of cat(x, eps) instead of the shipped 3x3 conv of all 34 channels
     "hyb": (lambda: MultiRes(w8=24, n8=1, w16=24, n16=0, w32=32, n32=1), False),
     "hyb_film": (lambda: MultiRes(w8=24, n8=1, w16=24, n16=0, w32=32, n32=1, film=True), False),
+    "hyb_rich": (lambda: MultiRes(w8=24, n8=1, w16=24, n16=0, w32=32, n32=1, rich=True), False),
     "mr_d8": (lambda: MultiRes(w8=32, n8=2, w16=24, n16=0, w32=24, n32=0), False),
 }
 

@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from heads import CANDIDATES, build  # noqa: E402
-from cache import ROOT, attach_taps, load_model  # noqa: E402
+from cache import ROOT, attach_extra_taps, attach_taps, load_model  # noqa: E402
 
 
 def main():
@@ -28,12 +28,14 @@ def main():
     model = load_model()
     unet = model.unet
     taps, _ = attach_taps(unet)
+    extra, _ = attach_extra_taps(unet)
     x = torch.randn(a.batch, 1, 32, 32)
     t = torch.rand(a.batch) * 0.999 + 1e-3
     lab = torch.randint(0, 11, (a.batch,))
     with torch.no_grad():
         eps, feats, temb = unet(x, t, labels=lab, return_features=True)
-    b = {"x_t": x, "eps": eps, "temb": temb, **{k: v.clone() for k, v in taps.items()}}
+    b = {"x_t": x, "eps": eps, "temb": temb, **{k: v.clone() for k, v in taps.items()},
+         **{k: v.clone() for k, v in extra.items()}}
     heads = {n: build(n).eval() for n in CANDIDATES}
     times = {k: [] for k in ("unet", *heads)}
     with torch.no_grad():

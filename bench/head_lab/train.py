@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from heads import build  # noqa: E402
-from cache import CACHE, ROOT  # noqa: E402
+from cache import CACHE, EXTRA, ROOT  # noqa: E402
 from genie_fast.ops import head_combine_ref  # noqa: E402
 from genie_fast.schedule import VPSchedule  # noqa: E402
 
@@ -38,12 +38,16 @@ CK = ROOT / "runs" / "head_lab" / "ckpt"
 HEADS = ROOT / "runs" / "head_lab" / "heads"
 
 
-def load_split(split, frac=1.0):
-    files = sorted(glob.glob(str(CACHE / f"{split}_*.pt")), key=lambda p: int(Path(p).stem.split("_")[1]))
+def load_split(split, frac=1.0, extra=False):
+    files = sorted(glob.glob(str(CACHE / f"{split}_[0-9]*.pt")), key=lambda p: int(Path(p).stem.split("_")[1]))
+    files = [f for f in files if not f.endswith("_extra.pt")]
     if not files:
         raise FileNotFoundError(f"no {split} cache in {CACHE}")
     parts = [torch.load(f) for f in files]
-    d = {k: torch.cat([p[k] for p in parts]) for k in KEYS}
+    if extra:
+        for f, q in zip(files, parts):
+            q.update(torch.load(f[:-3] + "_extra.pt"))
+    d = {k: torch.cat([p[k] for p in parts]) for k in (*KEYS, *(EXTRA if extra else ()))}
     if frac < 1.0:
         n = int(len(d["t"]) * frac)
         d = {k: v[:n] for k, v in d.items()}
@@ -121,9 +125,10 @@ def main():
     for q in (RES, CK, HEADS):
         q.mkdir(parents=True, exist_ok=True)
     run = a.name + a.tag
-    test, traj = load_split("test"), load_split("traj")
     torch.manual_seed(a.seed)
     head = build(a.name)
+    ex = getattr(head, "needs_extra", False)
+    test, traj = load_split("test", extra=ex), load_split("traj", extra=ex)
     n_params = sum(q.numel() for q in head.parameters())
     log = {"name": a.name, "tag": a.tag, "params": n_params, "steps": a.steps, "batch": a.batch, "lr": a.lr,
            "data_frac": a.data_frac, "loss_curve": [], "evals": []}
@@ -133,7 +138,7 @@ def main():
         (RES / f"{run}.json").write_text(json.dumps(log, indent=1))
         print(json.dumps({k: log["evals"][0][k]["pooled"] for k in ("test", "traj")}))
         return
-    train = load_split("train", a.data_frac)
+    train = load_split("train", a.data_frac, extra=ex)
     n_train = len(train["t"])
     log["n_train"] = n_train
     opt = torch.optim.Adam(head.parameters(), lr=a.lr)
