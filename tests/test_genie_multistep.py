@@ -1,5 +1,7 @@
 """genie_multistep: its quadrature, its blend weight, its orders, its head paths and its arguments."""
+import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -162,3 +164,51 @@ def test_error_constants_of_docs_method(values, derivs, constant):
                      else (node[j] * h) ** (m - 1) / math.factorial(m - 1)) for (j, what), c in w.items())
         got = (q - _exp_integrals(h, m)[m]) / h ** (m + 1)
         assert got == pytest.approx(constant, rel=tol), (h, got)
+
+
+def test_head_error_of_a_head_callable(mixture):
+    """A head= callable declares its own error (the model's figure is for the model's head); without
+    one, genie_multistep warns and assumes DEFAULT_HEAD_ERROR."""
+    mix, x, _ = mixture
+    ts = time_grid(mix.schedule, 6, "logsnr")
+    exact = genie_multistep(mix, x, ts, mix.schedule, head_error=0.0)[0]
+    assumed = genie_multistep(mix, x, ts, mix.schedule, head_error=DEFAULT_HEAD_ERROR)[0]
+
+    def head(x, t, eps):
+        return mix.exact_deps(x, t)
+
+    with pytest.warns(UserWarning, match="head_error"):
+        plain = genie_multistep(mix, x, ts, mix.schedule, head=head)[0]
+    assert _rmse(plain, assumed) < 1e-12  # not the mixture's own head_error = 0
+    head.head_error = 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        declared = genie_multistep(mix, x, ts, mix.schedule, head=head)[0]
+    assert _rmse(declared, exact) < 1e-12
+
+
+def test_saved_model_carries_its_head_error(tmp_path):
+    """save_model writes head_error at the top of the JSON, load_model reads it back; a file without
+    it (written before it was recorded) loads with None; a bad value is refused."""
+    from genie_fast.models import GenieModel, ModelFileError, UNet, load_model, save_model
+
+    model = GenieModel(UNet("tiny"))
+    assert model.head_error is None
+    stem = save_model(model, tmp_path / "a")
+    assert "head_error" not in json.loads((tmp_path / "a.json").read_text())
+    assert load_model(stem).head_error is None
+    model.head_error = 0.42
+    stem = save_model(model, tmp_path / "b")
+    assert json.loads((tmp_path / "b.json").read_text())["head_error"] == 0.42
+    assert load_model(stem).head_error == 0.42
+    cfg = json.loads((tmp_path / "b.json").read_text())
+    cfg["head_error"] = -1
+    (tmp_path / "b.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelFileError, match="head_error"):
+        load_model(stem)
+
+
+def test_bundled_model_declares_its_measured_head_error():
+    from genie_fast.models import load_default
+
+    assert load_default().head_error == pytest.approx(0.535)

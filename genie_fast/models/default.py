@@ -91,6 +91,13 @@ def _check_numbers(path: Path, what: str, values: dict):
             raise ModelFileError(f"{path}: {what}.{k} must be a finite number, got {v!r}")
 
 
+def _check_head_error(value, what: str, error=ValueError) -> float:
+    """The head's relative error: a finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise error(f"{what} must be a finite number >= 0 (the head's relative error), got {value!r}")
+    return float(value)
+
+
 def _stem(path: str | os.PathLike) -> Path:
     p = Path(path)
     return p.with_suffix("") if p.suffix in (".json", ".safetensors") else p
@@ -107,6 +114,9 @@ def save_model(model: GenieModel, path: str | os.PathLike, provenance: dict | No
               "head": model.head.config.to_dict(),
               "schedule": {"beta_min": s.beta_min, "beta_d": s.beta_d, "t_end": s.t_end},
               "provenance": provenance or {}}
+    head_error = getattr(model, "head_error", None)
+    if head_error is not None:
+        config["head_error"] = _check_head_error(head_error, "model.head_error")
     tensors = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
     bad = [k for k, v in tensors.items() if not bool(torch.isfinite(v).all())]
     if bad:  # load_model would refuse the file: refuse to write it
@@ -154,6 +164,9 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     model = GenieModel(unet, GenieHead(head_config), schedule)
     model.load_state_dict(read_weights(st_path, model.state_dict(), json_path, map_location))
     model.provenance = config.get("provenance", {})
+    # files written before the head's error was recorded have none: genie_multistep assumes its default
+    if config.get("head_error") is not None:
+        model.head_error = _check_head_error(config["head_error"], f"{json_path}: head_error", ModelFileError)
     return model.to(map_location).eval()
 
 

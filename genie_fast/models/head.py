@@ -85,6 +85,7 @@ class GenieModel(nn.Module):
     * ``eps_and_deps(x, t, labels=None) -> (eps, d eps / d gamma)``
     * ``num_classes``: 0, or K for a class-conditional network (labels 0 .. K-1, K = null class)
     * ``image_shape``: (C, H, W); ``schedule``: the VPSchedule of training and distillation
+    * ``head_error``: the head's measured relative error (saved with the model), or None
 
     x: (B, C, H, W); t: (B,) continuous VP times in [t_end, 1]. The head sees the network's own
     eps prediction and its detached features, exactly as in training (``genie_fast.distill``).
@@ -95,6 +96,9 @@ class GenieModel(nn.Module):
         self.unet = unet
         self.head = head if head is not None else GenieHead(HeadConfig.for_unet(unet))
         self.schedule = schedule if schedule is not None else VPSchedule()
+        # the head's measured relative error (pooled, gamma-weighted, against the exact JVP), as
+        # saved with the model; genie_multistep's blend reads it; None: not measured
+        self.head_error: float | None = None
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

@@ -3,6 +3,7 @@ quadrature weights and the blend of the head's derivative with the history's sec
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -123,6 +124,24 @@ def _genie_multistep_weights(plan, order: int, head_error: float, lower_order_fi
     return rows
 
 
+def _declared_head_error(model, head) -> float:
+    """The head's relative error as its owner declares it: a ``head=`` callable's own ``head_error``
+    attribute (the model's figure describes the model's head, not this one), else the model's
+    ``head_error`` (a saved GenieModel carries its measured error; None for files written before it
+    was recorded), else DEFAULT_HEAD_ERROR. A ``head=`` without ``head_error`` is warned about: the
+    blend then trusts it as little as the bundled head, which wastes an exact head."""
+    if head is not None:
+        declared = getattr(head, "head_error", None)
+        if declared is None:
+            warnings.warn("genie_multistep: head= has no head_error attribute and none was passed; assuming "
+                          f"{DEFAULT_HEAD_ERROR} (pass head_error=0.0 for an exact head, or the head's measured "
+                          "relative error)", UserWarning, stacklevel=4)
+            return DEFAULT_HEAD_ERROR
+        return declared
+    declared = getattr(model, "head_error", None)
+    return DEFAULT_HEAD_ERROR if declared is None else declared
+
+
 def genie_multistep(model, x, ts, schedule, *, afs=False, denoise=False, backend="auto", net_dtype=None,
                     plan=None, head=None, order=3, head_error=None, lower_order_final=False):
     """GENIE's head in a multistep exponential integrator: data prediction in log-SNR. 1 NFE per step.
@@ -141,7 +160,7 @@ def genie_multistep(model, x, ts, schedule, *, afs=False, denoise=False, backend
         (x0_n, x0_{n+1}, d_n, d_{n+1}) with (x0_{n-2}..x0_{n+1}): global order 4 (for exact heads).
     The blend share of the head, theta = `head_weight(h, head_error)`, trusts the head in proportion
     to how good it is against the history's secants (head_error: the head's relative error, from the
-    argument, else the model's ``head_error`` attribute, else DEFAULT_HEAD_ERROR; 0 = exact).
+    argument, else `_declared_head_error`: a head= callable's or the model's ``head_error``; 0 = exact).
     The evaluation at the predicted point is reused by the next step (no extra NFE), and the last
     step has no corrector. lower_order_final: below 10 steps the last predictor uses the head
     form alone (order 3 local, no history). Derivation and error constants: docs/method.md.
@@ -152,7 +171,7 @@ def genie_multistep(model, x, ts, schedule, *, afs=False, denoise=False, backend
     if order not in _MULTISTEP_NODES:
         raise ValueError(f"genie_multistep order must be one of {sorted(_MULTISTEP_NODES)}, got {order!r}")
     if head_error is None:
-        head_error = getattr(model, "head_error", DEFAULT_HEAD_ERROR)
+        head_error = _declared_head_error(model, head)
     if isinstance(head_error, bool) or not isinstance(head_error, (int, float)) \
             or not math.isfinite(head_error) or head_error < 0:
         raise ValueError(f"head_error must be a finite number >= 0 (the head's relative error), got {head_error!r}")
