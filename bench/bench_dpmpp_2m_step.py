@@ -6,4 +6,4 @@ What is measured and the options: bench/_step_bench.py.
 import _step_bench
 
 if __name__ == "__main__":
-    _step_bench.main("dpmpp_2m_step", ("state", "net", "state"), __doc__)  # x_bar, eps, x0_prev
+    _step_bench.main("dpmpp_2m_step", ("state", "net", "state", "weights:2"), __doc__)  # x_bar, eps, x0_prev, [a, b]
