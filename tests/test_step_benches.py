@@ -1,29 +1,46 @@
-"""Each fused op's 10-line benchmark (bench/bench_<op>.py) still runs against the op as it is now:
-its roles must match the op's tensor arguments (a changed signature breaks it, as the dpmpp_2m
-weights did). A tiny shape, two iterations, nothing written."""
+"""Each fused op's 10-line benchmark (bench/bench_<op>.py) still matches the op as it is now: the
+roles it hands `_step_bench.main` must build the op's tensor arguments (a changed signature broke
+it once, when dpmpp_2m_step took its weights row). Read from the script, run once in-process at a
+tiny shape: the eager chain and the fused call agree."""
 from __future__ import annotations
 
-import os
-import subprocess
+import runpy
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 STEP_OPS = ["genie_step", "ddim_step", "denoise_step", "dpmpp_2m_step", "genie_multistep_step"]
 
 
+def _roles(op: str, step_bench) -> tuple:
+    """The roles the script hands `_step_bench.main(op, roles, __doc__)`, caught by running it."""
+    seen = []
+    real = step_bench.main
+    step_bench.main = lambda name, roles, doc: seen.append((name, roles))
+    try:
+        runpy.run_path(str(BENCH / f"bench_{op}.py"), run_name="__main__")
+    finally:
+        step_bench.main = real
+    assert [name for name, _ in seen] == [op]
+    return seen[0][1]
+
+
 @pytest.mark.parametrize("op", STEP_OPS)
-def test_step_bench_runs(op):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, str(BENCH / f"bench_{op}.py"), "--shape", "2", "1", "8", "8", "--iters", "2",
-                        "--repeats", "2", "--no-write"], capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "fused/eager speedup" in r.stdout
+def test_step_bench_roles_build_the_ops_arguments(op, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    sys.modules.pop("_step_bench", None)
+    import _step_bench
 
-
-def test_schedule_table_bench_runs():
-    r = subprocess.run([sys.executable, str(BENCH / "bench_schedule_table.py"), "--steps", "10", "--no-write"],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    args = _step_bench.make_args(_roles(op, _step_bench), (2, 1, 8, 8), torch.float32, "cpu")
+    eager, fused, fused_out, nbytes = _step_bench.step_fns(op, args)
+    want = eager()
+    want = (want,) if isinstance(want, torch.Tensor) else tuple(want)
+    got = fused("auto")()
+    got = (got,) if isinstance(got, torch.Tensor) else tuple(got)
+    assert nbytes > 0 and len(got) == len(want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    fused_out("auto")()
