@@ -77,63 +77,25 @@ def _cmd_export(args):
     print(f"wrote {stem}.safetensors and {stem}.json")
 
 
-def _parse_labels(text: str | None) -> list[int] | None:
-    """--labels "3" or "0,2,5" or "all" (every class of the model: resolved later) -> ints."""
-    if text is None:
-        return None
-    if text.strip() == "all":
-        return ["all"]
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"--labels must be a class index, a comma-separated list of them or 'all', "
-                         f"got {text!r}") from None
-
-
-def _check_sampling_args(args):
-    """sample / encode: refuse bad numbers, device, backend, grid or precision before a model is loaded."""
-    from .checks import check_device, check_int, check_number
-    from .engine import DTYPES
-    from .ops import BACKENDS, check_backend
-    from .schedule import GRIDS
-
-    for flag in ("n", "nfe", "steps"):
-        if getattr(args, flag, None) is not None:
-            check_int("--" + flag, getattr(args, flag), 1)
-    check_int("--threads", args.threads, 0)
-    if getattr(args, "seed", None) is not None and not 0 <= args.seed < 2 ** 32:
-        raise ValueError(f"--seed must be in [0, 2**32), got {args.seed}")
-    if args.grid not in ("auto", *GRIDS):
-        raise ValueError(f"--grid {args.grid!r} is not a grid; choose one of {('auto', *GRIDS)}")
-    if args.net_dtype is not None and args.net_dtype not in DTYPES:
-        raise ValueError(f"--net-dtype {args.net_dtype!r} is not a dtype; choose one of {sorted(DTYPES)}")
-    device = check_device(args.device, "--device") if args.device is not None else torch.device("cpu")
-    backend = getattr(args, "backend", "auto")
-    if backend not in BACKENDS:
-        raise ValueError(f"--backend {backend!r} is not a backend; choose one of {BACKENDS}")
-    check_backend(backend, device)  # e.g. --backend cuda on the CPU: refused now, not after loading
-    if args.guidance_scale is not None:
-        check_number("--guidance-scale", args.guidance_scale)
-    return _parse_labels(args.labels)
-
-
 def _cmd_sample(args):
     import genie_fast
     from .checks import check_out_file
+    from .cli_args import check_sampling_args
+    from .devices import command_device
     from .models.default import load_default, load_model
 
-    labels = _check_sampling_args(args)
+    labels = check_sampling_args(args)
     check_out_file(args.out, (".png",), "--out")
     torch.set_num_threads(args.threads) if args.threads else None
     model = load_model(args.model) if args.model else (load_default() if labels else None)
-    if labels == ["all"]:
+    if labels == "all":
         labels = list(range(getattr(model, "num_classes", 0) or 0)) or [0]
     nrow = None
     if labels is not None:  # one row of --n samples per class
         nrow, labels = args.n, torch.tensor(labels).repeat_interleave(args.n)
     x0, nfe = genie_fast.sample(model=model, n=args.n if labels is None else len(labels), solver=args.solver,
                                 nfe=args.nfe, steps=args.steps, seed=args.seed, grid=args.grid, afs=args.afs,
-                                denoise=args.denoise, backend=args.backend, device=args.device,
+                                denoise=args.denoise, backend=args.backend, device=command_device(args.device),
                                 net_dtype=args.net_dtype, labels=labels, guidance_scale=args.guidance_scale)
     out = save_grid(x0, args.out, nrow=nrow)
     what = "" if labels is None else f", labels {args.labels}, guidance scale {args.guidance_scale or 'default'}"
@@ -176,21 +138,24 @@ def _cmd_encode(args):
     import genie_fast
     from safetensors.torch import save_file
     from .checks import check_out_file
+    from .cli_args import check_sampling_args
+    from .devices import command_device
     from .models.default import load_default, load_model
 
-    labels = _check_sampling_args(args)
+    labels = check_sampling_args(args)
     out = check_out_file(args.out, (".safetensors",), "--out")
     if args.reconstruct:
         check_out_file(args.reconstruct, (".png",), "--reconstruct")
     torch.set_num_threads(args.threads) if args.threads else None
     model = load_model(args.model) if args.model else load_default()
     x0, true_labels = _load_images(args, model.image_shape)
-    if labels == ["all"]:
-        raise ValueError("--labels all is for sampling; give one class or one per image")
+    if labels == "all":
+        raise ValueError(f"--labels {args.labels} is for sampling; give one class or one per image")
     if labels is not None:
         labels = torch.tensor(labels if len(labels) > 1 else labels * len(x0))
     kw = dict(solver=args.solver, nfe=args.nfe, steps=args.steps, grid=args.grid, labels=labels,
-              guidance_scale=args.guidance_scale, net_dtype=args.net_dtype, device=args.device)
+              guidance_scale=args.guidance_scale, net_dtype=args.net_dtype, device=command_device(args.device),
+              backend=args.backend)
     x_T, nfe = genie_fast.encode(model, x0, **kw)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"solver": args.solver, "nfe": str(nfe), "grid": str(args.grid), "steps": str(args.steps),
@@ -212,6 +177,7 @@ def _cmd_generate(args):
 
 def build_parser() -> argparse.ArgumentParser:
     from . import distill as distill_mod, generate as generate_mod, train as train_mod
+    from .cli_args import add_sampling_args
 
     p = argparse.ArgumentParser(prog="genie-fast", description="GENIE diffusion sampling")
     sub = p.add_subparsers(dest="command", required=True)
@@ -228,30 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--overwrite", action="store_true", help="replace an existing STEM.safetensors / STEM.json")
     ex.set_defaults(func=_cmd_export)
     sa = sub.add_parser("sample", help="sample a PNG grid (default: the bundled model)")
-    # every default is genie_fast.sample's (one set of defaults for sample(), SamplingEngine, the CLI)
-    from .solvers import DEFAULT_AFS, DEFAULT_SOLVER, SOLVERS
-    sa.add_argument("--n", type=int, default=64)
-    sa.add_argument("--solver", default=DEFAULT_SOLVER, choices=sorted(SOLVERS))
-    budget = sa.add_mutually_exclusive_group()
-    budget.add_argument("--nfe", type=int, default=None, help="network-evaluation budget (default: 10)")
-    budget.add_argument("--steps", type=int, default=None, help="number of steps, instead of --nfe")
-    sa.add_argument("--seed", type=int, default=0)
-    sa.add_argument("--grid", default="auto",
-                    help="auto (the grid measured best for the solver) | uniform | quadratic | logsnr | edm")
-    sa.add_argument("--afs", action=argparse.BooleanOptionalAction, default=DEFAULT_AFS,
-                    help="analytical first step, saves one NFE (default: on)")
-    sa.add_argument("--denoise", action=argparse.BooleanOptionalAction, default=False,
-                    help="final denoising step (+1 NFE)")
-    sa.add_argument("--net-dtype", default=None,
-                    help="network precision, e.g. fp16, bf16, fp32 (default: fp16 on CUDA, else fp32)")
-    sa.add_argument("--backend", default="auto", help="auto | torch | cpp | triton | cuda")
-    sa.add_argument("--device", default=None, help="e.g. cuda (default: the model's device)")
-    sa.add_argument("--model", default=None, help="model stem (default: bundled Fashion-MNIST model)")
-    sa.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
-    sa.add_argument("--labels", default=None,
-                    help="class-conditional model: a class, a list (0,3,5: one row of --n samples each) or 'all'")
-    sa.add_argument("--guidance-scale", type=float, default=None,
-                    help="classifier-free guidance scale s (eps_u + s (eps_c - eps_u); default 2 with --labels)")
+    sa.add_argument("--n", type=int, default=64, help="images (per class with --labels)")
+    add_sampling_args(sa)
     sa.add_argument("--out", default="grid.png")
     sa.set_defaults(func=_cmd_sample)
     en = sub.add_parser("encode", help="images -> latents by the probability-flow ODE (t_end -> 1)")
@@ -261,17 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--reconstruct", default=None, metavar="PNG",
                     help="also decode the latents with the same solver and grid (AFS off) and write input "
                          "and reconstruction rows to this PNG")
-    en.add_argument("--solver", default=DEFAULT_SOLVER, choices=sorted(SOLVERS))
-    en_budget = en.add_mutually_exclusive_group()
-    en_budget.add_argument("--nfe", type=int, default=None, help="network-evaluation budget (default: 10)")
-    en_budget.add_argument("--steps", type=int, default=None, help="number of steps, instead of --nfe")
-    en.add_argument("--grid", default="auto", help="as for sample (the grid runs reversed)")
-    en.add_argument("--labels", default=None, help="encode along a class's ODE: one class, or one per image")
-    en.add_argument("--guidance-scale", type=float, default=None, help="as for sample")
-    en.add_argument("--net-dtype", default=None)
-    en.add_argument("--device", default=None)
-    en.add_argument("--model", default=None, help="model stem (default: bundled)")
-    en.add_argument("--threads", type=int, default=0)
+    add_sampling_args(en, seed=None, afs=False)
     en.set_defaults(func=_cmd_encode)
     ge = sub.add_parser("generate", help="one image per seed, sharded over torchrun ranks, resumable (FID sets)")
     generate_mod.build_parser(ge).set_defaults(func=_cmd_generate)

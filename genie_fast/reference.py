@@ -4,6 +4,11 @@ Classical Runge-Kutta 4 on d x_bar / du = gamma eps(x, t) with u = log gamma (un
 half-logSNR, where the ODE is smooth from t = 1 down to t_end). The step count doubles until two
 successive solutions agree: for a fourth-order method the error of the finer one is about
 |x_2N - x_N| / 15 (Richardson), and that estimate must fall below `tol`.
+
+Glossary: "reference" means four things in this project. Here: the RK4 reference solution of the
+ODE (the truth solvers are measured against). In `genie_fast.ops`: the ``*_ref`` PyTorch ops (the
+plain-PyTorch definition each fused backend must match). In `solvers.dpmpp_3m`: the variant
+"reference", the authors' released code. In tests: the expected values a result is compared with.
 """
 from __future__ import annotations
 

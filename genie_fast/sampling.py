@@ -5,8 +5,10 @@ import collections
 
 import torch
 
-from .engine import NonFiniteError, engine_for, make_noise, seed_noise
+from .devices import default_device, model_device
+from .engine import NonFiniteError, engine_for
 from .guidance import Conditioned, check_labels, check_scale, conditioned
+from .noise import make_noise, seed_noise
 from .solvers import DEFAULT_AFS, DEFAULT_SOLVER
 
 __all__ = ["sample", "encode", "make_noise", "seed_noise", "NonFiniteError"]
@@ -41,7 +43,8 @@ def sample(model=None, noise=None, n=None, shape=None, solver=DEFAULT_SOLVER, nf
     afs: the analytical first step (eps(x_T, 1) = x_T, which holds where alpha_1 ~ 0; saves one
         evaluation), on by default (measured better at 5-10 NFE for every solver on the bundled model).
         denoise: a final denoising step (+1 evaluation).
-    device: where sampling runs (default: the model's device, else the noise's, else the CPU).
+    device: where sampling runs (default `devices.default_device`: the model's device, else the
+        noise's, else CUDA when available, else the CPU).
         The model is copied there (an nn.Module already there in net_dtype is used as is; see
         `genie_fast.engine`); on CUDA the whole loop runs as one CUDA graph per key.
     dtype: the dtype of the ODE state and of the samples: float32 (default) or float64 (for
@@ -71,7 +74,7 @@ def sample(model=None, noise=None, n=None, shape=None, solver=DEFAULT_SOLVER, nf
     if not callable(model):
         raise TypeError(f"model must be a callable eps(x, t), got {type(model).__name__}")
     if device is None:
-        device = _model_device(model) or (noise.device if isinstance(noise, torch.Tensor) else "cpu")
+        device = default_device(model, noise)
     batch = noise.shape[0] if isinstance(noise, torch.Tensor) else len(seeds) if _sized(seeds) else n
     model = _with_labels(model, labels, guidance_scale, batch)
     engine = engine_for(model, device, backend)
@@ -113,7 +116,7 @@ def encode(model=None, x0=None, solver=DEFAULT_SOLVER, nfe=None, steps=None, gri
     solver_kw.pop("afs", None)
     solver_kw.pop("denoise", None)
     if device is None:
-        device = _model_device(model) or x0.device
+        device = default_device(model, x0)
     model = _with_labels(model, labels, guidance_scale, x0.shape[0] if x0.dim() else None)
     engine = engine_for(model, device, backend)
     return engine.encode(x0, solver=solver, nfe=nfe, steps=steps, grid=grid, dtype=dtype, net_dtype=net_dtype,
@@ -135,7 +138,7 @@ def _with_labels(model, labels, guidance_scale, batch):
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"labels need a positive integer batch: give noise= or n=, got n={batch!r}")
     scale = check_scale(guidance_scale)
-    labels = check_labels(labels, batch, getattr(model, "num_classes", 0) or 0, _model_device(model))
+    labels = check_labels(labels, batch, getattr(model, "num_classes", 0) or 0, model_device(model))
     key = (id(model), batch, scale != 1.0, str(labels.device))
     cached = _WRAPPERS.get(key)
     if cached is None or cached.model is not model:
@@ -162,10 +165,3 @@ def _default_model():
         _DEFAULT.clear()
         _DEFAULT[loader] = loader()
     return _DEFAULT[loader]
-
-
-def _model_device(model):
-    if isinstance(model, torch.nn.Module):
-        for tensor in (*model.parameters(), *model.buffers()):
-            return tensor.device
-    return None

@@ -263,9 +263,9 @@ def test_sample_arguments_refused_by_name(gmm):
             ({"n": float("inf")}, TypeError, "n must be an int"),
             ({"n": 2.0}, TypeError, "n must be an int"),
             ({"n": 0}, ValueError, "n must be >= 1"),
-            ({"n": 2, "seed": -1}, ValueError, "seed must be >= 0"),
-            ({"n": 2, "seed": 2**32}, ValueError, "seed must be below 2\\*\\*32"),
-            ({"seeds": [0, 2**32]}, ValueError, "seeds must be below 2\\*\\*32"),
+            ({"n": 2, "seed": -1}, ValueError, "seed must be in \\[0, 2\\*\\*32\\)"),
+            ({"n": 2, "seed": 2**32}, ValueError, "seed must be in \\[0, 2\\*\\*32\\)"),
+            ({"seeds": [0, 2**32]}, ValueError, "seeds must be in \\[0, 2\\*\\*32\\)"),
             ({"seeds": []}, ValueError, "at least one seed"),
             ({"seeds": [1, 2], "n": 3}, ValueError, "n=3 disagrees with the 2 seeds"),
             ({"seeds": [1, 2], "seed": 4}, ValueError, "without noise= and seed="),
@@ -294,7 +294,7 @@ def test_seeds_select_disjoint_batches_and_match_generate(gmm, tmp_path):
     with np.load(tmp_path / "g" / "samples.npz") as f:  # generate's seed 3 is sample(seeds=[3])
         from genie_fast.generate import to_uint8
         assert (f["arr_0"][0] == np.repeat(to_uint8(c[1:2]), 3, -1)[0]).all() and m["count"] == 2
-    with pytest.raises(ValueError, match="below 2\\*\\*32"):  # seed 2**32 would silently repeat seed 0
+    with pytest.raises(ValueError, match="must be in \\[0, 2\\*\\*32\\)"):  # seed 2**32 would silently repeat seed 0
         parse_seeds("4294967296")
 
 
@@ -629,7 +629,7 @@ def test_generate_api_refuses_bad_seeds_and_batch(tmp_path):
     from genie_fast.generate import generate
 
     model = _tiny_model()
-    for kw, says in (({"seeds": [0, 0]}, "appears twice"), ({"seeds": [-1]}, "seeds must be >= 0"),
+    for kw, says in (({"seeds": [0, 0]}, "appears twice"), ({"seeds": [-1]}, "seeds must be in \\[0, 2\\*\\*32\\)"),
                      ({"seeds": [1.5]}, "seeds must be an int"), ({"seeds": []}, "no seeds"),
                      ({"seeds": [0], "batch": float("inf")}, "--batch must be an int"),
                      ({"seeds": [0], "batch": 0}, "--batch must be >= 1")):

@@ -48,8 +48,6 @@ def _run(solver, x, backend, afs, denoise):
 @pytest.mark.parametrize("afs,denoise", [(False, False), (True, True)])
 @pytest.mark.parametrize("net_dtype", [torch.float32, torch.float16])
 def test_backend_run_equals_reference_run(backend, solver, kw, afs, denoise, net_dtype):
-    if solver == "heun" and afs:
-        pytest.skip("heun with AFS is not a combination the solvers define")
     x = randn((2, 3, 6, 5), torch.float64, 7)
     truth, nfe64 = _run(solver, x, "torch", afs, denoise)
     ref, nfe_ref = _run(solver, x.to(net_dtype), "torch", afs, denoise)

@@ -6,7 +6,9 @@ back). The only exceptions are the few upward edges of `ALLOWED_UPWARD`, each wi
 
 Layers (low to high; a module of layer n may import layers 0..n):
 
-    0 base      _ext, checks, profiling, schedule, layout, reference, precision, files
+    0 base      _ext, checks, profiling, schedule, layout, reference, precision, files, noise
+                (seeds, x_T), devices (dtype names, TF32, the device rule), weights (the model
+                on the engine's device), graphs (CUDA graph capture)
     1 ops       ops, kernels (genie_fast.kernels: the Triton kernels ops dispatches to)
     2 models    models (and models/*), data: networks, their files and the training data
     3 solvers   solvers (the module, or the package genie_fast/solvers/ and all its modules)
@@ -14,7 +16,9 @@ Layers (low to high; a module of layer n may import layers 0..n):
     5 sampling  sampling, and the package root ``genie_fast`` (its public names are lazy
                 re-exports of sampling, engine and solvers)
     6 jobs      generate, training (and training/*), and the old entry modules train,
-                distill, distill_diffusers (re-exports of genie_fast.training)
+                distill, distill_diffusers (re-exports of genie_fast.training); generate's parts:
+                cli_args (the sampling flags of sample, encode, generate), store (the output
+                folder), distributed (the torchrun process group)
     7 cli       cli
 
 Imports are resolved to the module that defines the imported name where that is a module of the
@@ -44,14 +48,16 @@ LAYER_NAMES = ("base", "ops", "models", "solvers", "engine", "sampling", "jobs",
 LAYERS = {
     "genie_fast._ext": BASE, "genie_fast.checks": BASE, "genie_fast.profiling": BASE,
     "genie_fast.schedule": BASE, "genie_fast.reference": BASE, "genie_fast.precision": BASE,
-    "genie_fast.files": BASE, "genie_fast.layout": BASE,
+    "genie_fast.files": BASE, "genie_fast.layout": BASE, "genie_fast.noise": BASE, "genie_fast.devices": BASE,
+    "genie_fast.weights": BASE, "genie_fast.graphs": BASE,
     "genie_fast.ops": OPS, "genie_fast.kernels": OPS,
     "genie_fast.models": MODELS, "genie_fast.data": MODELS,
     "genie_fast.solvers": SOLVERS,
     "genie_fast.engine": ENGINE, "genie_fast.guidance": ENGINE,
     "genie_fast.sampling": SAMPLING, "genie_fast": SAMPLING,
     "genie_fast.generate": JOBS, "genie_fast.training": JOBS, "genie_fast.train": JOBS,
-    "genie_fast.distill": JOBS, "genie_fast.distill_diffusers": JOBS,
+    "genie_fast.distill": JOBS, "genie_fast.distill_diffusers": JOBS, "genie_fast.cli_args": JOBS,
+    "genie_fast.store": JOBS, "genie_fast.distributed": JOBS,
     "genie_fast.cli": CLI,
 }
 # Upward imports tolerated, (importer, imported) -> why. Keep it to a few, each lazy (inside a
