@@ -98,6 +98,18 @@ class MultiRes(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
+    @staticmethod
+    def _merge_up(conv, h, others):
+        """conv1x1(cat(up2(h), *others)) without the concat: a 1x1 conv commutes with nearest
+        up-sampling, so h's slice of the weight runs at the low resolution (same function, cheaper)."""
+        w, c = conv.weight, h.shape[1]
+        low = F.conv2d(h, w[:, :c])
+        out = F.interpolate(low, scale_factor=2.0, mode="nearest") + conv.bias[None, :, None, None]
+        for o in others:
+            out = out + F.conv2d(o, w[:, c:c + o.shape[1]])
+            c += o.shape[1]
+        return out
+
     def forward(self, b):
         temb = b["temb"]
         h = self.in8(torch.cat([b["mid"], b["f8"]], dim=1))
@@ -105,12 +117,11 @@ class MultiRes(nn.Module):
             h = blk(h, temb)
             if i == 0 and self.attn8 is not None:
                 h = self.attn8(h)
-        h = self.in16(torch.cat([F.interpolate(h, scale_factor=2.0, mode="nearest"), b["f16"]], dim=1))
+        h = self._merge_up(self.in16, h, [b["f16"]])
         for blk in self.b16:
             h = blk(h, temb)
-        f32 = torch.cat([b["f32"], b["e32a"], b["e32b"], b["e32c"]], dim=1) if self.needs_extra else b["f32"]
-        h = self.in32(torch.cat([F.interpolate(h, scale_factor=2.0, mode="nearest"), f32], dim=1)) \
-            + self.in32_img(torch.cat([b["x_t"], b["eps"]], dim=1))
+        f32 = [b["f32"], b["e32a"], b["e32b"], b["e32c"]] if self.needs_extra else [b["f32"]]
+        h = self._merge_up(self.in32, h, f32) + self.in32_img(torch.cat([b["x_t"], b["eps"]], dim=1))
         for blk in self.b32:
             h = blk(h, temb)
         return self.conv_out(F.silu(self.norm_out(h)))

@@ -39,3 +39,28 @@ def main():
 
 if __name__ == "__main__":
     main()
+
+
+def bins(runs=("shipped_init_bundled", "shipped_scratch", "hyb", "hyb_rich", "hyb_rich_x2", "mr_s")):
+    """Per-t-bin pooled error (test, forward process) and each bin's share of the squared error."""
+    import sys
+    have = [r for r in runs if (RES / f"{r}.json").exists()]
+    ds = {r: json.loads((RES / f"{r}.json").read_text())["evals"][-1]["test"] for r in have}
+    first = ds[have[0]]["per_t_bin"]
+    print("| t bin | " + " | ".join(have) + " | share of err (bundled) |")
+    print("|---" * (len(have) + 2) + "|")
+    for i, row in enumerate(first):
+        print(f"| {row['t_lo']:.3f}-{row['t_hi']:.3f} | " + " | ".join(f"{ds[r]['per_t_bin'][i]['pooled']:.3f}" for r in have)
+              + f" | {row['share_of_err']:.2f} |")
+    print()
+    print("| run | low4 rel (err of 4x4-block means / their target energy) | high4 rel | null | labelled |")
+    print("|---|---|---|---|---|")
+    for r in have:
+        e = ds[r]
+        fl = e["target_low4_energy_frac"] if "target_low4_energy_frac" in e else 0.16635
+        print(f"| {r} | {e['pooled_low4'] / fl ** 0.5:.3f} | {e['pooled_high4'] / (1 - fl) ** 0.5:.3f} | "
+              f"{e['pooled_null']:.3f} | {e['pooled_labelled']:.3f} |")
+
+
+if __name__ == "__main__" and len(__import__("sys").argv) > 1 and __import__("sys").argv[1] == "bins":
+    bins()
