@@ -9,7 +9,7 @@ from .checks import check_int, check_number
 from .devices import DTYPES, command_device
 from .noise import check_seed
 from .schedule import GRIDS
-from .solvers import DEFAULT_NFE, DEFAULT_SOLVER, SOLVERS
+from .solvers import DEFAULT_AFS, DEFAULT_NFE, DEFAULT_SOLVER, SOLVERS
 
 __all__ = ["LABELS_HELP", "add_sampling_args", "check_sampling_args", "parse_labels"]
 
@@ -34,8 +34,8 @@ def add_sampling_args(p: argparse.ArgumentParser, *, seed: str | None = "seed", 
     p.add_argument("--grid", default="auto", help="auto (the grid measured best for the solver) | "
                    + " | ".join(GRIDS) + ("" if afs else " (encoding runs it reversed)"))
     if afs:
-        p.add_argument("--afs", action=argparse.BooleanOptionalAction, default=None,
-                       help="analytical first step, saves one NFE (default: per solver, on for every one)")
+        p.add_argument("--afs", action=argparse.BooleanOptionalAction, default=DEFAULT_AFS,
+                       help=f"analytical first step, saves one NFE (default: {'on' if DEFAULT_AFS else 'off'})")
         p.add_argument("--denoise", action=argparse.BooleanOptionalAction, default=False,
                        help="final denoising step (+1 NFE)")
     if seed == "seed":
