@@ -30,3 +30,18 @@ def write_idx(path, arr, gz: bool = True):
     header = bytes([0, 0, 0x08, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
     with (gzip.open if gz else open)(path, "wb") as f:
         f.write(header + np.asarray(arr).astype(np.uint8).tobytes())
+
+
+def bench_module(name: str, reload: bool = False):
+    """A script of bench/ imported as a module (bench/ on sys.path only while importing, so its own
+    `import _step_bench` resolves); reload=True imports it afresh (after an environment change)."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    try:
+        module = importlib.import_module(name)
+        return importlib.reload(module) if reload else module
+    finally:
+        sys.path.pop(0)

@@ -3,34 +3,23 @@ engine timed without its finiteness check, and --smoke runs of each row selectio
 file as bench/gpu_check.sh runs them (headline first, the rest later)."""
 from __future__ import annotations
 
-import importlib
 import json
-import sys
 import types
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from _helpers import bench_module
 
-ROOT = Path(__file__).resolve().parent.parent
 HEADLINE_VARIANTS = {"a", "b", "d", "floor"}
 
 
 def _bench_module():
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import bench_sample
-    finally:
-        sys.path.pop(0)
-    return bench_sample
+    return bench_module("bench_sample")
 
 
 def _reload(module):
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        return importlib.reload(module)
-    finally:
-        sys.path.pop(0)
+    return bench_module(module.__name__, reload=True)
 
 
 def _read(path):

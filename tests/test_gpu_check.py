@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _helpers import bench_module
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -418,12 +419,7 @@ def test_bench_resume_measures_only_what_is_missing(tmp_path):
 
 
 def _bench_module():
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import bench_sample
-    finally:
-        sys.path.pop(0)
-    return bench_sample
+    return bench_module("bench_sample")
 
 
 def test_table_of_a_killed_run(tmp_path, capsys):

@@ -2,11 +2,10 @@
 tests (tests/test_engine.py) and the agreement check (bench/profile_sample.py --check)."""
 from __future__ import annotations
 
-import sys
 import types
-from pathlib import Path
 
 import pytest
+from _helpers import bench_module
 import torch
 
 from genie_fast import precision
@@ -14,16 +13,10 @@ from genie_fast.precision import (BUNDLED_HALF_PRECISION_BOUNDS, BUNDLED_MEASURE
                                   HALF_PRECISION_BOUNDS, graph_vs_eager_half_bound, half_bounds)
 from genie_fast.solvers import SOLVERS
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _profile_sample():
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import profile_sample
-    finally:
-        sys.path.pop(0)
-    return profile_sample
+    return bench_module("profile_sample")
 
 
 def test_every_solver_has_bounds():
