@@ -91,15 +91,17 @@ def test_profile_sample_check_applies_per_solver_bounds(monkeypatch, model):
     ps = _profile_sample()
     monkeypatch.setattr(ps, "CUDA", True)
 
-    def make_engine(model, dev, dt, use_graphs=True):
-        return types.SimpleNamespace(dt=dt, graphs=use_graphs, cache_info=lambda: {"graphs": int(use_graphs)})
+    def engine(model, device=None, net_dtype=None, use_graphs=True, **kw):  # as make_engine or SamplingEngine
+        return types.SimpleNamespace(dt=net_dtype, graphs=use_graphs, cache_info=lambda: {"graphs": int(use_graphs)})
 
     def engine_sample(eng, z, solver, nfe):
         fp16, bf16 = half_bounds(solver, model)
         off = {torch.float32: 0.0, torch.float16: 0.5 * fp16, torch.bfloat16: 0.5 * bf16}[eng.dt]
         return (z.double().abs() + 1) * (1 + off), nfe
 
-    monkeypatch.setattr(ps, "make_engine", make_engine)
+    for name in ("make_engine", "SamplingEngine"):  # whichever the script builds its engines with
+        if hasattr(ps, name):
+            monkeypatch.setattr(ps, name, engine)
     monkeypatch.setattr(ps, "engine_sample", engine_sample)
     net = types.SimpleNamespace(image_shape=(1, 4, 4))
     args = types.SimpleNamespace(solver="all", model=model, batch=2, nfe=10)
