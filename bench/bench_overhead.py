@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 import genie_fast
-from genie_fast.engine import _converted_copy, draw_noise
+from genie_fast.engine import _converted_copy, make_noise
 from genie_fast.solvers import AUTO_GRID, DEFAULT_AFS, HEAD_SOLVERS, JVP_NFE, SOLVERS, jvp, nfe_of, steps_for_nfe
 
 
@@ -74,7 +74,7 @@ def overhead(args):
     solvers = args.solvers.split(",")
     rows = []
     for batch in map(int, args.batches.split(",")):
-        z = draw_noise(batch, model.image_shape, seed=0)
+        z = make_noise(batch, model.image_shape, seed=0)
         t = torch.full((batch,), 0.5)
         tangent = (torch.randn_like(z), torch.full((batch,), 0.1))
 
@@ -156,7 +156,7 @@ def precision(args):
                 mod.reset_parameters()
         model.eval()
         c = model.unet.config
-        z = draw_noise(4, (c.in_channels, c.image_size, c.image_size), seed=1)
+        z = make_noise(4, (c.in_channels, c.image_size, c.image_size), seed=1)
         s = model.schedule
         for solver in args.solvers.split(","):
             steps = steps_for_nfe(solver, 10, DEFAULT_AFS)
@@ -220,7 +220,7 @@ class _Stub(nn.Module):
 def stub(args):
     """Whole sample() calls (defaults, batch 1) on `_Stub`: memo lookup, weight check and loop."""
     model, rows = _Stub(), []
-    z = draw_noise(1, _Stub.image_shape, seed=0)
+    z = make_noise(1, _Stub.image_shape, seed=0)
     for solver in args.solvers.split(","):
         genie_fast.sample(model, noise=z, solver=solver)
         times = []

@@ -187,7 +187,7 @@ if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--table":
 import torch  # noqa: E402
 
 import genie_fast  # noqa: E402
-from genie_fast import engine as engine_mod  # noqa: E402
+from genie_fast.devices import no_tf32  # noqa: E402
 from genie_fast import ops, profiling  # noqa: E402
 from genie_fast.engine import SamplingEngine  # noqa: E402
 from genie_fast.models.head import GenieModel  # noqa: E402
@@ -336,49 +336,10 @@ def load_models(names: list[str], log) -> dict:
     return models
 
 
-def image_shape(model) -> tuple:
-    if getattr(model, "image_shape", None) is not None:
-        return tuple(model.image_shape)
-    cfg = getattr(model, "config", None) or getattr(getattr(model, "unet", None), "config", None)
-    return (cfg.in_channels, cfg.image_size, cfg.image_size)
-
-
 def converted_copy(model, device, dtype):
     """A copy of `model` on `device` in `dtype` (floating tensors only), eval, no gradients; the
     conversion goes tensor by tensor, so no full-precision copy lands on the device."""
     return copy.deepcopy(model).to(device=device, dtype=dtype).eval().requires_grad_(False)
-
-
-def make_engine(model, device, net_dtype, **kw) -> SamplingEngine:
-    """A SamplingEngine whose network runs in `net_dtype`, whichever keyword the engine names it
-    by (`net_dtype` where the state dtype is `dtype`, else `dtype`)."""
-    params = inspect.signature(SamplingEngine).parameters
-    key = "net_dtype" if "net_dtype" in params else "dtype"
-    return SamplingEngine(model, device=device, **{key: net_dtype}, **kw)
-
-
-def engine_refusal(solver: str) -> str | None:
-    """Why the engine refuses `solver` by its own declaration (None: it declares it runs it)."""
-    declared = getattr(engine_mod, "ENGINE_SOLVERS", None)
-    if declared is not None and solver not in declared:
-        return f"the engine runs solvers {tuple(declared)}, not {solver!r}"
-    return None
-
-
-def no_tf32():
-    """The engine's no_tf32() (true fp32 convolutions for fp32 references), or the same switch here."""
-    if hasattr(engine_mod, "no_tf32"):
-        return engine_mod.no_tf32()
-
-    @contextlib.contextmanager
-    def _off():
-        old = torch.backends.cudnn.allow_tf32
-        torch.backends.cudnn.allow_tf32 = False
-        try:
-            yield
-        finally:
-            torch.backends.cudnn.allow_tf32 = old
-    return _off()
 
 
 def engine_sample(eng, noise, solver, nfe, check_finite: bool = True):
@@ -400,7 +361,7 @@ class Case:
         self.schedule = model32.schedule
         self.ts = time_grid(self.schedule, steps_for_nfe(solver, nfe))
         g = torch.Generator().manual_seed(1234 + batch)
-        self.noise = torch.randn((batch, *image_shape(model32)), generator=g).to(device)
+        self.noise = torch.randn((batch, *model32.image_shape), generator=g).to(device)
         self.outputs: dict[str, torch.Tensor] = {}
 
     # (a) and (b): the reference solver, eager, PyTorch update
@@ -636,16 +597,12 @@ class Bench:
                                               backend="torch")
                 del m16
             elif v == "d":
-                refused = engine_refusal(case.solver)
-                if refused:
-                    self.skip(case, "d", f"engine refuses: {refused}")
-                    continue
                 eng = None
                 # a half-precision network is for GPUs (the engine may refuse one on the CPU)
                 eng_dtype = low if CUDA else torch.float32
                 with memory_probe(mem, "d"):
                     try:
-                        eng = make_engine(model32, dev, eng_dtype, max_graphs=1)
+                        eng = SamplingEngine(model32, device=dev, net_dtype=eng_dtype, max_graphs=1)
                     except Exception as e:
                         results[v] = self.row(case, "d", None, median_ms=None,
                                               error=f"{type(e).__name__}: {str(e)[:300]}")
@@ -706,21 +663,17 @@ class Bench:
     def precision(self, name, model32, solver, nfe, batch, dev, low):
         """x0 of the engine (low precision, graph on CUDA) against fp32 eager with TF32 off."""
         fields = {"model": name, "solver": solver, "nfe": nfe, "batch": batch}
-        refused = engine_refusal(solver)
-        if refused:
-            self.skip(fields, "precision", f"engine refuses: {refused}")
-            return
         if self.left_s() < 20:
             self.skip(fields, "precision", "budget")
             return
         g = torch.Generator().manual_seed(99)
-        z = torch.randn((batch, *image_shape(model32)), generator=g).to(dev)
+        z = torch.randn((batch, *model32.image_shape), generator=g).to(dev)
         try:
             with no_tf32():
-                ref, _ = engine_sample(make_engine(model32, dev, torch.float32, use_graphs=False), z, solver, nfe)
+                ref, _ = engine_sample(SamplingEngine(model32, device=dev, net_dtype=torch.float32, use_graphs=False), z, solver, nfe)
                 for dt in (low, torch.bfloat16) if low != torch.bfloat16 else (low,):
                     try:
-                        x, _ = engine_sample(make_engine(model32, dev, dt), z, solver, nfe)
+                        x, _ = engine_sample(SamplingEngine(model32, device=dev, net_dtype=dt), z, solver, nfe)
                     except (ValueError, TypeError) as e:
                         if CUDA:
                             raise

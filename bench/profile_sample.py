@@ -36,8 +36,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_sample import (engine_refusal, engine_sample, image_shape, load_models,  # noqa: E402
-                          make_engine, no_tf32, op_backends)
+from bench_sample import engine_sample, load_models, op_backends  # noqa: E402
+from genie_fast.devices import no_tf32  # noqa: E402
+from genie_fast.engine import SamplingEngine  # noqa: E402
 
 from genie_fast import profiling  # noqa: E402
 from genie_fast.precision import GRAPH_VS_EAGER_FP32_BOUND, graph_vs_eager_half_bound, half_bounds  # noqa: E402
@@ -68,7 +69,7 @@ def rel(x, ref):
 
 
 def run_profile(model, args, dev):
-    shape = image_shape(model)
+    shape = model.image_shape
     z = torch.randn((args.batch, *shape), generator=torch.Generator().manual_seed(0)).to(dev)
     modes = ["eager", "graph"] if args.mode == "both" else [args.mode]
     if not CUDA and "graph" in modes:
@@ -78,7 +79,7 @@ def run_profile(model, args, dev):
     print(f"NVTX emitter: {info['emitter']} ({info['why']}); ncu filter of the sample range: "
           f"{info['ncu_filter_sample']}")
     dtype = args.dtype or ("fp16" if CUDA else "fp32")
-    engines = {m: make_engine(model, dev, dtype, use_graphs=(m == "graph")) for m in modes}
+    engines = {m: SamplingEngine(model, device=dev, net_dtype=dtype, use_graphs=(m == "graph")) for m in modes}
     for m, eng in engines.items():  # warm-up, weight copies and capture outside the profiled region
         for _ in range(2):
             engine_sample(eng, z, args.solver, args.nfe)
@@ -107,22 +108,18 @@ def run_check(model, args, dev, emit) -> int:
 
     On CUDA: graph fp32 vs eager fp32, graph fp16 vs eager fp16, graph fp16 and graph bf16 vs eager
     fp32 (TF32 off). On the CPU (no graphs): eager bf16 vs eager fp32 only, the graph checks are
-    recorded as skipped. A solver the engine refuses is a recorded skip, not a failure.
+    recorded as skipped.
     """
-    shape = image_shape(model)
+    shape = model.image_shape
     z = torch.randn((args.batch, *shape), generator=torch.Generator().manual_seed(5)).to(dev)
     failures = 0
     for solver in _solvers(args.solver):
         base = {"model": args.model, "batch": args.batch, "nfe": args.nfe, "solver": solver,
                 "device": str(dev)}
-        refused = engine_refusal(solver)
-        if refused:
-            emit({"check": "skip", **base, "reason": f"engine refuses: {refused}"})
-            continue
         try:
             with no_tf32():
                 run = lambda dt, graphs: engine_sample(  # noqa: E731
-                    make_engine(model, dev, dt, use_graphs=graphs), z, solver, args.nfe)[0]
+                    SamplingEngine(model, device=dev, net_dtype=dt, use_graphs=graphs), z, solver, args.nfe)[0]
                 if not CUDA:  # the engine may refuse a half-precision network on the CPU: try that first
                     try:
                         low = run(torch.bfloat16, False)
@@ -133,7 +130,7 @@ def run_check(model, args, dev, emit) -> int:
                 ref = run(torch.float32, False)
                 if CUDA:
                     e16 = run(torch.float16, False)
-                    g16_eng = make_engine(model, dev, torch.float16)
+                    g16_eng = SamplingEngine(model, device=dev, net_dtype=torch.float16)
                     g16 = engine_sample(g16_eng, z, solver, args.nfe)[0]
                     checks = [("graph fp32 vs eager fp32", lambda: run(torch.float32, True), ref),
                               ("graph fp16 vs eager fp16", lambda: g16, e16),

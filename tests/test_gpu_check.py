@@ -441,16 +441,6 @@ def test_table_of_a_killed_run(tmp_path, capsys):
     assert "10.00" in line and "11.1" in line  # d/a = 10x, overhead 10/9 - 1 = 11.1 %
 
 
-def test_engine_refusal_is_a_skip(monkeypatch):
-    bs = _bench_module()
-    from genie_fast import engine as engine_mod
-
-    monkeypatch.setattr(engine_mod, "ENGINE_SOLVERS", ("genie",), raising=False)
-    assert bs.engine_refusal("genie") is None and "heun" in bs.engine_refusal("heun")
-    monkeypatch.delattr(engine_mod, "ENGINE_SOLVERS", raising=False)
-    assert bs.engine_refusal("heun") is None  # nothing declared: the engine is tried
-
-
 def test_op_backends_per_variant():
     bs = _bench_module()
     assert set(bs.fused_ops()) == FUSED  # taylor_step stays a reference: not listed as fused
