@@ -55,7 +55,7 @@ def _cmd_distill(args):
 def _cmd_export(args):
     from .checks import check_out_dir
     from .distill import model_from_ckpts
-    from .models.default import _stem, save_model
+    from .models.default import _check_head_error, _stem, save_model
     import json
 
     stem = _stem(args.out)
@@ -73,6 +73,8 @@ def _cmd_export(args):
     if not isinstance(prov, dict):
         raise ValueError(f"--provenance must be a JSON object, got {args.provenance!r}")
     model = model_from_ckpts(args.unet_ckpt, args.head_ckpt)
+    if args.head_error is not None:
+        model.head_error = _check_head_error(args.head_error, "--head-error")
     stem = save_model(model, args.out, provenance=prov)
     print(f"wrote {stem}.safetensors and {stem}.json")
 
@@ -191,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--head-ckpt", required=True)
     ex.add_argument("--out", required=True, help="output stem (writes STEM.safetensors, STEM.json)")
     ex.add_argument("--provenance", default=None, help="JSON object stored in the config")
+    ex.add_argument("--head-error", type=float, default=None,
+                    help="the head's measured relative error (pooled, gamma-weighted, against the exact JVP: "
+                         "bench/bench_quality.py's head fidelity), stored as head_error; genie_multistep's blend "
+                         "reads it (unset: its default)")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing STEM.safetensors / STEM.json")
     ex.set_defaults(func=_cmd_export)
     sa = sub.add_parser("sample", help="sample a PNG grid (default: the bundled model)")

@@ -124,9 +124,12 @@ def test_train_distill_export_end_to_end(tmp_path):
                  "--steps", "2", *common]) == 0
     assert "rel_err" in (tmp_path / "di" / "log.txt").read_text()
     assert main(["export", "--unet-ckpt", str(tmp_path / "tr" / "ckpt.pt"), "--head-ckpt",
-                 str(tmp_path / "di" / "ckpt.pt"), "--out", str(tmp_path / "m"), "--provenance", '{"a": 1}']) == 0
+                 str(tmp_path / "di" / "ckpt.pt"), "--out", str(tmp_path / "m"), "--provenance", '{"a": 1}',
+                 "--head-error", "0.5"]) == 0
     m = load_model(tmp_path / "m")
-    assert m.provenance == {"a": 1}
+    assert m.provenance == {"a": 1} and m.head_error == 0.5
+    assert main(["export", "--unet-ckpt", str(tmp_path / "tr" / "ckpt.pt"), "--head-ckpt",
+                 str(tmp_path / "di" / "ckpt.pt"), "--out", str(tmp_path / "m_bad"), "--head-error", "nan"]) == 2
     eps, deps = m.eps_and_deps(torch.randn(1, 1, 32, 32), torch.tensor([0.5]))
     assert torch.isfinite(deps).all()
     # the benchmarks' --unet-ckpt: a saved head on the EMA network of one run's states, or their average
