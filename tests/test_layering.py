@@ -324,3 +324,16 @@ def test_checker_finds_upward_edges_and_circles(tmp_path):
     import_graph(files, broken)
     assert broken == ["toy.high.b, line 2: no module toy.high.gone"], broken
     assert layer_of("toy.high.a", layers) == 2 and layer_of("toy.other", {"toy": 9}) is None
+
+
+def test_pyproject_lists_every_package():
+    """A non-editable install ships only the packages pyproject.toml names: every folder of
+    genie_fast/ with an __init__.py (and the data-only assets, and kernels/ as genie_fast.kernels)
+    must be listed, or the installed package misses modules the editable one has."""
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "genie_fast").rglob("__init__.py")}
+    assert found <= listed, f"pyproject.toml packages misses {sorted(found - listed)}"
+    assert {"genie_fast.assets", "genie_fast.kernels"} <= listed
