@@ -231,7 +231,6 @@ def _install_run(tmp_path, cuda, off, cap):
     return r, calls, time.time() - t0
 
 
-@pytest.mark.slow  # the script waits out the install cap (~6 s): run with -m slow
 def test_install_timeout_is_not_followed_by_a_fallback_build(tmp_path):
     """A CUDA build stopped at its cap is a timeout that the rerun continues (same build folder):
     no GENIE_FAST_CUDA=OFF build after it, nothing past the step's limit."""
@@ -245,7 +244,6 @@ def test_install_timeout_is_not_followed_by_a_fallback_build(tmp_path):
     assert secs < 30, secs
 
 
-@pytest.mark.slow  # ~7 s of script runs: run with -m slow
 def test_install_failure_falls_back_within_the_step_limit(tmp_path):
     """A failed CUDA build (not a timeout) is redone with GENIE_FAST_CUDA=OFF in its own build
     folder, within what is left of the install step's limit (no extra 120 s)."""
