@@ -18,7 +18,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from genie_fast.models.unet import ResBlock, _groups
+from genie_fast.models.unet import AttnBlock, ResBlock, _groups
 
 
 class FiLMResBlock(nn.Module):
@@ -40,22 +40,6 @@ class FiLMResBlock(nn.Module):
         h = self.norm1(h) * (1 + scale) + shift
         h = self.conv1(F.silu(h))
         return (x + h) / math.sqrt(2.0)
-
-
-class Attn(nn.Module):
-    def __init__(self, ch):
-        super().__init__()
-        self.norm = nn.GroupNorm(_groups(ch), ch, eps=1e-6)
-        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
-        self.proj = nn.Conv2d(ch, ch, 1)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
-
-    def forward(self, x):
-        B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).flatten(2).transpose(1, 2).chunk(3, dim=2)
-        h = F.scaled_dot_product_attention(q, k, v)
-        return (x + self.proj(h.transpose(1, 2).reshape(B, C, H, W))) / math.sqrt(2.0)
 
 
 class Shipped(nn.Module):
@@ -87,7 +71,7 @@ class MultiRes(nn.Module):
         blk = (lambda w: FiLMResBlock(w, temb_dim)) if film else (lambda w: ResBlock(w, w, temb_dim, 0.0))
         self.in8 = nn.Conv2d(cmid + c8, w8, 1)
         self.b8 = nn.ModuleList([blk(w8) for _ in range(n8)])
-        self.attn8 = Attn(w8) if attn8 else None
+        self.attn8 = AttnBlock(w8) if attn8 else None
         self.in16 = nn.Conv2d(w8 + c16, w16, 1)
         self.b16 = nn.ModuleList([blk(w16) for _ in range(n16)])
         self.in32 = nn.Conv2d(w16 + c32, w32, 1)
