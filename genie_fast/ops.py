@@ -39,7 +39,7 @@ import torch
 from ._ext import has_op
 from .layout import (DPMPP_2M_A, DPMPP_2M_B, DPMPP_2M_WEIGHTS, MULTISTEP_D_SLOTS, MULTISTEP_TERMS,
                      MULTISTEP_WEIGHTS, MULTISTEP_X0_SLOTS)
-from .schedule import COL, VPSchedule, coeff_table
+from .schedule import COL, VPSchedule, check_schedule, coeff_table
 
 __all__ = [
     "BACKENDS", "head_combine_ref", "available_backends", "check_backend", "schedule_table",
@@ -159,22 +159,122 @@ def genie_multistep_step_ref(x_bar, x_bar_eval, eps, head_out, x0_hist, d_hist, 
 
 # --------------------------------------------------------------------------- dispatch
 
-def _check_step_args(x_bar, eps, coeffs, head_out=None):
-    if x_bar.shape != eps.shape:
-        raise ValueError(f"x_bar {tuple(x_bar.shape)} and eps {tuple(eps.shape)} must have the same shape")
+_STATE_DTYPES = (torch.float32, torch.float64)
+_NET_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_WEIGHT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+_OUTS = {  # op -> its outputs: (name, the argument whose dtype it takes)
+    "genie_step": (("x_bar_next", "x_bar"), ("x_next", "eps")),
+    "ddim_step": (("x_bar_next", "x_bar"), ("x_next", "eps")),
+    "denoise_step": (("x0", "x_bar"),),
+    "dpmpp_2m_step": (("x_bar_next", "x_bar"), ("x_next", "eps"), ("x0", "x_bar")),
+    "genie_multistep_step": (("x_bar_next", "x_bar"), ("x_bar_pred", "x_bar"), ("x_pred", "eps"), ("x0", "x_bar"),
+                             ("d", "x_bar")),
+}
+
+
+def _dtype_of(name: str, t: torch.Tensor, x_bar: torch.Tensor, eps: torch.Tensor):
+    """The dtypes argument `name` may have (a tuple), or the one it must have (a dtype)."""
+    if name == "x_bar":
+        return _STATE_DTYPES
+    if name == "eps":
+        return (torch.float64,) if x_bar.dtype == torch.float64 else _NET_DTYPES
+    if name == "head_out":
+        return eps.dtype
+    if name in ("coeffs",):
+        return _STATE_DTYPES
+    if name in ("weights", "deps"):
+        return _WEIGHT_DTYPES
+    return x_bar.dtype  # x0_prev, x_bar_eval, x0_hist, d_hist: the state's
+
+
+def _shape_of(name: str, x_bar: torch.Tensor, n_weights: int | None):
+    """The shape argument `name` must have (None: checked apart)."""
+    s = tuple(x_bar.shape)
+    if name == "head_out":
+        return (s[0], 3 * s[1], *s[2:])
+    if name == "x0_hist":
+        return (MULTISTEP_X0_SLOTS, *s)
+    if name == "d_hist":
+        return (MULTISTEP_D_SLOTS, *s)
+    if name == "weights":
+        return (n_weights,)
+    if name == "coeffs":
+        return None
+    return s
+
+
+def _check_args(op: str, named: dict, out=None, n_weights: int | None = None) -> tuple | None:
+    """The one argument check of every public step op, on the host, from tensor metadata only (no
+    value is read: no device sync, nothing a CUDA graph capture refuses). `named`: the op's tensor
+    arguments by name, in its argument order (None for an absent optional one; x_bar and eps are
+    checked first). Refuses a non-tensor,
+    a wrong shape or dtype, a tensor on another device than x_bar (a coefficient row on `meta`
+    next to CPU tensors would run the fake kernel and return uninitialised memory), and outputs
+    `out` of the wrong number, shape, dtype, device or layout, or sharing memory with each other
+    (an output aliasing an input is allowed: each element is read before it is written). Returns
+    the outputs as a tuple (None without out=)."""
+    for name, t in named.items():
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+    x_bar, eps = named["x_bar"], named["eps"]
     if x_bar.dim() < 2:
-        raise ValueError(f"x_bar must be (B, C, ...), got shape {tuple(x_bar.shape)}")
-    if head_out is not None:
-        want = (x_bar.shape[0], 3 * x_bar.shape[1], *x_bar.shape[2:])
-        if tuple(head_out.shape) != want:
-            raise ValueError(f"head output must have shape {want} (3*C channels), got {tuple(head_out.shape)}")
-    if coeffs.dim() != 1 or coeffs.numel() < len(COL):
-        raise ValueError(f"coeffs must be one row of coeff_table ({len(COL)} values), got shape {tuple(coeffs.shape)}")
+        raise ValueError(f"{op}: x_bar must be (B, C, ...), got shape {tuple(x_bar.shape)}")
+    device = x_bar.device
+    for name in ("x_bar", "eps", *(k for k in named if k not in ("x_bar", "eps"))):
+        t = named[name]
+        if t is None:
+            continue
+        want = _shape_of(name, x_bar, n_weights)
+        if name == "coeffs":
+            if t.dim() != 1 or t.numel() < len(COL):
+                raise ValueError(f"{op}: coeffs must be one row of coeff_table ({len(COL)} values), got shape "
+                                 f"{tuple(t.shape)}")
+        elif tuple(t.shape) != want:
+            what = {"eps": "have the shape of x_bar", "head_out": f"have shape {want} (3*C channels [h1|h2|h3])",
+                    "weights": f"be {n_weights} values"}.get(name, f"have shape {want}")
+            raise ValueError(f"{op}: {name} must {what}, got shape {tuple(t.shape)}")
+        dtypes = _dtype_of(name, t, x_bar, eps)
+        if t.dtype not in (dtypes if isinstance(dtypes, tuple) else (dtypes,)):
+            allowed = ", ".join(str(d).replace("torch.", "") for d in (dtypes if isinstance(dtypes, tuple) else (dtypes,)))
+            note = " (a float64 state needs float64 network outputs)" if name == "eps" and x_bar.dtype == torch.float64 else ""
+            raise TypeError(f"{op}: {name} dtype {str(t.dtype).replace('torch.', '')} is not allowed here: "
+                            f"it must be {allowed}{note}")
+        if t.device != device:
+            raise ValueError(f"{op}: {name} is on {t.device}, x_bar on {device}: every tensor of a step "
+                             "(coefficient rows and weights too) must be on the same device")
+    if out is None:
+        return None
+    outs = (out,) if isinstance(out, torch.Tensor) else tuple(out)
+    spec = _OUTS[op]
+    if len(outs) != len(spec):
+        raise ValueError(f"{op}: out must hold {len(spec)} tensors ({', '.join(n for n, _ in spec)}), got {len(outs)}")
+    for o, (name, like) in zip(outs, spec):
+        dtype = named[like].dtype
+        if not isinstance(o, torch.Tensor):
+            raise TypeError(f"{op}: output {name} must be a tensor, got {type(o).__name__}")
+        if o.shape != x_bar.shape or o.dtype != dtype or o.device != device:
+            raise ValueError(f"{op}: output {name} must be {tuple(x_bar.shape)} {dtype} on {device}, got "
+                             f"{tuple(o.shape)} {o.dtype} on {o.device}")
+        if not o.is_contiguous():
+            raise ValueError(f"{op}: output {name} must be contiguous (row-major); channels_last or strided "
+                             "outputs are not supported")
+    for i in range(len(outs)):
+        for j in range(i):
+            if _overlap(outs[i], outs[j]):
+                raise ValueError(f"{op}: outputs {spec[j][0]} and {spec[i][0]} share memory; each output needs its "
+                                 "own buffer (an output may alias an input, not another output)")
+    return outs
 
 
-def _check_weights(weights, n: int):
-    if weights.dim() != 1 or weights.numel() != n:
-        raise ValueError(f"weights must be {n} values, got shape {tuple(weights.shape)}")
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two contiguous tensors share any memory (storage identity where there is no memory)."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    sa, sb = a.untyped_storage(), b.untyped_storage()
+    if a.device.type == "meta" or sa.data_ptr() == 0 or sb.data_ptr() == 0:
+        return sa._cdata == sb._cdata
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
 
 
 @functools.lru_cache(maxsize=None)
@@ -253,28 +353,14 @@ def _triton():
     return kernels
 
 
-def _copy_out(results, out):
-    """The torch backend with out=: compute, then copy (inputs may alias the outputs)."""
-    if out is None:
+def _copy_out(results, outs):
+    """The torch backend with out=: compute, then copy (inputs may alias the outputs; `outs` checked)."""
+    if outs is None:
         return results
     single = isinstance(results, torch.Tensor)
-    results = (results,) if single else results
-    out = (out,) if isinstance(out, torch.Tensor) else tuple(out)
-    if len(out) != len(results):
-        raise ValueError(f"out must hold {len(results)} tensors, got {len(out)}")
-    for r, o in zip(results, out):
-        if o.shape != r.shape or o.dtype != r.dtype or o.device != r.device:
-            raise ValueError(f"output must be {tuple(r.shape)} {r.dtype} on {r.device}, got "
-                             f"{tuple(o.shape)} {o.dtype} on {o.device}")
+    for r, o in zip((results,) if single else results, outs):
         o.copy_(r)
-    return out[0] if single else out
-
-
-def _outs(out, n):
-    out = (out,) if isinstance(out, torch.Tensor) else tuple(out)
-    if len(out) != n:
-        raise ValueError(f"out must hold {n} tensors, got {len(out)}")
-    return out
+    return outs[0] if single else outs
 
 
 def taylor_step(x_bar, eps, deps, coeffs, backend: str = "auto"):
@@ -283,37 +369,34 @@ def taylor_step(x_bar, eps, deps, coeffs, backend: str = "auto"):
     Not fused (see the module docstring): every backend runs the reference, but a named backend
     that cannot run on the tensors' device is refused as for the fused ops.
     """
-    _check_step_args(x_bar, eps, coeffs)
-    if deps is not None and deps.shape != x_bar.shape:
-        raise ValueError(f"deps {tuple(deps.shape)} must have the shape of x_bar {tuple(x_bar.shape)}")
+    _check_args("taylor_step", {"x_bar": x_bar, "eps": eps, "deps": deps, "coeffs": coeffs})
     _check_backend_device(backend, x_bar.device.type, "taylor_step")
     return taylor_step_ref(x_bar, eps, deps, coeffs)
 
 
-# op -> (its reference, the argument whose dtype each output takes): the one dispatch table of the
-# fused step ops. Every output has x_bar's shape; a state output takes x_bar's dtype (argument 0),
-# the next network input eps's.
+# op -> its reference: the one dispatch table of the fused step ops (outputs in `_OUTS`).
 _STEP_OPS = {
-    "genie_step": (genie_step_ref, (0, 1)),                 # x_bar_next, x_next
-    "ddim_step": (ddim_step_ref, (0, 1)),                   # x_bar_next, x_next
-    "denoise_step": (denoise_step_ref, (0,)),               # x0
-    "dpmpp_2m_step": (dpmpp_2m_step_ref, (0, 1, 0)),        # x_bar_next, x_next, x0
-    "genie_multistep_step": (genie_multistep_step_ref, (0, 0, 2, 0, 0)),  # x_bar_next, x_bar_pred, x_pred, x0, d
+    "genie_step": genie_step_ref,
+    "ddim_step": ddim_step_ref,
+    "denoise_step": denoise_step_ref,
+    "dpmpp_2m_step": dpmpp_2m_step_ref,
+    "genie_multistep_step": genie_multistep_step_ref,
 }
 
 
-def _run_step(op: str, args: tuple, backend: str, out):
-    """Runs fused step `op` on `args` (its tensors, coeffs last) with `backend`, into `out`; without
-    `out`, into fresh contiguous outputs allocated here (the kernels have only the out form)."""
-    ref, dtypes_of = _STEP_OPS[op]
-    b = _pick(op, args[0].device, backend)
+def _run_step(op: str, named: dict, backend: str, out, n_weights: int | None = None):
+    """Checks (`_check_args`), then runs fused step `op` on its tensors `named` (in the op's argument
+    order, coeffs last) with `backend`, into `out`; without `out`, into fresh contiguous outputs
+    allocated here (the kernels have only the out form)."""
+    outs = _check_args(op, named, out, n_weights)
+    args = tuple(named.values())
+    x_bar = args[0]
+    b = _pick(op, x_bar.device, backend)
     if b == "torch":
-        return _copy_out(ref(*args), out)
-    if out is None:
-        x_bar = args[0]
-        outs = tuple(torch.empty(x_bar.shape, dtype=args[i].dtype, device=x_bar.device) for i in dtypes_of)
-    else:
-        outs = _outs(out, len(dtypes_of))
+        return _copy_out(_STEP_OPS[op](*args), outs)
+    if outs is None:
+        outs = tuple(torch.empty(x_bar.shape, dtype=named[like].dtype, device=x_bar.device)
+                     for _, like in _OUTS[op])
     if b == "triton":
         getattr(_triton(), op)(*args, *outs)
     else:
@@ -323,60 +406,59 @@ def _run_step(op: str, args: tuple, backend: str, out):
 
 def genie_step(x_bar, eps, head_out, coeffs, backend: str = "auto", out=None):
     """Fused GENIE step; see `genie_step_ref`. Returns (x_bar_next, x_next)."""
-    _check_step_args(x_bar, eps, coeffs, head_out)
-    return _run_step("genie_step", (x_bar, eps, head_out, coeffs), backend, out)
+    return _run_step("genie_step", {"x_bar": x_bar, "eps": eps, "head_out": head_out, "coeffs": coeffs},
+                     backend, out)
 
 
 def ddim_step(x_bar, eps, coeffs, backend: str = "auto", out=None):
     """DDIM / AFS step; see `ddim_step_ref`. Returns (x_bar_next, x_next)."""
-    _check_step_args(x_bar, eps, coeffs)
-    return _run_step("ddim_step", (x_bar, eps, coeffs), backend, out)
+    return _run_step("ddim_step", {"x_bar": x_bar, "eps": eps, "coeffs": coeffs}, backend, out)
 
 
 def denoise_step(x_bar, eps, coeffs, backend: str = "auto", out=None):
     """Final denoising step; see `denoise_step_ref`. Returns x0."""
-    _check_step_args(x_bar, eps, coeffs)
-    return _run_step("denoise_step", (x_bar, eps, coeffs), backend, out)
+    return _run_step("denoise_step", {"x_bar": x_bar, "eps": eps, "coeffs": coeffs}, backend, out)
 
 
 def dpmpp_2m_step(x_bar, eps, x0_prev, weights, coeffs, backend: str = "auto", out=None):
     """DPM-Solver++(2M) step with the step's weights [a, b]; see `dpmpp_2m_step_ref`.
     Returns (x_bar_next, x_next, x0)."""
-    _check_step_args(x_bar, eps, coeffs)
-    if x0_prev.shape != x_bar.shape:
-        raise ValueError(f"x0_prev {tuple(x0_prev.shape)} must have the shape of x_bar {tuple(x_bar.shape)}")
-    _check_weights(weights, DPMPP_2M_WEIGHTS)
-    return _run_step("dpmpp_2m_step", (x_bar, eps, x0_prev, weights, coeffs), backend, out)
+    return _run_step("dpmpp_2m_step", {"x_bar": x_bar, "eps": eps, "x0_prev": x0_prev, "weights": weights,
+                                       "coeffs": coeffs}, backend, out, DPMPP_2M_WEIGHTS)
 
 
 def genie_multistep_step(x_bar, x_bar_eval, eps, head_out, x0_hist, d_hist, weights, coeffs,
                          backend: str = "auto", out=None):
     """genie_multistep's corrector + predictor; see `genie_multistep_step_ref`.
     Returns (x_bar_next, x_bar_pred, x_pred, x0, d)."""
-    _check_step_args(x_bar, eps, coeffs, head_out)
-    if x_bar_eval.shape != x_bar.shape:
-        raise ValueError(f"x_bar_eval {tuple(x_bar_eval.shape)} must have the shape of x_bar {tuple(x_bar.shape)}")
-    for name, hist, slots in (("x0_hist", x0_hist, MULTISTEP_X0_SLOTS), ("d_hist", d_hist, MULTISTEP_D_SLOTS)):
-        if tuple(hist.shape) != (slots, *x_bar.shape):
-            raise ValueError(f"{name} must have shape {(slots, *x_bar.shape)}, got {tuple(hist.shape)}")
-    _check_weights(weights, MULTISTEP_WEIGHTS)
-    return _run_step("genie_multistep_step", (x_bar, x_bar_eval, eps, head_out, x0_hist, d_hist, weights, coeffs),
-                     backend, out)
+    return _run_step("genie_multistep_step",
+                     {"x_bar": x_bar, "x_bar_eval": x_bar_eval, "eps": eps, "head_out": head_out, "x0_hist": x0_hist,
+                      "d_hist": d_hist, "weights": weights, "coeffs": coeffs}, backend, out, MULTISTEP_WEIGHTS)
 
 
 def schedule_table(schedule, ts: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """`coeff_table(schedule, ts)` computed on ts's device: (N, len(COEFF_COLUMNS)) float64.
 
     For a VPSchedule the fused kernels evaluate its closed forms on the device from the grid
-    ts (a device tensor of N + 1 times), with no host round trip. Other schedules (e.g.
+    ts (a device tensor of N + 1 times), with no host round trip. Times on the CPU are checked
+    (finite, in (0, 1]); times on a device are not read (no sync: `Plan` checks its host grid). Other schedules (e.g.
     DiscreteVPSchedule, whose alpha is a host table) get the host table copied to the device,
     which reads ts back to the host once; do this before a sampling loop, never inside one.
     """
+    check_schedule(schedule)
     if not isinstance(ts, torch.Tensor):
         raise TypeError(f"ts must be a tensor of times on the sampling device, got {type(ts).__name__}")
     if ts.dim() != 1 or ts.numel() < 2:
         raise ValueError(f"ts must be a 1-D grid of at least two times, got shape {tuple(ts.shape)}")
+    if ts.dtype not in _STATE_DTYPES:
+        raise TypeError(f"ts must be float32 or float64 times, got {ts.dtype}")
     b = _pick("schedule_table", ts.device, backend)
+    if ts.device.type == "cpu":  # host times are read here for free; device times are never read back
+        bad = ~(torch.isfinite(ts) & (ts > 0) & (ts <= 1))
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            raise ValueError(f"ts must hold finite times in (0, 1], got {float(ts[i])} at index {i} (t = 0 "
+                             "or a NaN would give NaN/inf coefficients)")
     if b == "torch" or type(schedule) is not VPSchedule:
         return coeff_table(schedule, ts).to(ts.device)
     if b == "triton":

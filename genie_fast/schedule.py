@@ -22,6 +22,7 @@ __all__ = [
     "DiscreteVPSchedule",
     "time_grid",
     "coeff_table",
+    "check_schedule",
     "COEFF_COLUMNS",
     "GRIDS",
     "q_sample",
@@ -274,6 +275,15 @@ COEFF_COLUMNS = (
 # A solver's own weights (e.g. DPM-Solver++(2M)'s a, b from consecutive log-SNR step sizes) are not
 # columns: the solver computes them into its plan and passes them beside the row (genie_fast.layout).
 COL = {name: i for i, name in enumerate(COEFF_COLUMNS)}
+
+
+def check_schedule(schedule, name: str = "schedule"):
+    """`schedule` itself if it is a schedule object (a `VPSchedule`, `DiscreteVPSchedule`, or
+    anything with their ``t_end``, ``gamma``, ``model_time`` and ``log_snr``), else a TypeError naming it."""
+    if isinstance(schedule, _Schedule) or all(hasattr(schedule, a) for a in ("t_end", "gamma", "model_time", "log_snr")):
+        return schedule
+    raise TypeError(f"{name} must be a schedule object (e.g. genie_fast.schedule.VPSchedule(), or the model's "
+                    f".schedule), got {schedule!r} ({type(schedule).__name__})")
 
 
 def coeff_table(schedule: _Schedule, ts) -> torch.Tensor:

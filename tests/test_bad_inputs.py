@@ -732,3 +732,153 @@ def test_kill_9_during_generate_resumes_exactly(tmp_path):
     with np.load(out / "samples.npz") as a, np.load(tmp_path / "ref" / "samples.npz") as b:
         assert (a["seeds"] == b["seeds"]).all() and (a["arr_0"] == b["arr_0"]).all()
     assert ref["count"] == 400
+
+
+# --------------------------------------------------------------------------- issue 29: the public fused ops
+
+def _op_call(op, backend="torch", **replace):
+    """(call, the op's tensor arguments by name) for op on small float32 CPU inputs; replace= swaps one."""
+    from genie_fast import ops
+    from genie_fast.layout import DPMPP_2M_WEIGHTS, MULTISTEP_D_SLOTS, MULTISTEP_WEIGHTS, MULTISTEP_X0_SLOTS
+    from genie_fast.schedule import coeff_table
+
+    g = torch.Generator().manual_seed(0)
+    s = (2, 3, 4, 4)
+    r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    row = coeff_table(VPSchedule(), time_grid(VPSchedule(), 10, "quadratic"))[7]
+    named = {"x_bar": r(*s), "eps": r(*s)}
+    named.update({
+        "taylor_step": lambda: {"deps": r(*s)},
+        "ddim_step": lambda: {}, "denoise_step": lambda: {},
+        "genie_step": lambda: {"head_out": r(2, 9, 4, 4)},
+        "dpmpp_2m_step": lambda: {"x0_prev": r(*s), "weights": r(DPMPP_2M_WEIGHTS).double()},
+        "genie_multistep_step": lambda: {"x_bar_eval": r(*s), "head_out": r(2, 9, 4, 4),
+                                         "x0_hist": r(MULTISTEP_X0_SLOTS, *s), "d_hist": r(MULTISTEP_D_SLOTS, *s),
+                                         "weights": r(MULTISTEP_WEIGHTS).double()},
+    }[op]())
+    named["coeffs"] = row
+    named.update(replace)
+    order = {"genie_multistep_step": ("x_bar", "x_bar_eval", "eps", "head_out", "x0_hist", "d_hist", "weights",
+                                      "coeffs")}.get(op)
+    if order is None:
+        order = [k for k in ("x_bar", "eps", "deps", "head_out", "x0_prev", "weights", "coeffs") if k in named]
+    fn = getattr(ops, op)
+    return (lambda **kw: fn(*(named[k] for k in order), backend=backend, **kw)), named
+
+
+STEP_OPS = ("taylor_step", "ddim_step", "denoise_step", "genie_step", "dpmpp_2m_step", "genie_multistep_step")
+
+
+def _cpu_backends(op):
+    from genie_fast import ops
+    return ops.available_backends(op if op != "taylor_step" else "ddim_step", "cpu")
+
+
+@pytest.mark.parametrize("op", STEP_OPS)
+def test_step_op_tensor_on_another_device_is_refused(op):
+    """A coefficient row (or any other argument) on `meta` beside CPU tensors used to run the fake
+    kernel and return uninitialised memory; every argument, on every backend, is now refused by name."""
+    _, named = _op_call(op)
+    for backend in _cpu_backends(op):
+        for name in named:
+            call, _ = _op_call(op, backend, **{name: named[name].to("meta")})
+            with pytest.raises(ValueError, match=f"{op}: {name} is on meta, x_bar on cpu|{op}: eps is on cpu, x_bar on meta"):
+                call()
+
+
+@pytest.mark.parametrize("op", STEP_OPS)
+def test_step_op_wrong_dtype_or_kind_is_refused(op):
+    _, named = _op_call(op)
+    for backend in _cpu_backends(op):
+        call, _ = _op_call(op, backend, coeffs=named["coeffs"].long())
+        with pytest.raises(TypeError, match="coeffs dtype int64 is not allowed"):
+            call()
+        call, _ = _op_call(op, backend, x_bar=named["x_bar"].half())
+        with pytest.raises(TypeError, match="x_bar dtype float16 .* float32, float64"):
+            call()
+        call, _ = _op_call(op, backend, x_bar=named["x_bar"].double())  # a float64 state, float32 eps
+        with pytest.raises(TypeError, match="float64 state needs float64 network outputs"):
+            call()
+        call, _ = _op_call(op, backend, coeffs=named["coeffs"].tolist())
+        with pytest.raises(TypeError, match="coeffs must be a tensor, got list"):
+            call()
+
+
+@pytest.mark.parametrize("op", [o for o in STEP_OPS if o != "taylor_step"])
+def test_step_op_outputs_sharing_memory_are_refused_an_output_aliasing_an_input_is_not(op):
+    """Two outputs in one buffer gave a wrong result without a word; an output that is an input
+    (x_bar updated in place, what the engine does) stays allowed and exact."""
+    from genie_fast.ops import _OUTS
+
+    _, named = _op_call(op)
+    want = _op_call(op)[0]()
+    want = (want,) if isinstance(want, torch.Tensor) else want
+    for backend in _cpu_backends(op):
+        call, named = _op_call(op, backend)
+        if len(_OUTS[op]) > 1:
+            buf = torch.empty(named["x_bar"].numel() + 5)
+            shared = [torch.empty_like(named["x_bar"]) for _ in _OUTS[op]]
+            shared[0], shared[1] = buf[:named["x_bar"].numel()].view_as(named["x_bar"]), buf[5:].view_as(named["x_bar"])
+            with pytest.raises(ValueError, match=f"outputs {_OUTS[op][0][0]} and {_OUTS[op][1][0]} share memory"):
+                call(out=tuple(shared))
+            same = [torch.empty_like(named["x_bar"]) for _ in _OUTS[op]]
+            same[1] = same[0]
+            with pytest.raises(ValueError, match="share memory"):
+                call(out=tuple(same))
+        call, named = _op_call(op, backend)
+        inplace = (named["x_bar"],) + tuple(torch.empty_like(named["x_bar"]) for _ in _OUTS[op][1:])
+        got = call(out=inplace)
+        got = (got,) if isinstance(got, torch.Tensor) else got
+        assert got[0] is named["x_bar"]
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("op", STEP_OPS)
+def test_step_op_checks_read_no_value(op):
+    """The checks read tensor metadata only (never a value: on a GPU a value read is a host sync,
+    refused inside a captured graph): every op with out= runs under a mode that refuses every
+    value-reading aten op, and a run on `meta` tensors (which hold no values) passes them."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from genie_fast.ops import _OUTS
+
+    syncs = ("aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero", "aten::equal", "aten::item")
+
+    class NoValueReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func._schema.name in syncs:
+                raise RuntimeError(f"host read {func._schema.name}")
+            return func(*args, **(kwargs or {}))
+
+    for backend in _cpu_backends(op):
+        call, named = _op_call(op, backend)
+        kw = {} if op == "taylor_step" else {"out": tuple(torch.empty_like(named["x_bar"], dtype=named[like].dtype)
+                                                          for _, like in _OUTS[op])}
+        if backend != "triton":  # (the Triton interpreter reads values on the host by design)
+            with NoValueReads():
+                call(**kw)
+    meta_call, _ = _op_call(op, "torch", **{k: v.to("meta") for k, v in named.items()})
+    got = meta_call()
+    assert (got if isinstance(got, torch.Tensor) else got[0]).device.type == "meta"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), 0.0, -0.1, 1.5, float("inf")])
+def test_schedule_table_refuses_times_that_give_nan_coefficients(bad):
+    from genie_fast import ops
+
+    ts = time_grid(VPSchedule(), 6, "quadratic")
+    ts[3] = bad
+    for backend in ops.available_backends("schedule_table", "cpu"):
+        with pytest.raises(ValueError, match=r"ts must hold finite times in \(0, 1\], got .* at index 3"):
+            ops.schedule_table(VPSchedule(), ts, backend=backend)
+
+
+def test_schedule_table_names_a_schedule_that_is_not_one():
+    from genie_fast import ops
+
+    ts = time_grid(VPSchedule(), 6, "quadratic")
+    with pytest.raises(TypeError, match="schedule must be a schedule object .* got 'vp'"):
+        ops.schedule_table("vp", ts)
+    with pytest.raises(TypeError, match="ts must be float32 or float64"):
+        ops.schedule_table(VPSchedule(), ts.long())
