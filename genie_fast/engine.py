@@ -75,8 +75,10 @@ from .devices import DTYPES, as_dtype, default_device, no_tf32, tf32_flags
 from .graphs import GraphEntry, Uncapturable, capture
 from .noise import initial_state, make_noise, seed_noise
 from .profiling import nvtx_range, pop, push
-from .schedule import VPSchedule, time_grid
-from .solvers import DEFAULT_AFS, DEFAULT_SOLVER, SOLVERS, NonFiniteError, Plan, evals_per_call, find_nonfinite, nfe_of, resolve
+from .schedule import VPSchedule, check_schedule, time_grid
+from .solvers import DEFAULT_SOLVER, SOLVERS, NonFiniteError, Plan, evals_per_call, find_nonfinite, nfe_of, resolve
+from .solvers.accounting import _check_solver
+from .solvers.options import check_grid_arg, check_solver_kw
 from .weights import ModelWeights, converted_copy as _converted_copy  # noqa: F401  (engine._converted_copy: tests, bench)
 
 __all__ = ["SamplingEngine", "GraphKey", "DTYPES", "make_noise", "seed_noise", "NonFiniteError", "engine_for",
@@ -129,16 +131,16 @@ class SamplingEngine:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.net_dtype = None if net_dtype is None else self._check_net_dtype(net_dtype)
         self.backend = ops.check_backend(backend, self.device)  # a named backend that cannot run here raises
+        use_graphs = check_flag("use_graphs", use_graphs, allow_none=True)
         if use_graphs is None:
             use_graphs = self.device.type == "cuda"
         if use_graphs and self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device; the engine runs on {self.device}")
         self.use_graphs = bool(use_graphs)
-        if int(max_graphs) != max_graphs or max_graphs < 1:
-            raise ValueError(f"max_graphs must be a positive integer, got {max_graphs}")
-        if int(warmup) != warmup or warmup < 1:
-            raise ValueError(f"warmup must be a positive integer (capture needs a warm-up run), got {warmup}")
-        self.max_graphs, self.warmup = int(max_graphs), int(warmup)
+        self.max_graphs = check_int("max_graphs", max_graphs, 1)
+        self.warmup = check_int("warmup (capture needs a warm-up run)", warmup, 1)
+        if schedule is not None:
+            check_schedule(schedule)
         self.schedule = schedule if schedule is not None else getattr(model, "schedule", None) or VPSchedule()
 
         self._model_ref = weakref.ref(model) if _is_weakrefable(model) else (lambda m=model: m)
@@ -219,12 +221,20 @@ class SamplingEngine:
         return shape
 
     def _state_noise(self, noise, n, shape, seed, dtype, seeds=None) -> torch.Tensor:
-        """x_T on the device in the state dtype (`noise.initial_state`)."""
-        return initial_state(noise, n, self._shape(shape), seed, dtype, seeds, self.device,
-                             lambda: _image_shape(self.model))
+        """x_T on the device in the state dtype (`noise.initial_state`); a UserWarning when its image
+        shape is not the model's ``image_shape`` (a convolutional network runs at any size, but it
+        learned one)."""
+        x = initial_state(noise, n, self._shape(shape), seed, dtype, seeds, self.device,
+                          lambda: _image_shape(self.model))
+        own = getattr(self.model, "image_shape", None)
+        if own is not None and tuple(x.shape[1:]) != tuple(own):
+            warnings.warn(f"genie_fast sample: the sample shape {tuple(x.shape[1:])} differs from the model's "
+                          f"image_shape {tuple(own)}; the network was trained at {tuple(own)} and runs at other "
+                          "sizes without knowing them", UserWarning, stacklevel=_caller_level())
+        return x
 
     def key(self, noise: torch.Tensor, *, solver: str = DEFAULT_SOLVER, nfe: int | None = None,
-            steps: int | None = None, grid="auto", afs: bool = DEFAULT_AFS, denoise: bool = False, dtype=None,
+            steps: int | None = None, grid="auto", afs: bool | None = None, denoise: bool = False, dtype=None,
             net_dtype=None, schedule=None, **solver_kw) -> GraphKey:
         """The cache key of a call (validates every argument)."""
         x_T = self._state_noise(noise, None, None, 0, dtype)
@@ -238,17 +248,21 @@ class SamplingEngine:
             if value is not None:
                 check_int(name, value, 1)
         afs, denoise = check_flag("afs", afs, allow_none=True), check_flag("denoise", denoise)
+        _check_solver(solver)
+        grid = check_grid_arg(grid)
+        if schedule is not None and not isinstance(schedule, VPSchedule):  # (the default's type: no check needed)
+            check_schedule(schedule)
         try:
             memo_key = (solver, nfe, steps, grid if isinstance(grid, str) else _grid_key(grid), afs, denoise,
                         x_T.dtype, x_T.shape, net_dtype, schedule, tuple(sorted(solver_kw.items())), tf32, encode)
             hash(memo_key)
-        except TypeError as e:
-            raise TypeError(f"solver keyword arguments are part of the graph key and must be hashable ({e})") from None
+        except TypeError:
+            check_solver_kw(solver, solver_kw)  # names the keyword argument
+            raise
         hit = self._memo.get(memo_key)
         if hit is not None:
             return hit
-        if solver not in SOLVERS:
-            raise ValueError(f"unknown solver {solver!r}; choose one of {sorted(SOLVERS)}")
+        check_solver_kw(solver, solver_kw)
         schedule = schedule if schedule is not None else self.schedule
         net_dtype = self._resolve_net_dtype(net_dtype, x_T.dtype)
         opts = resolve(solver, nfe, steps, grid, afs, denoise, evals_per_call=evals_per_call(self.model),
@@ -293,10 +307,11 @@ class SamplingEngine:
     @torch.no_grad()
     def sample(self, noise: torch.Tensor | None = None, *, n: int | None = None, shape=None, seed: int = 0,
                seeds=None, solver: str = DEFAULT_SOLVER, nfe: int | None = None, steps: int | None = None,
-               grid="auto", afs: bool = DEFAULT_AFS, denoise: bool = False, dtype=None, net_dtype=None,
+               grid="auto", afs: bool | None = None, denoise: bool = False, dtype=None, net_dtype=None,
                schedule=None, check_finite: bool = True, **solver_kw):
         """Sample x0 from noise x_T with `solver`; returns (x0 (B, *shape) in `dtype` on the engine's
         device, NFE per sample). The arguments and defaults are those of `genie_fast.sample`."""
+        check_finite = check_flag("check_finite", check_finite)
         with nvtx_range("sample"), torch.inference_mode(False), torch.no_grad():
             x_T = self._state_noise(noise, n, shape, seed, dtype, seeds)
             key, plan, spent = self._prepare(x_T, solver, nfe, steps, grid, afs, denoise, net_dtype, schedule,
@@ -315,6 +330,7 @@ class SamplingEngine:
         nfe / steps and grid (with AFS and the denoising step off: neither applies to encoding; an
         explicit grid may be given either way round). Returns (x_T in `dtype`, NFE per sample).
         ``sample(noise=x_T, afs=False)`` with the same solver, nfe / steps and grid decodes it."""
+        check_finite = check_flag("check_finite", check_finite)
         with nvtx_range("encode"), torch.inference_mode(False), torch.no_grad():
             x = self._state_noise(x0, None, None, 0, dtype)
             key, plan, spent = self._prepare(x, solver, nfe, steps, grid, False, False, net_dtype, schedule,
@@ -423,6 +439,20 @@ class SamplingEngine:
         return entry
 
 
+def _caller_level() -> int:
+    """The stacklevel of a warning issued by the caller of this function that points at the first
+    frame outside genie_fast and torch (the user's call), whichever entry point led there."""
+    import os
+    import sys
+
+    inside = (os.path.dirname(os.path.abspath(__file__)) + os.sep,  # genie_fast, and torch's decorators around it
+              os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _grid_key(grid) -> tuple:
     if isinstance(grid, torch.Tensor):
         return tuple(grid.detach().cpu().flatten().tolist())
@@ -458,7 +488,8 @@ _ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 def engine_for(model, device=None, backend: str = "auto") -> SamplingEngine:
     """The cached engine of `model` on `device` (created on first use, dropped with the model)."""
-    device = torch.device(device if device is not None else default_device())
+    device = check_device(device if device is not None else default_device())
+    ops.check_backend(backend, device)  # before the backend is part of a dict key
     if device.type == "cuda" and device.index is None and torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
     if not _is_weakrefable(model):  # cannot be cached without keeping it alive: a fresh engine

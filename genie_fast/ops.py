@@ -300,7 +300,7 @@ def check_backend(backend: str, device) -> str:
 
 def _check_backend_device(backend: str, device_type: str, op: str):
     """Refuse a named backend that cannot run on this device type at all, whatever the op."""
-    if backend not in BACKENDS:
+    if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     if backend == "cpp" and device_type != "cpu":
         raise ValueError(f"backend 'cpp' runs on the CPU, but the tensors are on {device_type}")
@@ -332,7 +332,11 @@ def _pick_cached(op: str, device_type: str, backend: str) -> str:
 
 def _pick(op: str, device: torch.device, backend: str) -> str:
     """The backend that runs `op` on `device` (cached: one dict lookup per step)."""
-    return _pick_cached(op, device.type, backend)
+    try:
+        return _pick_cached(op, device.type, backend)
+    except TypeError:  # an unhashable backend (a list): named as any other unknown one
+        _check_backend_device(backend, device.type, op)
+        raise
 
 
 def available_backends(op: str, device) -> list[str]:

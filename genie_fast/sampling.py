@@ -5,17 +5,22 @@ import collections
 
 import torch
 
+from . import ops
+from .checks import check_device, check_flag
 from .devices import default_device, model_device
 from .engine import NonFiniteError, engine_for
 from .guidance import Conditioned, check_labels, check_scale, conditioned
 from .noise import make_noise, seed_noise
-from .solvers import DEFAULT_AFS, DEFAULT_SOLVER
+from .schedule import check_schedule
+from .solvers import DEFAULT_SOLVER
+from .solvers.accounting import _check_solver
+from .solvers.options import check_grid_arg, check_solver_kw
 
 __all__ = ["sample", "encode", "make_noise", "seed_noise", "NonFiniteError"]
 
 
 def sample(model=None, noise=None, n=None, shape=None, solver=DEFAULT_SOLVER, nfe=None, steps=None, grid="auto",
-           schedule=None, seed=0, afs=DEFAULT_AFS, denoise=False, backend="auto", device=None, dtype=None, net_dtype=None,
+           schedule=None, seed=0, afs=None, denoise=False, backend="auto", device=None, dtype=None, net_dtype=None,
            labels=None, guidance_scale=None, seeds=None, check_finite=True, **solver_kw):
     """Draw samples from `model` with `solver`; returns (samples (B, *shape) on `device`, NFE per sample).
 
@@ -39,9 +44,12 @@ def sample(model=None, noise=None, n=None, shape=None, solver=DEFAULT_SOLVER, nf
         evaluation, denoise adds one). Giving both is an error; an explicit grid needs neither
         (given, they must agree with it). The returned NFE is what was spent.
     grid: "auto" (the grid measured best for the solver on the bundled model, `solvers.AUTO_GRID`),
-        "logsnr", "quadratic" (GENIE's), "uniform", "edm", or the decreasing times themselves.
+        "logsnr", "quadratic" (GENIE's), "uniform", "edm", or the decreasing times themselves (a 1-D
+        sequence, tensor or array: the network is called at these times, so AFS is off unless
+        afs=True; a diffusers scheduler's loop: `models.diffusers.scheduler_grid(scheduler)`).
     afs: the analytical first step (eps(x_T, 1) = x_T, which holds where alpha_1 ~ 0; saves one
-        evaluation), on by default (measured better at 5-10 NFE for every solver on the bundled model).
+        evaluation). None (default): on with a named grid (measured better at 5-10 NFE for every
+        solver on the bundled model, `solvers.AUTO_AFS`), off with an explicit grid of times.
         denoise: a final denoising step (+1 evaluation).
     device: where sampling runs (default `devices.default_device`: the model's device, else the
         noise's, else CUDA when available, else the CPU).
@@ -68,7 +76,10 @@ def sample(model=None, noise=None, n=None, shape=None, solver=DEFAULT_SOLVER, nf
         one host-device sync per call).
 
     Every entry point shares these defaults: `SamplingEngine.sample` and ``genie-fast sample``.
+    Every argument is checked before any work (the default model is loaded after the checks that
+    need no model), with a message naming it.
     """
+    _check_options(solver, grid, schedule, backend, device, check_finite, guidance_scale, solver_kw)
     if model is None:
         model = _default_model()
     if not callable(model):
@@ -81,6 +92,22 @@ def sample(model=None, noise=None, n=None, shape=None, solver=DEFAULT_SOLVER, nf
     return engine.sample(noise, n=n, shape=shape, seed=seed, seeds=seeds, solver=solver, nfe=nfe, steps=steps,
                          grid=grid, afs=afs, denoise=denoise, dtype=dtype, net_dtype=net_dtype, schedule=schedule,
                          check_finite=check_finite, **solver_kw)
+
+
+def _check_options(solver, grid, schedule, backend, device, check_finite, guidance_scale, solver_kw):
+    """The arguments of sample / encode that need no model, checked first (the engine checks the
+    rest, and these again, before any work)."""
+    _check_solver(solver)
+    check_grid_arg(grid)
+    if schedule is not None:
+        check_schedule(schedule)
+    device = None if device is None else check_device(device)
+    if device is not None or not isinstance(backend, str) or backend not in ops.BACKENDS:
+        ops.check_backend(backend, "cpu" if device is None else device)
+    check_flag("check_finite", check_finite)
+    if guidance_scale is not None:
+        check_scale(guidance_scale)
+    check_solver_kw(solver, solver_kw)
 
 
 def _sized(seeds) -> bool:
@@ -104,17 +131,18 @@ def encode(model=None, x0=None, solver=DEFAULT_SOLVER, nfe=None, steps=None, gri
     with the same arguments runs the same grid back (AFS would replace the first evaluation by an
     approximation and change the grid's step count).
     """
+    if solver_kw.get("afs") or solver_kw.get("denoise"):
+        raise ValueError("encoding runs from data to noise: AFS and the denoising step do not apply "
+                         "(decode with sample(..., afs=False))")
+    solver_kw.pop("afs", None)
+    solver_kw.pop("denoise", None)
+    _check_options(solver, grid, schedule, backend, device, check_finite, guidance_scale, solver_kw)
     if model is None:
         model = _default_model()
     if not callable(model):
         raise TypeError(f"model must be a callable eps(x, t), got {type(model).__name__}")
     if not isinstance(x0, torch.Tensor):
         raise TypeError(f"x0 must be a tensor of data (B, *image_shape), got {type(x0).__name__}")
-    if solver_kw.get("afs") or solver_kw.get("denoise"):
-        raise ValueError("encoding runs from data to noise: AFS and the denoising step do not apply "
-                         "(decode with sample(..., afs=False))")
-    solver_kw.pop("afs", None)
-    solver_kw.pop("denoise", None)
     if device is None:
         device = default_device(model, x0)
     model = _with_labels(model, labels, guidance_scale, x0.shape[0] if x0.dim() else None)

@@ -882,3 +882,118 @@ def test_schedule_table_names_a_schedule_that_is_not_one():
         ops.schedule_table("vp", ts)
     with pytest.raises(TypeError, match="ts must be float32 or float64"):
         ops.schedule_table(VPSchedule(), ts.long())
+
+
+# --------------------------------------------------------------------------- issue 29: arguments named, shapes, dtypes
+
+@pytest.mark.parametrize("kw,err,says", [
+    (dict(grid=[[1.0, 0.5], [0.5, 0.1]]), TypeError, r"grid must be a 1-D sequence of times .* nested sequence"),
+    (dict(grid={1.0: 0.5}), TypeError, r"grid must be a name of .* or a 1-D sequence of times, got \{1.0: 0.5\}"),
+    (dict(grid=torch.ones(2, 2)), TypeError, r"grid must be .* 1-D sequence of times, got a torch.float32 tensor of shape \(2, 2\)"),
+    (dict(grid=5), TypeError, r"grid must be a name of .* got 5 \(int\)"),
+    (dict(schedule="vp"), TypeError, r"schedule must be a schedule object .* got 'vp' \(str\)"),
+    (dict(solver=["ddim"]), TypeError, r"solver must be a solver's name \(a str"),
+    (dict(backend=["cpp"]), ValueError, r"unknown backend \['cpp'\]"),
+    (dict(device=1.5), ValueError, r"device 1.5 is not a device"),
+    (dict(check_finite="yes"), TypeError, r"check_finite must be True or False, got 'yes'"),
+    (dict(guidance_scale="2"), ValueError, r"guidance_scale must be a finite number >= 0, got '2'"),
+    (dict(foo=1), TypeError, r"solver 'genie' takes no keyword argument 'foo'; its options: head"),
+    (dict(solver="unipc", order=[2]), TypeError, r"solver keyword argument order=\[2\] must be hashable"),
+])
+def test_sample_and_encode_arguments_named_before_any_work(gmm, monkeypatch, kw, err, says):
+    """Issue 29: each used to fail late and obscurely (a hashing error naming 'solver keyword arguments'
+    for a nested grid, AttributeError 't_end' for a string schedule); now a message names the
+    argument, before any work: not even the default model is loaded."""
+    import genie_fast
+    from genie_fast import sampling
+
+    monkeypatch.setattr(sampling, "_default_model", lambda: pytest.fail("loaded the default model first"))
+    with pytest.raises(err, match=says):
+        genie_fast.sample(n=2, nfe=4, **kw)
+    with pytest.raises(err, match=says):
+        genie_fast.encode(None, torch.zeros(2, 1, 4, 4), nfe=4, **kw)
+    with pytest.raises(err, match=says):  # and with a model: the same message
+        genie_fast.sample(gmm, n=2, nfe=4, **kw)
+
+
+@pytest.mark.parametrize("kw,err,says", [
+    (dict(schedule="vp"), TypeError, r"schedule must be a schedule object"),
+    (dict(use_graphs="no"), TypeError, r"use_graphs must be True or False or None, got 'no'"),
+    (dict(max_graphs="8"), TypeError, r"max_graphs must be an int >= 1, got '8'"),
+    (dict(warmup=None), TypeError, r"warmup .* must be an int >= 1, got None"),
+    (dict(device="gpu"), ValueError, r"device 'gpu' is not a device"),
+    (dict(backend=1), ValueError, r"unknown backend 1"),
+    (dict(net_dtype="x"), ValueError, r"unknown net_dtype 'x'"),
+])
+def test_sampling_engine_arguments_named(gmm, kw, err, says):
+    from genie_fast.engine import SamplingEngine
+
+    with pytest.raises(err, match=says):
+        SamplingEngine(gmm, **kw)
+
+
+def test_engine_call_arguments_named(gmm):
+    from genie_fast.engine import SamplingEngine
+
+    eng = SamplingEngine(gmm, device="cpu")
+    for kw, says in ((dict(grid=[[1.0, 0.5]]), "grid must be a 1-D sequence"), (dict(schedule="vp"), "schedule must be"),
+                     (dict(check_finite=1), "check_finite must be True or False"),
+                     (dict(solver="ddim", head=None), "solver 'ddim' takes no keyword argument 'head'")):
+        with pytest.raises(TypeError, match=says):
+            eng.sample(n=2, nfe=4, **kw)
+    x, _ = eng.sample(n=2, nfe=4, grid=np.array([1.0, 0.5, 0.1]), solver="ddim")  # a numpy grid is times
+    assert x.shape == (2, 1, 4, 4)
+
+
+def test_a_shape_other_than_the_models_warns():
+    """Issue 29: a convolutional network samples at any size; a shape other than the model's
+    image_shape (given as shape=; noise or data of another shape without it are refused) is not
+    what it learned: a UserWarning pointing at the caller's line. The model's own shape stays silent."""
+    import warnings
+
+    import genie_fast
+
+    def gmm(x, t):  # runs at any size, as a convolutional network does
+        return 0.5 * x
+    gmm.schedule, gmm.image_shape = VPSchedule(), (1, 4, 4)
+
+    with pytest.warns(UserWarning, match=r"sample shape \(1, 8, 8\) differs from the model's image_shape \(1, 4, 4\)") as rec:
+        x, _ = genie_fast.sample(gmm, n=1, shape=(1, 8, 8), nfe=3, solver="ddim")
+    assert x.shape == (1, 1, 8, 8) and rec[0].filename == __file__
+    with pytest.warns(UserWarning, match="differs from the model's image_shape"):
+        genie_fast.sample(gmm, noise=torch.randn(1, 1, 6, 6), shape=(1, 6, 6), nfe=3, solver="ddim")
+    with pytest.raises(ValueError, match=r"noise must have shape \(B, \*\(1, 4, 4\)\)"):  # no shape=: the model's
+        genie_fast.sample(gmm, noise=torch.randn(1, 1, 6, 6), nfe=3, solver="ddim")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        genie_fast.sample(gmm, n=1, nfe=3, solver="ddim")
+        genie_fast.sample(gmm, n=1, shape=(1, 4, 4), nfe=3, solver="ddim")
+
+
+@pytest.mark.parametrize("default", [torch.float32, torch.float64])
+def test_model_files_load_under_either_default_dtype(stem, default):
+    """Issue 29: under torch.set_default_dtype(torch.float64) the bundled model was refused ("dtype
+    mismatch"): the file is read in its stored float32 (still checked, never cast on reading), then
+    converted to the default dtype, or to dtype= when given."""
+    from genie_fast.models.default import load_default
+
+    want = load_model(stem)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(default)
+    try:
+        for m in (load_model(stem), load_default()):
+            assert {p.dtype for p in m.parameters()} == {default}
+        m = load_model(stem)
+        for (k, a), b in zip(m.state_dict().items(), want.state_dict().values()):
+            torch.testing.assert_close(a.float(), b, rtol=0, atol=0, msg=k)  # float32 -> float64 is exact
+        m32 = load_model(stem, dtype=torch.float32)
+        assert {p.dtype for p in m32.parameters()} == {torch.float32}
+        with pytest.raises(ValueError, match="dtype must be torch.float32 or torch.float64"):
+            load_model(stem, dtype=torch.float16)
+    finally:
+        torch.set_default_dtype(before)
+    if default == torch.float64:  # a float64 accuracy run on it
+        import genie_fast
+
+        x, _ = genie_fast.sample(m, n=1, nfe=3, dtype=torch.float64)
+        assert x.dtype == torch.float64 and bool(torch.isfinite(x).all())

@@ -154,6 +154,35 @@ def test_ddim_matches_diffusers_ddim_scheduler(unet, prediction_type, set_alpha_
     _assert_same_roundoff(e_d, e_g, scale)
 
 
+def test_scheduler_timesteps_as_grid_reproduce_the_ddim_loop_with_the_default_afs(unet):
+    """Issue 29: a user who passes the scheduler's timesteps as grid= (the guide's recipe, section 6)
+    and leaves afs at its default gets DDIMScheduler's result: an explicit grid turns AFS off by
+    default (it used to be on, and the result landed ~40% away). AFS stays on for named grids, and
+    afs=True still applies it to a given grid."""
+    def make():  # set_alpha_to_one=False, leading spacing: the timesteps alone are the whole grid
+        return diffusers.DDIMScheduler(beta_schedule="linear", clip_sample=False, set_alpha_to_one=False)
+    sched = make()
+    sched.set_timesteps(10)
+    model = from_diffusers(unet, sched)
+    grid = model.schedule.time_of_step(sched.timesteps)
+    x = _noise(b=1)
+    ref = _diffusers_loop(unet, sched, x.clone(), eta=0.0)
+    got, nfe = genie_fast.sample(model, noise=x, solver="ddim", grid=grid)
+    assert nfe == len(grid) - 1  # every step calls the network, the first one too
+    via_options, _ = genie_fast.sample(model, noise=x, solver="ddim", **scheduler_grid(sched))
+    torch.testing.assert_close(got, via_options, rtol=0, atol=0)
+    exact, _ = genie_fast.sample(from_diffusers(copy.deepcopy(unet).double(), sched), noise=x.double(), solver="ddim",
+                                 grid=grid)
+    err = lambda a: float((a.double() - exact).abs().max())  # noqa: E731
+    _assert_same_roundoff(err(ref), err(got), float(exact.abs().max()))
+    with_afs, nfe_afs = genie_fast.sample(model, noise=x, solver="ddim", grid=grid, afs=True)
+    assert nfe_afs == nfe - 1
+    assert float((with_afs - ref).norm() / ref.norm()) > 0.1  # what the old default gave: far off
+    from genie_fast.solvers import resolve
+    assert resolve("ddim", nfe=10).afs and not resolve("ddim", grid=grid.tolist()).afs
+    assert resolve("ddim", grid=grid.tolist(), afs=True).afs and resolve("ddim", grid="edm").afs
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("final,lower_order_final,steps", [("zero", True, 10), ("zero", False, 16),
                                                            ("sigma_min", False, 10)])

@@ -77,7 +77,8 @@ def test_sample_is_the_solver_on_the_same_grid(gmm):
 def test_explicit_grid(gmm):
     ts = [1.0, 0.5, 0.1, 0.01, 0.001]
     out, nfe = genie_fast.sample(gmm, n=2, solver="dpmpp_3m", grid=ts)
-    assert nfe == 4 - DEFAULT_AFS and out.shape == (2, *SHAPE)
+    assert nfe == 4 and out.shape == (2, *SHAPE)  # an explicit grid of times: no AFS unless asked (issue 29)
+    assert genie_fast.sample(gmm, n=2, solver="dpmpp_3m", grid=ts, afs=True)[1] == 3
     with pytest.raises(ValueError, match="needs 8 NFE"):
         genie_fast.sample(gmm, n=2, solver="heun", nfe=7, grid=ts, afs=False)
     _, nfe = genie_fast.sample(gmm, n=2, solver="heun", steps=4, grid=ts, afs=False)

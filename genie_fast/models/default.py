@@ -133,8 +133,13 @@ def save_model(model: GenieModel, path: str | os.PathLike, provenance: dict | No
     return stem
 
 
-def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> GenieModel:
-    """Load a GenieModel saved by :func:`save_model` (path: the stem, .json or .safetensors)."""
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu", dtype=None) -> GenieModel:
+    """Load a GenieModel saved by :func:`save_model` (path: the stem, .json or .safetensors).
+
+    The file's weights are float32 (checked as stored, never cast on reading); the model is then
+    converted to `dtype`: float32 or float64, default torch's default dtype (so a float64 study
+    under ``torch.set_default_dtype(torch.float64)`` gets a float64 model)."""
+    dtype = _model_dtype(dtype)
     stem = _stem(path)
     json_path, st_path = Path(str(stem) + ".json"), Path(str(stem) + ".safetensors")
     for f in (json_path, st_path):
@@ -161,23 +166,32 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     if got != want:
         raise ModelFileError(f"{json_path}: the head reads (channels, features, temb) = {got}, "
                              f"its U-Net gives {want}")
-    model = GenieModel(unet, GenieHead(head_config), schedule)
+    model = GenieModel(unet, GenieHead(head_config), schedule).float()  # the stored dtype, whatever the default
     model.load_state_dict(read_weights(st_path, model.state_dict(), json_path, map_location))
     model.provenance = config.get("provenance", {})
     # files written before the head's error was recorded have none: genie_multistep assumes its default
     if config.get("head_error") is not None:
         model.head_error = _check_head_error(config["head_error"], f"{json_path}: head_error", ModelFileError)
-    return model.to(map_location).eval()
+    return model.to(map_location, dtype).eval()
+
+
+def _model_dtype(dtype) -> torch.dtype:
+    if dtype is None:
+        dtype = torch.get_default_dtype()
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64 (the model's weights), got {dtype!r}")
+    return dtype
 
 
 def default_model_path() -> Path:
     return Path(str(resources.files("genie_fast") / "assets" / DEFAULT_STEM))
 
 
-def load_default(map_location: str | torch.device = "cpu") -> GenieModel:
-    """The bundled Fashion-MNIST GenieModel (1x32x32, data in [-1, 1]) from genie_fast/assets."""
+def load_default(map_location: str | torch.device = "cpu", dtype=None) -> GenieModel:
+    """The bundled Fashion-MNIST GenieModel (1x32x32, data in [-1, 1]) from genie_fast/assets, in
+    `dtype` (default torch's default dtype; see `load_model`)."""
     stem = default_model_path()
     if not Path(str(stem) + ".safetensors").exists():
         raise FileNotFoundError(f"bundled default model missing at {stem}.safetensors; the package "
                                 f"data (genie_fast/assets/*) was not installed")
-    return load_model(stem, map_location)
+    return load_model(stem, map_location, dtype)

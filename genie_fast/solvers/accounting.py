@@ -22,6 +22,9 @@ def evals_per_call(model) -> int:
 
 
 def _check_solver(solver: str):
+    if not isinstance(solver, str):
+        raise TypeError(f"solver must be a solver's name (a str, one of {sorted(SOLVERS)}), got {solver!r} "
+                        f"({type(solver).__name__})")
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {sorted(SOLVERS)}")
 

@@ -2,14 +2,17 @@
 one place that turns a user's options into the values a run uses."""
 from __future__ import annotations
 
+import inspect
+import numbers
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from ..checks import check_flag, check_int
 from ..schedule import GRIDS, time_grid
-from .accounting import _check_solver, nfe_of, steps_for_nfe
+from .accounting import SOLVERS, _check_solver, nfe_of, steps_for_nfe
 
 DEFAULT_SOLVER = "genie"
 DEFAULT_NFE = 10
@@ -30,8 +33,9 @@ AUTO_GRID = {
     "ipndm": "uniform",
     "genie_multistep": "edm",  # bench_quality.py on the bundled model (bench/RESULTS.md, issue 15)
 }
-# afs=None: the solver's entry. Every solver has the same one, DEFAULT_AFS (no solver measured better
-# without AFS); the table is kept so that a caller can look a solver up.
+# afs=None with a named grid: the solver's entry. Every solver has the same one, DEFAULT_AFS (no solver
+# measured better without AFS); the table is kept so that a caller can look a solver up. afs=None with
+# an explicit grid of times is off (`resolve`): the given times then define every network call.
 AUTO_AFS = dict.fromkeys(AUTO_GRID, DEFAULT_AFS)
 
 
@@ -40,6 +44,52 @@ def grid_for(solver: str, grid="auto"):
     without an entry); any other grid is returned as is."""
     _check_solver(solver)
     return AUTO_GRID.get(solver, "logsnr") if isinstance(grid, str) and grid == "auto" else grid
+
+
+def check_grid_arg(grid):
+    """`grid` as a run takes it: None or a name (a str, checked later against GRIDS), or the times as
+    a 1-D sequence, tensor or numpy array of numbers (a numpy array comes back as a tensor); anything
+    else (a number, a nested list, a dict, ...) is a TypeError naming grid. Values are checked by
+    `resolve` (`schedule.time_grid`)."""
+    if grid is None or isinstance(grid, str):
+        return grid
+    if isinstance(grid, np.ndarray):
+        grid = torch.as_tensor(grid)
+    if isinstance(grid, torch.Tensor):
+        if grid.dim() != 1 or grid.dtype == torch.bool or grid.is_complex():
+            raise TypeError(f"grid must be a name of {GRIDS} or \"auto\", or a 1-D sequence of times, got a "
+                            f"{grid.dtype} tensor of shape {tuple(grid.shape)}")
+        return grid
+    if isinstance(grid, bytes) or not isinstance(grid, Sequence):
+        raise TypeError(f"grid must be a name of {GRIDS} or \"auto\", or a 1-D sequence of times, got "
+                        f"{grid!r} ({type(grid).__name__})")
+    for i, t in enumerate(grid):
+        if isinstance(t, bool) or not isinstance(t, (numbers.Real, np.floating, np.integer)) \
+                and not (isinstance(t, torch.Tensor) and t.dim() == 0):
+            nested = " (a nested sequence: give one flat list of times)" if isinstance(t, (Sequence, np.ndarray, torch.Tensor)) else ""
+            raise TypeError(f"grid must be a 1-D sequence of times (numbers), got {t!r} ({type(t).__name__}) at "
+                            f"index {i}{nested}")
+    return grid
+
+
+_COMMON = ("model", "x", "ts", "schedule", "afs", "denoise", "backend", "net_dtype", "plan")
+
+
+def check_solver_kw(solver: str, solver_kw: dict):
+    """Refuse, by name, a solver keyword argument that `solver` does not take (its options, e.g.
+    head= for genie, order= for unipc) or that is not hashable (they are part of the graph key)."""
+    params = inspect.signature(SOLVERS[solver]).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    own = [n for n, p in params.items() if n not in _COMMON and p.kind is p.KEYWORD_ONLY]
+    for name, value in solver_kw.items():
+        if not takes_any and (name not in params or name in _COMMON):
+            raise TypeError(f"solver {solver!r} takes no keyword argument {name!r}; its options: "
+                            f"{', '.join(own) or 'none'}")
+        try:
+            hash(value)
+        except TypeError:
+            raise TypeError(f"solver keyword argument {name}={value!r} must be hashable (solver keyword "
+                            "arguments are part of the graph key: a tuple, not a list)") from None
 
 
 class Options(NamedTuple):
@@ -61,7 +111,10 @@ def resolve(solver=None, nfe=None, steps=None, grid="auto", afs=None, denoise=Fa
     (the most steps that fit are taken, `steps_for_nfe`) or the number of steps, not both; neither:
     the budget DEFAULT_NFE. grid: a name of `schedule.GRIDS`, "auto" or None (`grid_for`), or the
     times themselves (checked by `time_grid`; steps and nfe, when given, must agree with them).
-    afs: True, False or None (`AUTO_AFS`); denoise: True or False. evals_per_call: the model's
+    afs: True, False or None: with a named grid (or "auto") the solver's `AUTO_AFS` entry (on); with
+    an explicit grid of times off, since the given times then say where the network is called (a
+    diffusers scheduler's timesteps call it at the first one: AFS would replace that call by x_T);
+    afs=True still applies AFS to a given grid. denoise: True or False. evals_per_call: the model's
     (`evals_per_call`), which multiplies every NFE count. encode: the options of an encoding run
     (AFS and denoising refused; a given grid may run either way), else a sampling run (a given
     grid must decrease). Raises what `SamplingEngine` raises for the same options.
@@ -72,14 +125,15 @@ def resolve(solver=None, nfe=None, steps=None, grid="auto", afs=None, denoise=Fa
     afs, denoise = check_flag("afs", afs, allow_none=True), check_flag("denoise", denoise)
     solver = DEFAULT_SOLVER if solver is None else solver
     _check_solver(solver)
+    grid = check_grid_arg(grid)
     if encode:
         if afs or denoise:
             raise ValueError("encoding runs from data to noise: AFS and the denoising step do not apply")
         afs = False
         if not isinstance(grid, str) and isinstance(grid, (Sequence, torch.Tensor)):
             grid = time_grid(None, None, grid)
-    elif afs is None:
-        afs = AUTO_AFS.get(solver, DEFAULT_AFS)
+    elif afs is None:  # an explicit grid of times: no AFS unless asked for
+        afs = AUTO_AFS.get(solver, DEFAULT_AFS) if grid is None or isinstance(grid, str) else False
     if nfe is not None and steps is not None:
         raise ValueError(f"give nfe= or steps=, not both (got nfe={nfe}, steps={steps})")
     grid = grid_for(solver, "auto" if grid is None else grid)
