@@ -232,7 +232,8 @@ def main(argv=None):
     p.add_argument("--n-ode", type=int, default=64, help="samples for the ODE-error reference")
     p.add_argument("--ref-steps", type=int, default=100, help="RK4 steps of the reference (checked at half)")
     p.add_argument("--nfes", default=",".join(map(str, NFES)))
-    p.add_argument("--solvers", default=",".join(SOLVER_GRIDS))
+    p.add_argument("--solvers", default=",".join(SOLVER_GRIDS),
+                   help="comma-separated name[+afs][@grid] (without @grid: the grids of SOLVER_GRIDS)")
     p.add_argument("--only", choices=["head", "samples"], default=None)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -300,8 +301,9 @@ def main(argv=None):
 
     rows = result.setdefault("rows", [])
     done = {(r["solver"], r["grid"], r["nfe_requested"]) for r in rows}
-    for solver in args.solvers.split(","):
-        for grid in SOLVER_GRIDS.get(solver, ["quadratic"]):
+    for spec in args.solvers.split(","):
+        solver, _, one_grid = spec.partition("@")  # "name[+afs]@grid": that grid only
+        for grid in [one_grid] if one_grid else SOLVER_GRIDS.get(solver, ["quadratic"]):
             for nfe in map(int, args.nfes.split(",")):
                 if (solver, grid, nfe) in done:
                     continue
