@@ -13,7 +13,7 @@ $PIP install -q --upgrade pip
 # torch pinned: an unpinned torch would pull a multi-GB CUDA build.
 $PIP install -q "torch==$GENIE_FAST_TORCH_CPU" "triton==$GENIE_FAST_TRITON"
 # the build runs without isolation (it must see torch), so its tools are installed here
-$PIP install -q numpy pytest safetensors tqdm nvtx matplotlib setuptools wheel "cmake>=3.26" ninja
+$PIP install -q numpy pytest safetensors tqdm nvtx matplotlib pillow setuptools wheel "cmake>=3.26" ninja
 # the optional diffusers extra, so its tests run too (diffusers does not depend on torch)
 $PIP install -q "diffusers==0.42.1"
 $PIP install -q --no-build-isolation --no-deps -e .

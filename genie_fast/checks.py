@@ -7,6 +7,7 @@ or of an unknown extension; a CUDA device on a machine without one).
 """
 from __future__ import annotations
 
+import importlib
 import math
 import numbers
 import os
@@ -16,7 +17,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["check_int", "check_number", "check_flag", "check_device", "check_out_dir", "check_out_file"]
+__all__ = ["check_int", "check_number", "check_flag", "check_device", "check_out_dir", "check_out_file",
+           "MissingExtra", "require"]
+
+# The optional dependencies (pyproject.toml's extras): module -> (its pip name, the extra that installs it).
+EXTRAS = {"PIL": ("Pillow", "images"), "diffusers": ("diffusers", "diffusers"), "triton": ("triton", "triton")}
+
+
+class MissingExtra(ImportError):
+    """An optional dependency is not installed; the message names the extra that installs it (the
+    command line prints it as one line)."""
+
+
+def require(module: str, needed_for: str):
+    """Import `module` (a module of an optional dependency of `EXTRAS`, or one inside it, e.g.
+    "PIL.Image"), or raise MissingExtra naming what needs it and the extra to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        package, extra = EXTRAS[module.split(".")[0]]
+        raise MissingExtra(f"{needed_for} needs {package}, which is not installed: "
+                           f"pip install 'genie_fast[{extra}]'") from e
 
 
 def check_int(name: str, value, least: int | None = None) -> int:

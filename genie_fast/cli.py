@@ -18,13 +18,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .files import to_uint8
+from .checks import MissingExtra, require
+from .files import PNG_NEEDS, png_bytes, read_png, to_uint8
+
+# What each command needs beyond the core dependencies (pyproject.toml's extras), checked before any
+# work: a missing one is refused in one line naming the extra to install.
+#   train, distill, export, encode --test-index (no --reconstruct), generate --format npz: core
+#   sample (a PNG grid), encode --images / --reconstruct, generate --format png: genie_fast[images]
+#   distill --diffusers, generate --diffusers: genie_fast[diffusers]; --backend triton: genie_fast[triton]
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, pad: int = 2) -> Path:
-    """Write images (N, C, H, W) in [-1, 1] (C = 1 or 3) as one PNG grid."""
-    import matplotlib.image
-
+    """Write images (N, C, H, W) in [-1, 1] (C = 1 or 3) as one PNG grid (RGB; needs genie_fast[images])."""
     n, c, h, w = images.shape
     if c not in (1, 3):
         raise ValueError(f"save_grid needs 1 or 3 channels, got {c}")
@@ -38,7 +43,7 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, p
         grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = tile
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    matplotlib.image.imsave(str(path), grid)
+    path.write_bytes(png_bytes(grid))
     return path
 
 
@@ -88,6 +93,7 @@ def _cmd_sample(args):
 
     labels = check_sampling_args(args)
     check_out_file(args.out, (".png",), "--out")
+    require("PIL.Image", f"genie-fast sample (it writes the PNG grid --out) or {PNG_NEEDS}")
     torch.set_num_threads(args.threads) if args.threads else None
     model = load_model(args.model) if args.model else (load_default() if labels else None)
     if labels == "all":
@@ -120,16 +126,12 @@ def _load_images(args, image_shape) -> tuple[torch.Tensor, torch.Tensor | None]:
         if bad:
             raise ValueError(f"--test-index {bad} outside the test set's 0..{len(x) - 1}")
         return x[idx], y[idx]
-    import matplotlib.image
-
     imgs = []
     for path in args.images:
         if not Path(path).is_file():
             raise FileNotFoundError(f"--images: no file {path}")
-        a = matplotlib.image.imread(path)
-        a = a[..., :3].mean(-1) if a.ndim == 3 else a  # to grey (the bundled model has one channel)
-        a = a * 255.0 if a.dtype.kind == "f" and a.max() <= 1.0 else a
-        x = to_model_range(np.asarray(a, dtype=np.uint8)[None], pad_to=image_shape[-1])
+        a = read_png(path, "L")  # grey (the bundled model has one channel)
+        x = to_model_range(a[None], pad_to=image_shape[-1])
         if tuple(x.shape[1:]) != tuple(image_shape):
             raise ValueError(f"{path}: image {tuple(a.shape)} does not fit the model's {tuple(image_shape)}")
         imgs.append(x)
@@ -148,6 +150,8 @@ def _cmd_encode(args):
     out = check_out_file(args.out, (".safetensors",), "--out")
     if args.reconstruct:
         check_out_file(args.reconstruct, (".png",), "--reconstruct")
+    if args.images or args.reconstruct:
+        require("PIL.Image", f"genie-fast encode --images / --reconstruct (PNG files) or {PNG_NEEDS}")
     torch.set_num_threads(args.threads) if args.threads else None
     model = load_model(args.model) if args.model else load_default()
     x0, true_labels = _load_images(args, model.image_shape)
@@ -219,9 +223,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
+    from .distributed import RankFailed
+
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
+    except RankFailed as e:  # another torchrun rank failed and printed its error: one line here
+        print(f"genie-fast {args.command}: stopped: {e}", file=sys.stderr)
+        return 1
+    except MissingExtra as e:  # an optional dependency this command needs: one line naming the extra
+        print(f"genie-fast {args.command}: error: {e}", file=sys.stderr)
+        return 2
     except (OSError, ValueError, FloatingPointError) as e:
         # a bad argument, file or place (ModelFileError is a ValueError), a run gone non-finite:
         # one line naming it, as argparse does for its own errors

@@ -10,7 +10,12 @@ import time
 
 import torch
 
-__all__ = ["ProcessGroup"]
+__all__ = ["ProcessGroup", "RankFailed"]
+
+
+class RankFailed(RuntimeError):
+    """Raised on the ranks that did not fail when another rank of the job did (`ProcessGroup.failed`):
+    the failing rank raises (and prints) its own error; the others stop with this one line."""
 
 
 class ProcessGroup:
@@ -32,6 +37,26 @@ class ProcessGroup:
         box = [obj]
         self.pg.broadcast_object_list(box, src=0)
         return box[0]
+
+    def failed(self, failed: bool, while_waiting=None) -> int | None:
+        """The lowest rank that says it failed, or None: every rank calls this at the same points
+        (one small all-reduce; rank 0 calls while_waiting() about twice a second meanwhile). A rank
+        that raised keeps calling it instead of leaving, so that no rank is left waiting in a
+        collective for one that will never come."""
+        if self.pg is None:
+            return 0 if failed else None
+        device = "cuda" if self.pg.get_backend() == "nccl" else "cpu"
+        flag = torch.tensor([self.rank if failed else self.world], device=device)
+        work = self.pg.all_reduce(flag, op=self.pg.ReduceOp.MIN, async_op=True)
+        shown = time.monotonic()
+        while while_waiting is not None and not work.is_completed():
+            if time.monotonic() - shown > 0.5:
+                while_waiting()
+                shown = time.monotonic()
+            time.sleep(0.01)
+        work.wait()
+        first = int(flag.item())
+        return None if first == self.world else first
 
     def barrier(self, while_waiting=None):
         """Wait for every rank; rank 0 calls while_waiting() about twice a second meanwhile."""

@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import threading
 import warnings
 import weakref
 from collections.abc import Sequence
@@ -150,6 +151,8 @@ class SamplingEngine:
         self._plans: collections.OrderedDict[GraphKey, Plan] = collections.OrderedDict()
         self._graphs: collections.OrderedDict[GraphKey, GraphEntry] = collections.OrderedDict()
         self._eager_keys: set[GraphKey] = set()
+        self._lock = threading.RLock()                  # caches, weights, captures and replays (threads)
+        self._done = None                               # CUDA event: the last replay's output is cloned
         self._pool = None
         self._stream = None
         self._warned = False
@@ -203,8 +206,9 @@ class SamplingEngine:
 
     def refresh(self):
         """Forget the weight copies and every graph (after replacing the model's parameter objects)."""
-        self.clear()
-        self._weights.clear()
+        with self._lock:
+            self.clear()
+            self._weights.clear()
 
     # ------------------------------------------------------------------ keys, plans and cache
     def _shape(self, shape) -> tuple | None:
@@ -240,7 +244,12 @@ class SamplingEngine:
         x_T = self._state_noise(noise, None, None, 0, dtype)
         return self._prepare(x_T, solver, nfe, steps, grid, afs, denoise, net_dtype, schedule, solver_kw)[0]
 
-    def _prepare(self, x_T, solver, nfe, steps, grid, afs, denoise, net_dtype, schedule, solver_kw, encode=False):
+    def _prepare(self, *args, **kw):
+        with self._lock:
+            return self._prepare_locked(*args, **kw)
+
+    def _prepare_locked(self, x_T, solver, nfe, steps, grid, afs, denoise, net_dtype, schedule, solver_kw,
+                        encode=False):
         """(GraphKey, Plan, nfe) of a call, memoised on its arguments. encode: the grid runs from
         t_end up to 1 (the reverse of the sampling grid the same arguments give; no AFS, no denoising)."""
         tf32 = tf32_flags() if self.use_graphs else None
@@ -300,8 +309,9 @@ class SamplingEngine:
 
     def clear(self):
         """Drop every captured graph (their static buffers go back to the shared pool)."""
-        self._graphs.clear()
-        self._eager_keys.clear()
+        with self._lock:
+            self._graphs.clear()
+            self._eager_keys.clear()
 
     # ------------------------------------------------------------------ public entry
     @torch.no_grad()
@@ -366,22 +376,41 @@ class SamplingEngine:
                              f"check_finite=False returns such results unchecked")
 
     def _run(self, key: GraphKey, plan: Plan, x_T: torch.Tensor) -> torch.Tensor:
-        self._sync_weights()
-        net = self.network(key.net_dtype)
-        if not self.use_graphs or key in self._eager_keys:
-            return self._eager(net, key, plan, x_T)
+        """One run. Threads (docs/guide.md, "Threads"): the caches and the weights are read and updated
+        under the engine's lock; eager runs then proceed in parallel (each allocates its own tensors);
+        a capture or a replay holds the lock until its output is cloned, and on a GPU each replay's
+        stream first waits for the previous replay of this engine (its graphs share static buffers and
+        one memory pool), whichever thread and stream launched it."""
+        with self._lock:
+            self._sync_weights()
+            net = self.network(key.net_dtype)
+            if self.use_graphs and key not in self._eager_keys:
+                out = self._replay(net, key, plan, x_T)
+                if out is not None:
+                    return out
+        return self._eager(net, key, plan, x_T)
+
+    def _replay(self, net, key: GraphKey, plan: Plan, x_T: torch.Tensor) -> torch.Tensor | None:
+        """The run as a replay of its graph (captured first if new; lock held); None: not capturable."""
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        if stream is not None and self._done is not None:
+            stream.wait_event(self._done)
         entry = self._graphs.get(key)
         if entry is None:
             entry = self._new_graph(net, key, plan, x_T)
             if entry is None:
-                return self._eager(net, key, plan, x_T)
+                return None
         else:
             self._graphs.move_to_end(key)
             entry.x_in.copy_(x_T)
         with nvtx_range("replay"):
             entry.graph.replay()
         self.stats["replays"] += 1
-        return entry.out.clone()
+        out = entry.out.clone()
+        if stream is not None:
+            self._done = torch.cuda.Event()
+            self._done.record(stream)
+        return out
 
     def _solve(self, net, key: GraphKey, plan: Plan, x_T: torch.Tensor) -> torch.Tensor:
         """The solver itself on the plan: the one loop, eager or under capture."""
@@ -484,6 +513,7 @@ def _image_shape(model) -> tuple:
 
 # One engine per (model, device, backend), kept while the model lives: genie_fast.sample uses it.
 _ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_ENGINES_LOCK = threading.Lock()
 
 
 def engine_for(model, device=None, backend: str = "auto") -> SamplingEngine:
@@ -494,9 +524,10 @@ def engine_for(model, device=None, backend: str = "auto") -> SamplingEngine:
         device = torch.device("cuda", torch.cuda.current_device())
     if not _is_weakrefable(model):  # cannot be cached without keeping it alive: a fresh engine
         return SamplingEngine(model, device=device, backend=backend)
-    per_model = _ENGINES.setdefault(model, {})
-    key = (str(device), backend)
-    eng = per_model.get(key)
-    if eng is None:
-        eng = per_model[key] = SamplingEngine(model, device=device, backend=backend, _keep_alive=False)
-    return eng
+    with _ENGINES_LOCK:  # threads sharing a model share its engine
+        per_model = _ENGINES.setdefault(model, {})
+        key = (str(device), backend)
+        eng = per_model.get(key)
+        if eng is None:
+            eng = per_model[key] = SamplingEngine(model, device=device, backend=backend, _keep_alive=False)
+        return eng

@@ -36,7 +36,7 @@ import torch
 
 from .cli_args import add_sampling_args, check_sampling_args
 from .devices import command_device
-from .distributed import ProcessGroup
+from .distributed import ProcessGroup, RankFailed
 from .files import to_uint8, weights_hash  # also names of this module (generate.to_uint8, generate.weights_hash)
 from .noise import check_seed, check_seeds, seed_noise  # the one home of seeds (also sample(seeds=))
 from .store import Folder, finish, format_seeds, open_run  # format_seeds: also a name of this module
@@ -157,12 +157,17 @@ def generate(model, seeds, outdir, *, model_info: dict | None = None, batch: int
             except Exception as e:  # every rank must hear of it, not wait forever
                 plan = f"{outdir}: {type(e).__name__}: {e}"
         plan = dist.broadcast(plan)
-        if isinstance(plan, str):
-            raise ValueError(plan)
+        if isinstance(plan, str):  # printed by rank 0 only
+            raise ValueError(plan) if dist.rank == 0 else RankFailed(f"rank 0 refused {outdir} (its error is "
+                                                                      "printed by rank 0)")
         chunks = plan["chunks"]
 
-        if isinstance(model, torch.nn.Module):
-            model = model.to(device)
+        error = None
+        try:
+            if isinstance(model, torch.nn.Module):
+                model = model.to(device)
+        except Exception as e:  # told to the other ranks in the first round below
+            error = e
         bar = None
         if dist.rank == 0 and progress:
             from tqdm import tqdm
@@ -181,33 +186,63 @@ def generate(model, seeds, outdir, *, model_info: dict | None = None, batch: int
 
         cond, nfe_spent, tag = None, None, f"{dist.rank}-{os.getpid()}"
         budget = {"nfe": opts.nfe} if steps is None else {"steps": steps}
-        for chunk in chunks[dist.rank::dist.world]:
-            noise = seed_noise(chunk, image_shape).to(device)
-            chunk_labels = _labels_for(chunk, labels, num_classes)
-            eps_model = model
-            if chunk_labels is not None:
-                lab = check_labels(chunk_labels, len(chunk), num_classes, device)
-                if cond is None or cond.labels.shape != lab.shape:
-                    cond = Conditioned(model, lab, guidance_scale)
-                else:
-                    cond.update(lab, guidance_scale)
-                eps_model = cond
-            x0, nfe_spent = sample(eps_model, noise=noise, solver=opts.solver, grid=opts.grid, afs=opts.afs,
-                                   denoise=opts.denoise, device=device, net_dtype=net_dtype, backend=backend,
-                                   **budget)
-            folder.write(chunk, to_uint8(x0), chunk_labels, tag)
-            refresh()
-        dist.barrier(refresh if bar is not None else None)
+        mine = chunks[dist.rank::dist.world]
+        # One round per chunk index, on every rank (a rank with fewer chunks still takes part): after
+        # each, the ranks learn whether one of them failed, so a rank that raised never leaves the
+        # others waiting in a collective; all then stop within one batch's time.
+        for i in range(-(-len(chunks) // dist.world)):
+            if error is None and i < len(mine):
+                chunk = mine[i]
+                try:
+                    noise = seed_noise(chunk, image_shape).to(device)
+                    chunk_labels = _labels_for(chunk, labels, num_classes)
+                    eps_model = model
+                    if chunk_labels is not None:
+                        lab = check_labels(chunk_labels, len(chunk), num_classes, device)
+                        if cond is None or cond.labels.shape != lab.shape:
+                            cond = Conditioned(model, lab, guidance_scale)
+                        else:
+                            cond.update(lab, guidance_scale)
+                        eps_model = cond
+                    x0, nfe_spent = sample(eps_model, noise=noise, solver=opts.solver, grid=opts.grid, afs=opts.afs,
+                                           denoise=opts.denoise, device=device, net_dtype=net_dtype, backend=backend,
+                                           **budget)
+                    folder.write(chunk, to_uint8(x0), chunk_labels, tag)
+                except Exception as e:  # told to the other ranks below, then raised here
+                    error = e
+                refresh()
+            if _stop(dist, error, refresh if bar is not None else None):
+                break
+        try:
+            _stop(dist, error, refresh if bar is not None else None, final=True)
+        finally:
+            if bar is not None:
+                refresh()
+                bar.close()
 
         result = None
         if dist.rank == 0:
-            refresh()
-            if bar is not None:
-                bar.close()
-            result = finish(outdir, folder, manifest_path, plan["manifest"], nfe_spent, dist.world, labels)
+            try:
+                result = finish(outdir, folder, manifest_path, plan["manifest"], nfe_spent, dist.world, labels)
+            except Exception as e:
+                error = e
+        _stop(dist, error, None, final=True)
         return dist.broadcast(result)
     finally:
         dist.close()
+
+
+def _stop(dist: ProcessGroup, error, while_waiting=None, final: bool = False) -> bool:
+    """Whether any rank failed (`ProcessGroup.failed`, called by every rank at the same point). With
+    final=True a failure is raised: this rank's own error, else `RankFailed` naming the first rank
+    that failed (whose error that rank prints); the files written so far stay, for a rerun."""
+    first = dist.failed(error is not None, while_waiting)
+    if first is None or not final:
+        return first is not None
+    if error is not None:
+        raise error
+    raise RankFailed(f"rank {first} of {dist.world} failed (its error is printed by that rank); this rank "
+                     "stopped. The batches written so far are kept: rerun the same command to resume")
 
 
 # --------------------------------------------------------------------------- command line
@@ -243,10 +278,15 @@ def load_for_generate(model_stem=None, diffusers_dir=None):
 def check_args(args):
     """Refuse bad arguments and an unusable --outdir before a model is loaded (one line each);
     returns (seeds, labels)."""
-    from .checks import check_out_dir
+    from .checks import check_out_dir, require
+    from .files import PNG_NEEDS
 
     check_out_dir(args.outdir, "--outdir")
     labels = check_sampling_args(args)
+    if args.format == "png":
+        require("PIL.Image", f"genie-fast generate --format png or {PNG_NEEDS}")
+    if args.diffusers:
+        require("diffusers", "genie-fast generate --diffusers")
     return parse_seeds(args.seeds), labels
 
 

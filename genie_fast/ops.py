@@ -287,7 +287,7 @@ def _triton_error(device_type: str) -> str | None:
     try:
         from . import kernels  # noqa: F401  (kernels/, installed as genie_fast.kernels)
     except ImportError as e:
-        return f"Triton kernels cannot be imported ({e})"
+        return f"Triton kernels cannot be imported ({e}; pip install 'genie_fast[triton]')"
     return None
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import threading
 
 import torch
 
@@ -151,12 +152,15 @@ def encode(model=None, x0=None, solver=DEFAULT_SOLVER, nfe=None, steps=None, gri
                          schedule=schedule, check_finite=check_finite, **solver_kw)
 
 
-# The Conditioned wrappers of recent (model, batch, guided) combinations. The engine caches graphs
-# per model object, so a wrapper is reused across calls and only its label/scale buffers change
-# (in place): a new label set or scale replays the captured graph. Bounded: it keeps at most this
-# many models alive.
+# The Conditioned wrappers of recent (model, batch, guided, device, thread) combinations. The engine
+# caches graphs per model object, so a wrapper is reused across calls and only its label/scale
+# buffers change (in place): a new label set or scale replays the captured graph. A wrapper belongs
+# to one thread (its buffers hold one call's labels from the update to the end of the run), so
+# threads sampling the same model with labels never see each other's. Bounded: it keeps at most
+# this many models alive.
 _WRAPPERS: "collections.OrderedDict[tuple, Conditioned]" = collections.OrderedDict()
 _MAX_WRAPPERS = 8
+_LOCK = threading.Lock()  # _WRAPPERS and _DEFAULT
 
 
 def _with_labels(model, labels, guidance_scale, batch):
@@ -167,14 +171,15 @@ def _with_labels(model, labels, guidance_scale, batch):
         raise ValueError(f"labels need a positive integer batch: give noise= or n=, got n={batch!r}")
     scale = check_scale(guidance_scale)
     labels = check_labels(labels, batch, getattr(model, "num_classes", 0) or 0, model_device(model))
-    key = (id(model), batch, scale != 1.0, str(labels.device))
-    cached = _WRAPPERS.get(key)
-    if cached is None or cached.model is not model:
-        cached = _WRAPPERS[key] = Conditioned(model, labels, scale)
-        if len(_WRAPPERS) > _MAX_WRAPPERS:
-            _WRAPPERS.popitem(last=False)
-        return cached
-    _WRAPPERS.move_to_end(key)
+    key = (id(model), batch, scale != 1.0, str(labels.device), threading.get_ident())
+    with _LOCK:
+        cached = _WRAPPERS.get(key)
+        if cached is None or cached.model is not model:
+            cached = _WRAPPERS[key] = Conditioned(model, labels, scale)
+            if len(_WRAPPERS) > _MAX_WRAPPERS:
+                _WRAPPERS.popitem(last=False)
+            return cached
+        _WRAPPERS.move_to_end(key)
     cached.update(labels, scale)
     return cached
 
@@ -189,7 +194,8 @@ def _default_model():
         loader = models.load_default
     except AttributeError as e:  # pragma: no cover - the bundled model ships with the package
         raise RuntimeError(f"no model given and the default model is not available ({e})") from e
-    if loader not in _DEFAULT:
-        _DEFAULT.clear()
-        _DEFAULT[loader] = loader()
-    return _DEFAULT[loader]
+    with _LOCK:  # loaded once, whichever thread asks first
+        if loader not in _DEFAULT:
+            _DEFAULT.clear()
+            _DEFAULT[loader] = loader()
+        return _DEFAULT[loader]

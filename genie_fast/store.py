@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .files import png_bytes, read_png
+
 __all__ = ["FORMAT", "VERSION", "IDENTITY_KEYS", "Folder", "open_run", "finish", "write_samples_npz",
            "format_seeds"]
 
@@ -58,14 +60,6 @@ def atomic_bytes(path: Path, data: bytes, tag: str):
 def _npz_bytes(**arrays) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    return buf.getvalue()
-
-
-def _png_bytes(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -130,7 +124,7 @@ class Folder:
             atomic_bytes(self.data / f"{seeds[0]}_{len(seeds)}.npz", _npz_bytes(**arrays), tag)
         else:
             for s, image in zip(seeds, images):
-                atomic_bytes(self.data / f"{s}.png", _png_bytes(image), tag)
+                atomic_bytes(self.data / f"{s}.png", png_bytes(image), tag)
 
     def records(self):
         """Yields (seeds, images uint8 NHWC, labels or None) per file."""
@@ -139,11 +133,8 @@ class Folder:
                 with np.load(self.data / n) as f:
                     yield f["seeds"], f["images"], (f["labels"] if "labels" in f else None)
         else:
-            from PIL import Image
-
             for n in sorted(self.names()):
-                with Image.open(self.data / n) as im:
-                    a = np.asarray(im, dtype=np.uint8)
+                a = read_png(self.data / n)
                 yield np.array([int(_PNG_FILE.match(n).group(1))]), (a[None, ..., None] if a.ndim == 2 else a[None]), None
 
 

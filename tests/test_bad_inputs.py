@@ -997,3 +997,170 @@ def test_model_files_load_under_either_default_dtype(stem, default):
 
         x, _ = genie_fast.sample(m, n=1, nfe=3, dtype=torch.float64)
         assert x.dtype == torch.float64 and bool(torch.isfinite(x).all())
+
+
+# --------------------------------------------------------------------------- issue 29: a failing torchrun rank
+
+_FAULTY_RANK = """
+import os, sys
+import genie_fast.sampling as sampling
+from genie_fast.cli import main
+
+if os.environ.get("FAULT_RANK") == os.environ["RANK"]:  # this rank raises on its second batch
+    real, calls = sampling.sample, []
+    def failing(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected fault in rank " + os.environ["RANK"])
+        return real(*args, **kw)
+    sampling.sample = failing
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("fault_rank", ["1", "0"])
+def test_a_failing_rank_stops_every_rank_and_a_rerun_resumes(tmp_path, stem, fault_rank):
+    """Issue 29: a rank of a torchrun job that raised mid-run left the others waiting at a barrier.
+    Two gloo ranks (started as torchrun starts them, without torchrun's agent, which would kill the
+    survivor itself), a fault injected into one: both exit non-zero within bounded time, the error
+    is printed once (by its rank; the other says which rank failed), the batches written stay, and a
+    rerun completes the folder without redoing them."""
+    script = tmp_path / "rank.py"
+    script.write_text(_FAULTY_RANK)
+    out = tmp_path / "out"
+    argv = ["generate", "--seeds", "0-11", "--outdir", str(out), "--model", str(stem), "--batch", "1",
+            "--solver", "ddim", "--nfe", "2", "--grid", "logsnr", "--threads", "1", "--no-progress"]
+    port = str(_free_port())
+    procs = []
+    for rank in ("0", "1"):
+        env = {**os.environ, "RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": port, "OMP_NUM_THREADS": "1", "FAULT_RANK": fault_rank}
+        procs.append(subprocess.Popen([sys.executable, str(script), *argv], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    t0 = time.time()
+    try:
+        results = [p.communicate(timeout=90) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert time.time() - t0 < 90
+    err = "".join(e for _, e in results)
+    codes = [p.returncode for p in procs]
+    assert all(c != 0 for c in codes), (codes, err[-3000:])
+    assert err.count(f"injected fault in rank {fault_rank}") == 1, err[-3000:]
+    other = 1 - int(fault_rank)
+    assert f"rank {fault_rank} of 2 failed" in results[other][1], results[other][1][-2000:]
+    done = {n: (out / "batches" / n).stat().st_mtime_ns for n in os.listdir(out / "batches")}
+    assert 0 < len(done) < 12 and not (out / "samples.npz").exists()
+    assert main(argv) == 0  # the rerun (one process) resumes
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["status"] == "complete" and m["count"] == 12
+    assert all((out / "batches" / n).stat().st_mtime_ns == t for n, t in done.items())
+
+
+# --------------------------------------------------------------------------- issue 29: what a user installs
+
+@pytest.fixture
+def extras_blocked(monkeypatch):
+    """Every optional dependency unimportable (as in an install of the core alone): a None entry in
+    sys.modules makes `import name` raise ImportError."""
+    for name in ("PIL", "PIL.Image", "matplotlib", "matplotlib.image", "diffusers", "triton"):
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+def test_core_commands_run_without_any_extra(extras_blocked, tmp_path, data_root, stem, capsys):
+    common = _common(data_root)
+    assert main(["train", "--config", "tiny", "--out", str(tmp_path / "u"), "--steps", "1", *common]) == 0
+    ckpt = tmp_path / "u" / "ckpt.pt"
+    assert main(["distill", "--unet-ckpt", str(ckpt), "--out", str(tmp_path / "d"), "--steps", "1", *common]) == 0
+    assert main(["export", "--unet-ckpt", str(ckpt), "--head-ckpt", str(tmp_path / "d" / "ckpt.pt"),
+                 "--out", str(tmp_path / "exported")]) == 0
+    assert main(["generate", "--seeds", "0-1", "--outdir", str(tmp_path / "g"), "--model", str(stem), "--batch", "2",
+                 "--solver", "ddim", "--nfe", "2", "--threads", "1", "--no-progress"]) == 0
+    assert (tmp_path / "g" / "samples.npz").exists()
+    import genie_fast
+    assert genie_fast.sample(load_model(stem), n=1, nfe=2)[0].shape == (1, 1, 8, 8)
+
+
+@pytest.mark.parametrize("argv,extra", [
+    (["sample", "--n", "1", "--nfe", "2"], "images"),
+    (["generate", "--seeds", "0-1", "--batch", "2", "--format", "png"], "images"),
+    (["encode", "--images", "x.png", "--nfe", "2"], "images"),
+    (["encode", "--test-index", "0", "--nfe", "2", "--reconstruct", "r.png"], "images"),
+    (["generate", "--seeds", "0-1", "--diffusers", "nowhere"], "diffusers"),
+    (["distill", "--diffusers", "nowhere", "--steps", "1"], "diffusers"),
+])
+def test_commands_that_need_an_extra_name_it_before_any_work(extras_blocked, tmp_path, monkeypatch, capsys, stem,
+                                                              argv, extra):
+    """Issue 29: `genie-fast sample` needed matplotlib (only in the test extra) and `generate --format
+    png` Pillow (declared nowhere): an ImportError after the work. Each names its extra first."""
+    import genie_fast.models.default as default
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(default, "load_default", lambda *a, **k: pytest.fail("loaded a model first"))
+    argv = [*argv, *(["--outdir", "out"] if argv[0] == "generate" else ["--out", "o"] if argv[0] == "distill" else
+                     ["--out", "g.png"] if argv[0] == "sample" else ["--out", "z.safetensors"])]
+    rc, err = _cli(capsys, *argv)
+    assert rc == 2 and f"pip install 'genie_fast[{extra}]'" in err, err
+    assert not list(tmp_path.rglob("*.png")) and not list(tmp_path.rglob("manifest.json"))
+
+
+def test_pyproject_declares_each_extra_the_code_names():
+    from pathlib import Path
+
+    from genie_fast.checks import EXTRAS
+
+    tomllib = pytest.importorskip("tomllib")  # (3.11+)
+    extras = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]
+    deps = extras["optional-dependencies"]
+    for module, (package, extra) in EXTRAS.items():
+        assert any(d.lower().startswith(package.lower()) for d in deps[extra]), (module, extra)
+    assert "nvtx" in extras["dependencies"] and not any("matplotlib" in d or "Pillow" in d for d in extras["dependencies"])
+
+
+# --------------------------------------------------------------------------- issue 29: threads
+
+def test_sample_on_four_threads_equals_sequential_calls_bitwise():
+    """Issue 29: calls of sample() from 4 threads (mixed solvers, seeds, labels and guidance scales,
+    unconditional and class-conditional models sharing their cached engines and label wrappers)
+    equal the same calls made one after another, bitwise (one intra-op thread per call, so each
+    call's float order is its own). bench/bench_threads.py runs the bundled model the same way."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import genie_fast
+    from _helpers import randomize
+    from genie_fast.engine import SamplingEngine
+
+    torch.manual_seed(0)
+    plain = randomize(GenieModel(UNet("tiny")), 0.05).eval()
+    cond = randomize(GenieModel(UNet("tiny_cond")), 0.05, seed=1).eval()
+    solvers = ["ddim", "genie", "dpmpp_2m", "heun", "unipc", "genie_multistep"]
+    calls = []
+    for i in range(18):
+        kw = dict(solver=solvers[i % len(solvers)], n=2, nfe=4, seed=i)
+        if i % 3 == 2:
+            kw.update(model=cond, labels=[i % 4, (i + 1) % 4], guidance_scale=1.0 + 0.5 * (i % 4))
+        else:
+            kw.update(model=plain)
+        calls.append(kw)
+    want = [genie_fast.sample(**kw)[0] for kw in calls]
+    order = list(np.random.default_rng(0).permutation(len(calls)))
+    with ThreadPoolExecutor(4) as pool:
+        got = dict(zip(order, pool.map(lambda i: genie_fast.sample(**calls[i])[0], order)))
+    for i, w in enumerate(want):
+        assert torch.equal(got[i], w), (i, calls[i]["solver"], float((got[i] - w).abs().max()))
+    # one SamplingEngine shared by the threads directly
+    eng = SamplingEngine(plain, device="cpu")
+    direct = [eng.sample(n=2, nfe=4, seed=i, solver=solvers[i % 6])[0] for i in range(12)]
+    with ThreadPoolExecutor(4) as pool:
+        threaded = list(pool.map(lambda i: eng.sample(n=2, nfe=4, seed=i, solver=solvers[i % 6])[0], range(12)))
+    assert all(torch.equal(a, b) for a, b in zip(direct, threaded))

@@ -65,6 +65,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checks import require
 from ..files import weights_hash
 from ..schedule import DiscreteVPSchedule
 from .head import GenieHead, GenieModel, HeadConfig
@@ -81,11 +82,7 @@ HEAD_VERSION = 1
 
 
 def _diffusers():
-    try:
-        import diffusers
-    except ImportError as e:
-        raise ImportError("diffusers models need the optional dependency: pip install 'genie_fast[diffusers]'") from e
-    return diffusers
+    return require("diffusers", "diffusers models (from_diffusers, load_diffusers, --diffusers)")
 
 
 def _config_dict(scheduler) -> dict:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..checks import check_int
+from ..checks import check_int, require
 from ..data import infinite_batches
 from ..files import from_uint8, weights_hash
 from ..models.diffusers import DiffusersGenieModel, load_diffusers, load_head, save_head
@@ -126,6 +126,7 @@ def distill_diffusers(args) -> Path:
     check_int("--pool", args.pool, 1)
     check_int("--pool-nfe", args.pool_nfe, 2)
     check_distill_args(args, default_target=DIFFUSERS_TARGET)
+    require("diffusers", "genie-fast distill --diffusers")
     model_dir = Path(args.diffusers)
     head_stem = _head_stem(args.head_out or model_dir)
     if Path(f"{head_stem}.safetensors").exists() and not (args.resume or args.overwrite):
