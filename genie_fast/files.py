@@ -34,7 +34,7 @@ def read_png(path, mode: str | None = None) -> np.ndarray:
     """An image file as uint8, (H, W) or (H, W, C); mode: a Pillow mode to convert to ("L": grey)."""
     image_mod = require("PIL.Image", PNG_NEEDS)
     with image_mod.open(path) as im:
-        return np.asarray(im if mode is None else im.convert(mode), dtype=np.uint8)
+        return np.array(im if mode is None else im.convert(mode), dtype=np.uint8)  # (a writable copy)
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
