@@ -9,6 +9,12 @@ f8, mid: the U-Net's decoder features, see cache.py) to the raw (B, 3C, 32, 32) 
   at 8 px), upsamples (nearest) to 16 px merging the 16 px decoder output by a 1x1 conv, and to
   32 px merging cat(up(h), f32) by a 1x1 conv and cat(x, eps) by a 3x3 conv, optional thin ResBlocks
   at 32 px, then GroupNorm -> SiLU -> conv3x3 to 3C (zero-init).
+* ``KernelPredicting``: the shipped head plus a per-pixel adaptive filter. The target at small t is a
+  Jacobian of the denoiser applied to a noise-like direction, and a denoiser's Jacobian acts as a
+  local, image-adaptive filter; a stack of convolutions can only form such products of features and
+  eps weakly. This head predicts, from its last hidden map (1x1 conv, zero-init), a K x K filter per
+  pixel, per output channel and per filtered input (eps, x_t) and adds the filtered inputs to the
+  shipped output: out = conv_out(h) + sum_{c,k} w_{o,c,k}(p) v_c(p + k).
 """
 from __future__ import annotations
 
@@ -57,6 +63,26 @@ class Shipped(nn.Module):
         for blk in self.blocks:
             h = blk(h, b["temb"])
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class KernelPredicting(Shipped):
+    def __init__(self, width=32, blocks=1, k=5, C=1, **kw):
+        super().__init__(width, blocks, C=C, **kw)
+        self.k, self.c_in, self.c_out = k, 2 * C, 3 * C
+        self.kernel = nn.Conv2d(width, self.c_out * self.c_in * k * k, 1)
+        nn.init.zeros_(self.kernel.weight)
+        nn.init.zeros_(self.kernel.bias)
+
+    def forward(self, b):
+        h = self.conv_in(torch.cat([b["x_t"], b["eps"], b["f32"]], dim=1))
+        for blk in self.blocks:
+            h = blk(h, b["temb"])
+        h = F.silu(self.norm_out(h))
+        v = torch.cat([b["eps"], b["x_t"]], dim=1)
+        B, _, H, W = v.shape
+        patches = F.unfold(v, self.k, padding=self.k // 2).view(B, 1, self.c_in * self.k ** 2, H, W)
+        w = self.kernel(h).view(B, self.c_out, self.c_in * self.k ** 2, H, W)
+        return self.conv_out(h) + (w * patches).sum(2)
 
 
 class MultiRes(nn.Module):
@@ -127,6 +153,10 @@ CANDIDATES = {
     "hyb_film": (lambda: MultiRes(w8=24, n8=1, w16=24, n16=0, w32=32, n32=1, film=True), False),
     "hyb_rich": (lambda: MultiRes(w8=24, n8=1, w16=24, n16=0, w32=32, n32=1, rich=True), False),
     "mr_d8": (lambda: MultiRes(w8=32, n8=2, w16=24, n16=0, w32=24, n32=0), False),
+    # the shipped head (initialised from the bundled one) + a per-pixel K x K filter of (eps, x_t)
+    "kpn5_init": (lambda: KernelPredicting(32, 1, k=5), True),
+    "kpn3_init": (lambda: KernelPredicting(32, 1, k=3), True),
+    "kpn5_scratch": (lambda: KernelPredicting(32, 1, k=5), False),
 }
 
 
@@ -135,5 +165,7 @@ def build(name):
     head = ctor()
     if init:
         from genie_fast.models import load_default
-        head.load_state_dict(load_default().head.state_dict())
+        missing, unexpected = head.load_state_dict(load_default().head.state_dict(), strict=False)
+        if unexpected or any(not k.startswith("kernel.") for k in missing):
+            raise RuntimeError(f"{name}: the bundled head does not fit: missing {missing}, unexpected {unexpected}")
     return head
