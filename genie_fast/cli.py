@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .checks import MissingExtra, require
-from .files import PNG_NEEDS, png_bytes, read_png, to_uint8
+from .files import png_bytes, read_png, to_uint8
 
 # What each command needs beyond the core dependencies (pyproject.toml's extras), checked before any
 # work: a missing one is refused in one line naming the extra to install.
@@ -93,7 +93,7 @@ def _cmd_sample(args):
 
     labels = check_sampling_args(args)
     check_out_file(args.out, (".png",), "--out")
-    require("PIL.Image", f"genie-fast sample (it writes the PNG grid --out) or {PNG_NEEDS}")
+    require("PIL.Image", "genie-fast sample (it writes a PNG grid)")
     torch.set_num_threads(args.threads) if args.threads else None
     model = load_model(args.model) if args.model else (load_default() if labels else None)
     if labels == "all":
@@ -151,7 +151,7 @@ def _cmd_encode(args):
     if args.reconstruct:
         check_out_file(args.reconstruct, (".png",), "--reconstruct")
     if args.images or args.reconstruct:
-        require("PIL.Image", f"genie-fast encode --images / --reconstruct (PNG files) or {PNG_NEEDS}")
+        require("PIL.Image", "genie-fast encode --images / --reconstruct (PNG files)")
     torch.set_num_threads(args.threads) if args.threads else None
     model = load_model(args.model) if args.model else load_default()
     x0, true_labels = _load_images(args, model.image_shape)

@@ -279,12 +279,11 @@ def check_args(args):
     """Refuse bad arguments and an unusable --outdir before a model is loaded (one line each);
     returns (seeds, labels)."""
     from .checks import check_out_dir, require
-    from .files import PNG_NEEDS
 
     check_out_dir(args.outdir, "--outdir")
     labels = check_sampling_args(args)
     if args.format == "png":
-        require("PIL.Image", f"genie-fast generate --format png or {PNG_NEEDS}")
+        require("PIL.Image", "genie-fast generate --format png")
     if args.diffusers:
         require("diffusers", "genie-fast generate --diffusers")
     return parse_seeds(args.seeds), labels
