@@ -224,12 +224,12 @@ class SamplingEngine:
                              f"(its image_shape is {tuple(own)})")
         return shape
 
-    def _state_noise(self, noise, n, shape, seed, dtype, seeds=None) -> torch.Tensor:
+    def _state_noise(self, noise, n, shape, seed, dtype, seeds=None, name="noise") -> torch.Tensor:
         """x_T on the device in the state dtype (`noise.initial_state`); a UserWarning when its image
         shape is not the model's ``image_shape`` (a convolutional network runs at any size, but it
         learned one)."""
         x = initial_state(noise, n, self._shape(shape), seed, dtype, seeds, self.device,
-                          lambda: _image_shape(self.model))
+                          lambda: _image_shape(self.model), name)
         own = getattr(self.model, "image_shape", None)
         if own is not None and tuple(x.shape[1:]) != tuple(own):
             warnings.warn(f"genie_fast sample: the sample shape {tuple(x.shape[1:])} differs from the model's "
@@ -342,7 +342,7 @@ class SamplingEngine:
         ``sample(noise=x_T, afs=False)`` with the same solver, nfe / steps and grid decodes it."""
         check_finite = check_flag("check_finite", check_finite)
         with nvtx_range("encode"), torch.inference_mode(False), torch.no_grad():
-            x = self._state_noise(x0, None, None, 0, dtype)
+            x = self._state_noise(x0, None, None, 0, dtype, name="x0")
             key, plan, spent = self._prepare(x, solver, nfe, steps, grid, False, False, net_dtype, schedule,
                                              solver_kw, encode=True)
             if key.solver == "ipndm" and len(key.ts) - 1 < IPNDM_MIN_ENCODE_STEPS:

@@ -21,6 +21,9 @@
   which seed s gets number s mod its length ("all" / "cycle": class s mod the number of classes).
 * Resuming. A rerun skips the seeds already written (with any world size); a rerun into a folder
   whose manifest describes other sampling (model, solver, NFE, grid, ...) is refused.
+* Failures. After each round of batches (one per rank) the ranks exchange a failure flag
+  (`ProcessGroup.failed`): a rank that raised makes every rank stop within one batch's time, itself
+  with its own error, the others with `RankFailed` (one line); the written batches stay.
 
 Processes start from torchrun's environment (`genie_fast.distributed`: gloo on CPUs, NCCL on GPUs,
 device ``cuda:LOCAL_RANK``); rank 0 checks the folder and shows the progress of all ranks.

@@ -59,7 +59,7 @@ def make_noise(n: int, shape, seed: int = 0, dtype=torch.float32, device=None) -
     return torch.stack(rows).to(device=device, dtype=dtype)
 
 
-def initial_state(noise, n, shape, seed, dtype, seeds, device, image_shape) -> torch.Tensor:
+def initial_state(noise, n, shape, seed, dtype, seeds, device, image_shape, name: str = "noise") -> torch.Tensor:
     """x_T of a call on `device` in the state dtype: the given noise, or n samples of batch seed
     `seed`, or one sample per per-image seed of `seeds`. shape: the call's image shape or None;
     image_shape: a function giving the model's image shape (asked only where noise is drawn)."""
@@ -82,13 +82,13 @@ def initial_state(noise, n, shape, seed, dtype, seeds, device, image_shape) -> t
         n = check_int("n", n, 1)
         return make_noise(n, shape if shape is not None else image_shape(), seed, dtype or torch.float32, device)
     if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
-        raise TypeError(f"noise must be a floating-point tensor, got {type(noise).__name__}"
+        raise TypeError(f"{name} must be a floating-point tensor, got {type(noise).__name__}"
                         + (f" of dtype {noise.dtype}" if isinstance(noise, torch.Tensor) else ""))
     if noise.dim() < 2 or noise.shape[0] < 1 or noise.numel() == 0:
-        raise ValueError(f"noise must be (B, C, ...) with B >= 1 and no empty dimension, got {tuple(noise.shape)}")
+        raise ValueError(f"{name} must be (B, C, ...) with B >= 1 and no empty dimension, got {tuple(noise.shape)}")
     if n is not None and n != noise.shape[0]:
-        raise ValueError(f"n={n} disagrees with noise's batch size {noise.shape[0]}")
+        raise ValueError(f"n={n} disagrees with {name}'s batch size {noise.shape[0]}")
     if shape is not None and tuple(noise.shape[1:]) != tuple(shape):
-        raise ValueError(f"noise must have shape (B, *{tuple(shape)}), got {tuple(noise.shape)}")
+        raise ValueError(f"{name} must have shape (B, *{tuple(shape)}), got {tuple(noise.shape)}")
     dtype = dtype or (torch.float64 if noise.dtype == torch.float64 else torch.float32)
     return noise.to(device, dtype)

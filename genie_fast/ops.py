@@ -12,6 +12,13 @@ with a `backend`:
               cpp (else torch) on the CPU.
 A backend that was asked for by name and cannot run raises an error saying why.
 
+Every public op checks its arguments first, on the host, from tensor metadata alone (`_check_args`,
+one helper for all ops and backends): kinds, shapes, dtypes, one device for every tensor (the
+coefficient row and the weights too), and outputs that share memory with each other (an output
+may alias an input). No value is read there: that would be a device sync per step and would break
+CUDA graph capture. Non-finite coefficients are refused where they are made instead: `Plan` checks
+its host grid, and `schedule_table` the times it is given on the CPU (finite, in (0, 1]).
+
 The step ops take `out=`: preallocated contiguous outputs (a tuple in the order of the
 returned tensors), which may be the inputs themselves (x_bar updated in place): every element
 is read before it is written. A CUDA graph engine can so keep fixed buffers. The fused kernels

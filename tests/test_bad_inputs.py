@@ -889,7 +889,7 @@ def test_schedule_table_names_a_schedule_that_is_not_one():
 @pytest.mark.parametrize("kw,err,says", [
     (dict(grid=[[1.0, 0.5], [0.5, 0.1]]), TypeError, r"grid must be a 1-D sequence of times .* nested sequence"),
     (dict(grid={1.0: 0.5}), TypeError, r"grid must be a name of .* or a 1-D sequence of times, got \{1.0: 0.5\}"),
-    (dict(grid=torch.ones(2, 2)), TypeError, r"grid must be .* 1-D sequence of times, got a torch.float32 tensor of shape \(2, 2\)"),
+    (dict(grid=torch.ones(2, 2)), TypeError, r"grid must be .* 1-D sequence of times, got torch.float32 values of shape \(2, 2\)"),
     (dict(grid=5), TypeError, r"grid must be a name of .* got 5 \(int\)"),
     (dict(schedule="vp"), TypeError, r"schedule must be a schedule object .* got 'vp' \(str\)"),
     (dict(solver=["ddim"]), TypeError, r"solver must be a solver's name \(a str"),
@@ -914,6 +914,19 @@ def test_sample_and_encode_arguments_named_before_any_work(gmm, monkeypatch, kw,
         genie_fast.encode(None, torch.zeros(2, 1, 4, 4), nfe=4, **kw)
     with pytest.raises(err, match=says):  # and with a model: the same message
         genie_fast.sample(gmm, n=2, nfe=4, **kw)
+
+
+def test_encode_names_x0_and_a_grid_of_strings_is_not_called_nested(gmm):
+    import genie_fast
+
+    for x0, err, says in ((torch.zeros(2, 1, 4, 4, dtype=torch.long), TypeError, "x0 must be a floating-point tensor"),
+                          (torch.zeros(4), ValueError, r"x0 must be \(B, C, ...\)"),
+                          (torch.zeros(2, 1, 5, 5), ValueError, r"x0 must have shape \(B, \*\(1, 4, 4\)\)")):
+        with pytest.raises(err, match=says):
+            genie_fast.encode(gmm, x0, nfe=4)
+    with pytest.raises(TypeError, match=r"got '1.0' \(str\) at index 0") as e:
+        genie_fast.sample(gmm, n=1, grid=["1.0", "0.5"])
+    assert "nested" not in str(e.value)
 
 
 @pytest.mark.parametrize("kw,err,says", [

@@ -57,8 +57,8 @@ def check_grid_arg(grid):
         grid = torch.as_tensor(grid)
     if isinstance(grid, torch.Tensor):
         if grid.dim() != 1 or grid.dtype == torch.bool or grid.is_complex():
-            raise TypeError(f"grid must be a name of {GRIDS} or \"auto\", or a 1-D sequence of times, got a "
-                            f"{grid.dtype} tensor of shape {tuple(grid.shape)}")
+            raise TypeError(f"grid must be a name of {GRIDS} or \"auto\", or a 1-D sequence of times, got "
+                            f"{grid.dtype} values of shape {tuple(grid.shape)}")
         return grid
     if isinstance(grid, bytes) or not isinstance(grid, Sequence):
         raise TypeError(f"grid must be a name of {GRIDS} or \"auto\", or a 1-D sequence of times, got "
@@ -66,7 +66,8 @@ def check_grid_arg(grid):
     for i, t in enumerate(grid):
         if isinstance(t, bool) or not isinstance(t, (numbers.Real, np.floating, np.integer)) \
                 and not (isinstance(t, torch.Tensor) and t.dim() == 0):
-            nested = " (a nested sequence: give one flat list of times)" if isinstance(t, (Sequence, np.ndarray, torch.Tensor)) else ""
+            nested = (" (a nested sequence: give one flat list of times)"
+                      if isinstance(t, (Sequence, np.ndarray, torch.Tensor)) and not isinstance(t, str) else "")
             raise TypeError(f"grid must be a 1-D sequence of times (numbers), got {t!r} ({type(t).__name__}) at "
                             f"index {i}{nested}")
     return grid
