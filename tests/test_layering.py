@@ -54,7 +54,7 @@ LAYERS = {
     "genie_fast.models": MODELS, "genie_fast.data": MODELS,
     "genie_fast.solvers": SOLVERS,
     "genie_fast.engine": ENGINE, "genie_fast.guidance": ENGINE,
-    "genie_fast.sampling": SAMPLING, "genie_fast": SAMPLING,
+    "genie_fast.sampling": SAMPLING, "genie_fast.tuning": SAMPLING, "genie_fast": SAMPLING,
     "genie_fast.generate": JOBS, "genie_fast.training": JOBS, "genie_fast.train": JOBS,
     "genie_fast.distill": JOBS, "genie_fast.distill_diffusers": JOBS, "genie_fast.cli_args": JOBS,
     "genie_fast.store": JOBS, "genie_fast.distributed": JOBS,

@@ -11,7 +11,7 @@ import pytest
 PUBLIC = {
     "genie_fast": [
         'DiscreteVPSchedule', 'SOLVERS', 'SamplingEngine', 'VPSchedule', 'coeff_table', 'encode', 'nfe_of',
-        'sample', 'steps_for_nfe', 'time_grid'
+        'sample', 'steps_for_nfe', 'time_grid', 'tune_grid'
     ],
     "genie_fast.checks": [
         'check_device', 'check_flag', 'check_int', 'check_number', 'check_out_dir', 'check_out_file'

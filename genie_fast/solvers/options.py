@@ -113,7 +113,8 @@ def resolve(solver=None, nfe=None, steps=None, grid="auto", afs=None, denoise=Fa
     the budget DEFAULT_NFE. grid: a name of `schedule.GRIDS`, "auto" or None (`grid_for`), or the
     times themselves (checked by `time_grid`; steps and nfe, when given, must agree with them).
     afs: True, False or None: with a named grid (or "auto") the solver's `AUTO_AFS` entry (on); with
-    an explicit grid of times off, since the given times then say where the network is called (a
+    a grid from `tune_grid` (a tensor whose ``afs`` attribute is a bool) the AFS it was tuned with; with
+    any other explicit grid of times off, since the given times then say where the network is called (a
     diffusers scheduler's timesteps call it at the first one: AFS would replace that call by x_T);
     afs=True still applies AFS to a given grid. denoise: True or False. evals_per_call: the model's
     (`evals_per_call`), which multiplies every NFE count. encode: the options of an encoding run
@@ -133,8 +134,10 @@ def resolve(solver=None, nfe=None, steps=None, grid="auto", afs=None, denoise=Fa
         afs = False
         if not isinstance(grid, str) and isinstance(grid, (Sequence, torch.Tensor)):
             grid = time_grid(None, None, grid)
-    elif afs is None:  # an explicit grid of times: no AFS unless asked for
-        afs = AUTO_AFS.get(solver, DEFAULT_AFS) if grid is None or isinstance(grid, str) else False
+    elif afs is None:  # an explicit grid of times: no AFS unless asked for, or tuned with it (`tune_grid`)
+        tuned = getattr(grid, "afs", None) if isinstance(grid, torch.Tensor) else None
+        afs = (AUTO_AFS.get(solver, DEFAULT_AFS) if grid is None or isinstance(grid, str)
+               else tuned if isinstance(tuned, bool) else False)
     if nfe is not None and steps is not None:
         raise ValueError(f"give nfe= or steps=, not both (got nfe={nfe}, steps={steps})")
     grid = grid_for(solver, "auto" if grid is None else grid)

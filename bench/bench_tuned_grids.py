@@ -1,0 +1,87 @@
+"""Tuned grids (`genie_fast.tune_grid`) against every fixed grid, on held-out noise.
+
+    PYTHONPATH=. python bench/bench_tuned_grids.py bench/results/grids_cond6/null.json \
+        --runs genie_multistep:5,unipc:5 --n 64 --json bench/results/grids_cond6/tuned_null.json
+
+The reference JSON is one of `bench/bench_grids.py` (its noise seed, labels, guidance and RK4
+reference): the grids are tuned on `--n` noises of `--tune-seed` (never the reference's seed), with
+the reference's labels setting (cycle: labels 0, 1, ... in turn, the same guidance), then run on the
+reference's noise; the row gives the tuned grid's median per-sample error next to the best fixed
+grid's from the same JSON, the tuning time and the tuned times. Rows are appended as they finish
+(a killed run resumes at the next (solver, NFE)).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_grids import errors  # noqa: E402
+
+import genie_fast  # noqa: E402
+from genie_fast.models import load_default  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("reference", help="a bench_grids.py JSON (held-out noise, RK4 reference, fixed-grid rows)")
+    p.add_argument("--runs", default="genie_multistep:5", help="solver:NFE,...")
+    p.add_argument("--n", type=int, default=64, help="tuning noises")
+    p.add_argument("--tune-seed", type=int, default=0)
+    p.add_argument("--method", default="search")
+    p.add_argument("--max-evals", type=int, default=60)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    with open(args.reference) as f:
+        ref_run = json.load(f)
+    s = ref_run["setting"]
+    if s["seed"] == args.tune_seed:
+        raise SystemExit("--tune-seed must differ from the reference's noise seed (held-out noise)")
+    model = load_default()
+    noise = torch.randn(s["n"], *model.image_shape, generator=torch.Generator().manual_seed(s["seed"]))
+    cycle = s["labels"] != "none"
+    labels = torch.arange(s["n"]) % model.num_classes if cycle else None
+    tune_labels = torch.arange(args.n) % model.num_classes if cycle else None
+    ref = torch.tensor(ref_run["ref_x0"])
+    out = {"reference": args.reference, "setting": s, "n_tune": args.n, "tune_seed": args.tune_seed,
+           "method": args.method, "max_evals": args.max_evals, "rows": []}
+    if args.json and os.path.exists(args.json):
+        with open(args.json) as f:
+            old = json.load(f)
+        if all(old.get(k) == out[k] for k in ("reference", "n_tune", "tune_seed", "method", "max_evals")):
+            out = old
+    done = {(r["solver"], r["nfe_budget"]) for r in out["rows"]}
+    for spec in args.runs.split(","):
+        solver, nfe = spec.split(":")[0], int(spec.split(":")[1])
+        if (solver, nfe) in done:
+            continue
+        t0 = time.time()
+        ts = genie_fast.tune_grid(model, solver=solver, nfe=nfe, n=args.n, seed=args.tune_seed, labels=tune_labels,
+                                  guidance_scale=s["guidance"], method=args.method, max_evals=args.max_evals)
+        seconds = time.time() - t0
+        x0, used = genie_fast.sample(model, noise=noise, solver=solver, nfe=nfe, grid=ts, labels=labels,
+                                     guidance_scale=s["guidance"])
+        rmse, median = errors(x0, ref)
+        fixed = [r for r in ref_run["rows"] if r["solver"] == solver and r["nfe_budget"] == nfe
+                 and r["afs"] == ts.afs and r.get("median") is not None]
+        best = min(fixed, key=lambda r: r["median"]) if fixed else None
+        row = {"solver": solver, "nfe_budget": nfe, "nfe": used, "afs": ts.afs, "median": median, "rmse": rmse,
+               "best_fixed_grid": best and best["grid"], "best_fixed_median": best and best["median"],
+               "ratio": best and best["median"] / median, "tune_seconds": round(seconds, 1),
+               "times": [float(t) for t in ts]}
+        out["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
