@@ -34,8 +34,9 @@ def add_sampling_args(p: argparse.ArgumentParser, *, seed: str | None = "seed", 
     p.add_argument("--grid", default="auto", help="auto (the grid measured best for the solver) | "
                    + " | ".join(GRIDS) + ("" if afs else " (encoding runs it reversed)"))
     if afs:
-        p.add_argument("--afs", action=argparse.BooleanOptionalAction, default=DEFAULT_AFS,
-                       help=f"analytical first step, saves one NFE (default: {'on' if DEFAULT_AFS else 'off'})")
+        p.add_argument("--afs", action=argparse.BooleanOptionalAction, default=None,  # sample()'s afs=None
+                       help=f"analytical first step, saves one NFE (default: {'on' if DEFAULT_AFS else 'off'} "
+                            "for the named grids given here, solvers.AUTO_AFS)")
         p.add_argument("--denoise", action=argparse.BooleanOptionalAction, default=False,
                        help="final denoising step (+1 NFE)")
     if seed == "seed":

@@ -262,7 +262,8 @@ class SamplingEngine:
         if schedule is not None and not isinstance(schedule, VPSchedule):  # (the default's type: no check needed)
             check_schedule(schedule)
         try:
-            memo_key = (solver, nfe, steps, grid if isinstance(grid, str) else _grid_key(grid), afs, denoise,
+            memo_key = (solver, nfe, steps, grid if isinstance(grid, str) else _grid_key(grid),
+                        getattr(grid, "afs", None), afs, denoise,  # (a tuned grid may carry its AFS: `resolve`)
                         x_T.dtype, x_T.shape, net_dtype, schedule, tuple(sorted(solver_kw.items())), tf32, encode)
             hash(memo_key)
         except TypeError:
