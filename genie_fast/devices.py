@@ -1,16 +1,19 @@
 """Where and in what precision: dtype names (`DTYPES`, `as_dtype`), the TF32 switches (`no_tf32`,
-`tf32_flags`), and the one device rule of the library and the command line (`default_device`,
-`command_device`)."""
+`tf32_flags`), the CPU's bf16 (`cpu_bf16_native`, `cpu_net_dtype`), and the one device rule of the
+library and the command line (`default_device`, `command_device`)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import warnings
 
 import torch
 
 from .checks import check_device
 
-__all__ = ["DTYPES", "as_dtype", "no_tf32", "tf32_flags", "model_device", "default_device", "command_device"]
+__all__ = ["DTYPES", "as_dtype", "no_tf32", "tf32_flags", "cpu_bf16_native", "cpu_net_dtype", "model_device",
+           "default_device", "command_device"]
 
 DTYPES = {"fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -26,6 +29,60 @@ def as_dtype(dtype, allowed, what) -> torch.dtype:
         dtype = DTYPES[dtype]
     if dtype not in allowed:
         raise ValueError(f"{what} must be one of {[str(d).replace('torch.', '') for d in allowed]}, got {dtype}")
+    return dtype
+
+
+CPU_BF16_ENV = "GENIE_FAST_CPU_BF16"  # "1": treat the CPU as bf16-capable, "0": as not (else detected)
+_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # /proc/cpuinfo: x86 AVX512-BF16 or AMX; aarch64 BF16
+_notices: set = set()
+
+
+@functools.lru_cache(maxsize=None)
+def _detect_cpu_bf16(cpuinfo: str = "/proc/cpuinfo", probes=("_is_avx512_bf16_supported", "_is_amx_tile_supported")) -> bool:
+    for name in probes:  # torch's own cpuinfo probes, then the kernel's flags
+        probe = getattr(torch.cpu, name, None)
+        try:
+            if probe is not None and probe():
+                return True
+        except Exception:  # pragma: no cover - a torch whose probe fails: read the flags instead
+            pass
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.split(":")[0].strip().lower() in ("flags", "features") and \
+                        set(line.split(":", 1)[-1].split()) & set(_BF16_FLAGS):
+                    return True
+    except OSError:
+        pass
+    return False
+
+
+def cpu_bf16_native() -> bool:
+    """Whether this CPU does bf16 arithmetic natively (x86 AVX512-BF16 or AMX, aarch64 BF16), detected
+    from torch's CPU probes and /proc/cpuinfo, never assumed. Elsewhere bf16 convolutions are emulated
+    and slow (about 26x float32's time on an AVX2-only EPYC, bench/RESULTS.md "CPU path").
+    ``GENIE_FAST_CPU_BF16=1`` / ``=0`` overrides the detection (=1 on a CPU without it: emulated bf16,
+    for accuracy measurements only)."""
+    env = os.environ.get(CPU_BF16_ENV, "").strip()
+    if env in ("0", "1"):
+        return env == "1"
+    return _detect_cpu_bf16()
+
+
+def cpu_net_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The network dtype a CPU run uses when `dtype` is asked for: float16 is refused (ATen's CPU
+    half-precision convolutions are slow); bfloat16 where the CPU has it natively
+    (`cpu_bf16_native`), else float32 with a one-line notice (once per process); others as asked."""
+    if dtype == torch.float16:
+        raise ValueError("a float16 network on the CPU is refused (ATen's CPU float16 convolutions are slow and "
+                         "not what this library measures): use net_dtype=bfloat16 (where the CPU has native bf16) "
+                         "or float32 there, float16 on a GPU")
+    if dtype == torch.bfloat16 and not cpu_bf16_native():
+        if "bf16" not in _notices:
+            _notices.add("bf16")
+            warnings.warn("genie_fast: this CPU has no native bf16 arithmetic (no avx512_bf16 / amx_bf16); "
+                          "the network runs in float32", UserWarning, stacklevel=2)
+        return torch.float32
     return dtype
 
 

@@ -15,9 +15,10 @@ What runs where
     eagerly (the C++ step ops on the CPU).
   * Precision: the ODE state and the samples are in ``dtype`` (float32 by default; float64 for
     accuracy work). The network runs in ``net_dtype``: fp16 by default on CUDA for a module with
-    floating-point weights (bf16, fp32, fp64 selectable), else the state's dtype; a half-precision
-    network on the CPU is refused (ATen's CPU half convolutions are slow and not what anyone
-    measures). What must stay float32 for accuracy does so without extra kernels: the U-Net's time
+    floating-point weights (bf16, fp32, fp64 selectable), else the state's dtype. On the CPU fp16 is
+    refused (ATen's CPU half convolutions are slow) and bf16 runs where the CPU has it natively,
+    else float32 with a one-line notice (`devices.cpu_net_dtype`). What must stay float32 for
+    accuracy does so without extra kernels: the U-Net's time
     embedding sinusoid is computed in float32; GroupNorm's mean and variance are accumulated in
     float32 by ATen's kernels for fp16/bf16 inputs (`tests/test_engine.py` checks it on data a
     half-precision accumulation would ruin); the fused attention kernels keep the softmax max and
@@ -72,7 +73,7 @@ from torch import nn
 
 from . import ops
 from .checks import check_device, check_flag, check_int
-from .devices import DTYPES, as_dtype, default_device, no_tf32, tf32_flags
+from .devices import DTYPES, as_dtype, cpu_net_dtype, default_device, no_tf32, tf32_flags
 from .graphs import GraphEntry, Uncapturable, capture
 from .noise import initial_state, make_noise, seed_noise
 from .profiling import nvtx_range, pop, push
@@ -85,7 +86,6 @@ from .weights import ModelWeights, converted_copy as _converted_copy  # noqa: F4
 __all__ = ["SamplingEngine", "GraphKey", "DTYPES", "make_noise", "seed_noise", "NonFiniteError", "engine_for",
            "no_tf32"]
 
-_HALF = (torch.float16, torch.bfloat16)
 # Encoding with ipndm diverges below this many steps (bench/RESULTS.md, "Encoding with every solver").
 IPNDM_MIN_ENCODE_STEPS = 40
 
@@ -119,12 +119,15 @@ class SamplingEngine:
     floating-point weights, else the state's dtype). schedule: default the model's ``.schedule``,
     else `VPSchedule()`. backend: of the fused step ops (`genie_fast.ops`). use_graphs: default True
     on CUDA. max_graphs: how many captured graphs the LRU cache keeps. warmup: eager runs before a
-    capture.
+    capture. channels_last (CPU): None: the engine's own float32 / bf16 copies are channels-last;
+    True: always a channels-last copy; False: never. compile (CPU): the network compiled by
+    torch.compile (inductor) on its first call per shape, for long runs (`weights.CompiledNet`;
+    ``cache_info()["compile_s"]``).
     """
 
     def __init__(self, model, *, device=None, net_dtype=None, schedule=None, backend: str = "auto",
                  use_graphs: bool | None = None, max_graphs: int = 8, warmup: int = 2,
-                 _keep_alive: bool = True):
+                 channels_last: bool | None = None, compile: bool = False, _keep_alive: bool = True):
         if model is None or not callable(model):
             raise TypeError(f"model must be a callable eps model, got {type(model).__name__}")
         self.device = check_device(device if device is not None else default_device())
@@ -146,7 +149,10 @@ class SamplingEngine:
 
         self._model_ref = weakref.ref(model) if _is_weakrefable(model) else (lambda m=model: m)
         self._model_strong = model if _keep_alive else None
-        self._weights = ModelWeights(self.device)       # the module as the engine runs it, per net_dtype
+        channels_last = check_flag("channels_last", channels_last, allow_none=True)
+        if check_flag("compile", compile) and self.device.type != "cpu":
+            raise ValueError(f"compile is for the CPU path; on {self.device} the engine replays CUDA graphs")
+        self._weights = ModelWeights(self.device, channels_last, compile)  # the module as run, per net_dtype
         self._memo: dict = {}                           # call arguments -> (GraphKey, Plan, nfe)
         self._plans: collections.OrderedDict[GraphKey, Plan] = collections.OrderedDict()
         self._graphs: collections.OrderedDict[GraphKey, GraphEntry] = collections.OrderedDict()
@@ -161,11 +167,7 @@ class SamplingEngine:
     # ------------------------------------------------------------------ dtypes
     def _check_net_dtype(self, net_dtype) -> torch.dtype:
         dtype = as_dtype(net_dtype, (torch.float16, torch.bfloat16, torch.float32, torch.float64), "net_dtype")
-        if dtype in _HALF and self.device.type == "cpu":
-            raise ValueError(f"a {dtype} network on the CPU is refused (ATen's CPU half-precision convolutions "
-                             "are slow and not what this library measures): use net_dtype=float32 there, "
-                             "half precision on a GPU")
-        return dtype
+        return cpu_net_dtype(dtype) if self.device.type == "cpu" else dtype
 
     def _resolve_net_dtype(self, net_dtype, state_dtype) -> torch.dtype:
         if net_dtype is None:
@@ -305,8 +307,10 @@ class SamplingEngine:
         return nfe_of(key.solver, len(key.ts) - 1, key.afs, key.denoise, evals_per_call(self.model))
 
     def cache_info(self) -> dict:
+        compile_s, compiles = self._weights.compile_seconds()
         return {"graphs": len(self._graphs), "max_graphs": self.max_graphs, "plans": len(self._plans),
-                "eager_keys": len(self._eager_keys), **self.stats}
+                "eager_keys": len(self._eager_keys), **self.stats,
+                **({"compile_s": compile_s, "compiles": compiles} if self._weights.compile else {})}
 
     def clear(self):
         """Drop every captured graph (their static buffers go back to the shared pool)."""
@@ -517,18 +521,20 @@ _ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _ENGINES_LOCK = threading.Lock()
 
 
-def engine_for(model, device=None, backend: str = "auto") -> SamplingEngine:
-    """The cached engine of `model` on `device` (created on first use, dropped with the model)."""
+def engine_for(model, device=None, backend: str = "auto", compile: bool = False) -> SamplingEngine:
+    """The cached engine of `model` on `device` (created on first use, dropped with the model);
+    compile: one whose network is compiled (`SamplingEngine`'s compile, the CPU only)."""
     device = check_device(device if device is not None else default_device())
     ops.check_backend(backend, device)  # before the backend is part of a dict key
     if device.type == "cuda" and device.index is None and torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
     if not _is_weakrefable(model):  # cannot be cached without keeping it alive: a fresh engine
-        return SamplingEngine(model, device=device, backend=backend)
+        return SamplingEngine(model, device=device, backend=backend, compile=compile)
     with _ENGINES_LOCK:  # threads sharing a model share its engine
         per_model = _ENGINES.setdefault(model, {})
-        key = (str(device), backend)
+        key = (str(device), backend) + (("compile",) if compile else ())
         eng = per_model.get(key)
         if eng is None:
-            eng = per_model[key] = SamplingEngine(model, device=device, backend=backend, _keep_alive=False)
+            eng = per_model[key] = SamplingEngine(model, device=device, backend=backend, compile=compile,
+                                                  _keep_alive=False)
         return eng

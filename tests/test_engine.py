@@ -388,9 +388,7 @@ def test_dtype_is_the_state_net_dtype_the_network():
     assert mixed.dtype == torch.float32 and 0 < rel_err(mixed, x64) < 1e-5
     with pytest.raises(ValueError, match="float64 state needs a float64 network"):
         eng.sample(z, dtype=torch.float64, net_dtype="float32")
-    with pytest.raises(ValueError, match="refused"):
-        eng.sample(z, net_dtype="bf16")
-    with pytest.raises(ValueError, match="refused"):
+    with pytest.raises(ValueError, match="refused"):  # bf16 on the CPU: tests/test_cpu_path.py
         SamplingEngine(model, device="cpu", net_dtype=torch.float16)
     with pytest.raises(ValueError, match="the network's precision is net_dtype"):
         eng.sample(z, dtype=torch.float16)
