@@ -59,7 +59,8 @@ def sample(model=None, noise=None, n=None, shape=None, solver=DEFAULT_SOLVER, nf
     dtype: the dtype of the ODE state and of the samples: float32 (default) or float64 (for
         accuracy work; the default network dtype follows it).
     net_dtype: the network's precision: default float16 on CUDA for a module with floating-point
-        weights, else `dtype`; float16/bfloat16 on the CPU is refused.
+        weights, else `dtype`. On the CPU float16 is refused and bfloat16 ("bf16") runs where the CPU
+        has native bf16 (`devices.cpu_bf16_native`), else float32 with a one-line notice.
     backend: of the fused step ops ("auto", "torch", "cpp", "triton", "cuda"; `genie_fast.ops`).
     labels: for a class-conditional model (``model.num_classes`` > 0): an int (every sample) or
         integers of shape (B,) in 0..num_classes-1 (num_classes itself is the null class). None:
