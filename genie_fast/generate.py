@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -101,16 +102,19 @@ def _labels_for(seeds, spec, num_classes: int):
 
 def generate(model, seeds, outdir, *, model_info: dict | None = None, batch: int = 64, solver=None, nfe=None,
              steps=None, grid=None, afs=None, denoise: bool = False, labels=None, guidance_scale=None,
-             fmt: str = "npz", device=None, net_dtype=None, backend: str = "auto", progress: bool = True) -> dict:
+             fmt: str = "npz", device=None, net_dtype=None, backend: str = "auto", progress: bool = True,
+             compile: bool = False) -> dict:
     """Sample one image per seed into ``outdir`` (see the module docstring); returns the manifest.
 
     model: an eps model (``.schedule``, ``.image_shape``); labels: None, a class, a list of classes
     (seed s gets number s mod its length) or "all" / "cycle" (class s mod the number of classes);
     guidance_scale: classifier-free guidance scale (diffusers convention) with labels; device:
     `devices.command_device` (default CUDA when available). Call it on every rank of a torchrun
-    job (or alone)."""
+    job (or alone). compile: the network compiled by torch.compile (the CPU only; its compile time is
+    printed once, on stderr)."""
     from .checks import check_int, check_number
     from .guidance import DEFAULT_GUIDANCE_SCALE, Conditioned, check_labels
+    from .engine import engine_for
     from .sampling import sample
     from .solvers import resolve
 
@@ -138,6 +142,8 @@ def generate(model, seeds, outdir, *, model_info: dict | None = None, batch: int
         if guidance_scale is None:  # as genie_fast.guidance.conditioned: labels alone mean the default scale
             guidance_scale = DEFAULT_GUIDANCE_SCALE
     device = command_device(device)
+    if compile and device.type != "cpu":
+        raise ValueError(f"--compile is for the CPU (on {device} the engine replays CUDA graphs)")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     info = dict(model_info or {})
@@ -187,7 +193,7 @@ def generate(model, seeds, outdir, *, model_info: dict | None = None, batch: int
             def refresh():
                 pass
 
-        cond, nfe_spent, tag = None, None, f"{dist.rank}-{os.getpid()}"
+        cond, nfe_spent, tag, engines = None, None, f"{dist.rank}-{os.getpid()}", {}
         budget = {"nfe": opts.nfe} if steps is None else {"steps": steps}
         mine = chunks[dist.rank::dist.world]
         # One round per chunk index, on every rank (a rank with fewer chunks still takes part): after
@@ -207,9 +213,13 @@ def generate(model, seeds, outdir, *, model_info: dict | None = None, batch: int
                         else:
                             cond.update(lab, guidance_scale)
                         eps_model = cond
-                    x0, nfe_spent = sample(eps_model, noise=noise, solver=opts.solver, grid=opts.grid, afs=opts.afs,
-                                           denoise=opts.denoise, device=device, net_dtype=net_dtype, backend=backend,
-                                           **budget)
+                    kw = dict(noise=noise, solver=opts.solver, grid=opts.grid, afs=opts.afs, denoise=opts.denoise,
+                              net_dtype=net_dtype, **budget)
+                    if compile:  # one engine per model keeps its compiled network for the whole run
+                        engine = engines[id(eps_model)] = engine_for(eps_model, device, backend, compile=True)
+                        x0, nfe_spent = engine.sample(**kw)
+                    else:
+                        x0, nfe_spent = sample(eps_model, device=device, backend=backend, **kw)
                     folder.write(chunk, to_uint8(x0), chunk_labels, tag)
                 except Exception as e:  # told to the other ranks below, then raised here
                     error = e
@@ -223,6 +233,10 @@ def generate(model, seeds, outdir, *, model_info: dict | None = None, batch: int
                 refresh()
                 bar.close()
 
+        if engines and dist.rank == 0:
+            infos = [e.cache_info() for e in engines.values()]
+            print(f"genie-fast generate: compiled the network in {sum(i['compile_s'] for i in infos):.1f} s "
+                  f"({sum(i['compiles'] for i in infos)} compile(s), once per batch shape)", file=sys.stderr)
         result = None
         if dist.rank == 0:
             try:
@@ -261,6 +275,9 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     add_sampling_args(p, seed="seeds", model=False)
     p.add_argument("--format", default="npz", choices=("npz", "png"), help="per-batch files (default npz)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the network with torch.compile (CPU; pays off over many batches: its compile "
+                        "time is printed)")
     return p
 
 def load_for_generate(model_stem=None, diffusers_dir=None):
@@ -301,7 +318,7 @@ def run(args) -> dict:
                         solver=args.solver, nfe=args.nfe, steps=args.steps, grid=args.grid, afs=args.afs,
                         denoise=args.denoise, labels=labels, guidance_scale=args.guidance_scale, fmt=args.format,
                         device=args.device, net_dtype=args.net_dtype, backend=args.backend,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, compile=args.compile)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"wrote {Path(args.outdir) / 'samples.npz'} ({manifest['count']} samples, "
               f"{manifest['identity']['solver']}, {manifest['nfe_per_sample']} NFE each)")
