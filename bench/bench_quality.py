@@ -241,6 +241,9 @@ def main(argv=None):
     p.add_argument("--unet-ckpt", default=None, help="a training checkpoint's EMA network instead (head from "
                    "--model); several, comma-separated: their average")
     p.add_argument("--out", default=None, help=f"results directory (default {OUT})")
+    p.add_argument("--net-dtype", default=None,
+                   help="the network's dtype for the solvers' samples (e.g. bf16, run where the CPU has native bf16: "
+                        "float32 elsewhere, see genie_fast.devices.cpu_net_dtype); the RK4 reference stays float32")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.out:
@@ -256,12 +259,16 @@ def main(argv=None):
     model = with_trained_unet(args.model, args.unet_ckpt)  # --unet-ckpt: a network still in training
     result = {"device": platform.processor() or platform.machine(), "torch": torch.__version__,
               "threads": args.threads, "model_provenance": getattr(model, "provenance", {}),
-              "n": args.n, "n_ode": args.n_ode, "ref_steps": args.ref_steps, "seed": args.seed}
+              "n": args.n, "n_ode": args.n_ode, "ref_steps": args.ref_steps, "seed": args.seed,
+              "net_dtype": args.net_dtype}
+    if args.net_dtype is not None:  # what the CPU runs (bf16 only where native)
+        from genie_fast.devices import DTYPES, cpu_net_dtype
+        result["net_dtype_run"] = str(cpu_net_dtype(DTYPES[args.net_dtype])).replace("torch.", "")
     res_path = OUT / "quality.json"
     if res_path.exists():
         old = json.loads(res_path.read_text())
         # Rows are reused (a killed run resumes) only when they measured the same thing.
-        if all(old.get(k) == result[k] for k in ("model_provenance", "n", "n_ode", "ref_steps", "seed")):
+        if all(old.get(k) == result[k] for k in ("model_provenance", "n", "n_ode", "ref_steps", "seed", "net_dtype")):
             result = {**old, **result}
         else:
             print(f"{res_path}: earlier results are for another model or setting; starting afresh")
@@ -311,7 +318,7 @@ def main(argv=None):
                 name, _, flag = solver.partition("+")
                 try:
                     x0, used = genie_fast.sample(model=model, noise=noise, solver=name, nfe=nfe, grid=grid,
-                                                 afs=flag == "afs")
+                                                 afs=flag == "afs", net_dtype=args.net_dtype)
                 except Exception as e:  # a solver missing or refusing this NFE is recorded, not fatal
                     print(f"{solver}/{grid}/nfe={nfe}: skipped ({type(e).__name__}: {e})")
                     rows.append({"solver": solver, "grid": grid, "nfe_requested": nfe, "error": str(e)})
