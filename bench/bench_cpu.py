@@ -24,6 +24,10 @@ inside the calls (bench_overhead.NetworkClock): host = (call - network) / networ
 
     PYTHONPATH=. python bench/bench_cpu.py --json bench/results/cpu/cpu.json
     PYTHONPATH=. python bench/bench_cpu.py --batches 1 --threads 1 --reps 1 --models bundled   # a quick look
+    PYTHONPATH=. python bench/bench_cpu.py --cli --json bench/results/cpu/cli.json   # the main job end to end
+
+--cli: the README's main job (``genie-fast sample --n 64 --nfe 10``) in fresh processes, with the
+defaults against ``--net-dtype fp32``, interleaved.
 """
 from __future__ import annotations
 
@@ -222,6 +226,33 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def cli_end_to_end(args) -> list[dict]:
+    """The README's main job end to end (a fresh process each: imports, model, sampling, PNG) with the
+    defaults and with --net-dtype fp32, interleaved, --reps rounds; rows with the minimum."""
+    import subprocess
+    import tempfile
+
+    exe = str(Path(sys.executable).with_name("genie-fast"))
+    runs = {"defaults": [], "--net-dtype fp32": ["--net-dtype", "fp32"]}
+    times = {k: [] for k in runs}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(args.reps):
+            for name, extra in runs.items():
+                cmd = [exe, "sample", "--n", "64", "--nfe", str(args.nfe), "--out", f"{tmp}/grid.png", *extra]
+                t0 = time.perf_counter()
+                subprocess.run(cmd, check=True, capture_output=True)
+                times[name].append(time.perf_counter() - t0)
+    rows = []
+    for name in runs:
+        row = {"cli": "genie-fast sample --n 64 --nfe %d --out grid.png %s" % (args.nfe, " ".join(runs[name])),
+               "min_s": min(times[name]), "median_s": statistics.median(times[name]),
+               "times_s": [round(t, 3) for t in times[name]],
+               "speedup_vs_fp32": min(times["--net-dtype fp32"]) / min(times[name])}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="bundled,diffusers")
@@ -234,6 +265,7 @@ def main(argv=None):
     p.add_argument("--skip", default="", help="variants to leave out, comma-separated")
     p.add_argument("--emulated-bf16", action="store_true",
                    help="on a CPU without native bf16: also time bf16 forced (emulated), batch 1 only")
+    p.add_argument("--cli", action="store_true", help="only the CLI main job end to end, defaults vs --net-dtype fp32")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_name(),
@@ -242,13 +274,17 @@ def main(argv=None):
            "loadavg_start": os.getloadavg()}
     print(json.dumps(env), flush=True)
     rows = [env]
-    for name in args.models.split(","):
+    if args.cli:
+        rows += cli_end_to_end(args)
+        args.models = ""
+    for name in filter(None, args.models.split(",")):
         case = Case(name, args)
         for batch in map(int, args.batches.split(",")):
             for threads in map(int, args.threads.split(",")):
                 rows += group(case, batch, threads, args)
     env["loadavg_end"] = os.getloadavg()
-    print("\n" + table(rows))
+    if not args.cli:
+        print("\n" + table(rows))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")

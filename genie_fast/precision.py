@@ -1,11 +1,12 @@
 """Agreement bounds of the engine's half-precision and graph runs: ONE table, read by the CUDA tests
-(tests/test_engine.py), the agreement check (bench/profile_sample.py --check) and any bench or test
-that compares a half-precision run with an fp32 one.
+(tests/test_engine.py), the CPU's bf16 tests (tests/test_cpu_path.py: the bf16 column, per solver,
+on CPUs with native bf16), the agreement check (bench/profile_sample.py --check) and any bench or
+test that compares a half-precision run with an fp32 one.
 
 Half precision: relative L2 error of x0 with an fp16 / bf16 network against the fp32 network (TF32
 off), same noise, float32 ODE state, NFE 10 with the defaults, batch 4. Measured on the CPU with the
 solvers called directly on an fp16 / bf16 copy of random-weight U-Nets (PyTorch's default init in
-every conv; the engine refuses half precision on the CPU):
+every conv; the engine refuses fp16 on the CPU, and runs bf16 there only where the CPU has it natively):
 
     PYTHONPATH=. python bench/bench_overhead.py --precision --json bench/results/precision/precision.json
 
