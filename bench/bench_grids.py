@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -68,6 +69,25 @@ def table(path: str) -> str:
     return "\n".join(out)
 
 
+def choose(paths) -> dict:
+    """solver -> (grid, geometric mean of its median errors, cells): over every (file, NFE) that has
+    a row for each grid of that solver (AFS on)."""
+    cells = {}
+    for path in paths:
+        with open(path) as f:
+            for r in json.load(f)["rows"]:
+                if r["afs"] and r.get("median"):
+                    cells.setdefault(r["solver"], {}).setdefault((path, r["nfe_budget"]), {})[r["grid"]] = r["median"]
+    out = {}
+    for solver, by_cell in cells.items():
+        grids = set.intersection(*(set(v) for v in by_cell.values()))
+        full = [v for v in by_cell.values() if grids <= set(v)]
+        score = {g: math.exp(sum(math.log(v[g]) for v in full) / len(full)) for g in grids}
+        best = min(score, key=score.get)
+        out[solver] = (best, score[best], len(full))
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=16, help="samples (fixed noise of --seed)")
@@ -83,10 +103,17 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="write every row here (rewritten after each row; resumes)")
     p.add_argument("--table", nargs="+", default=None, metavar="JSON",
                    help="print the markdown table of these result files (median per-sample error) and exit")
+    p.add_argument("--choose", nargs="+", default=None, metavar="JSON",
+                   help="print, per solver, the grid with the lowest geometric mean of the median error over "
+                        "every NFE of these result files (AFS on; the rule behind solvers.AUTO_GRID) and exit")
     args = p.parse_args(argv)
     if args.table:
         for path in args.table:
             print(table(path))
+        return
+    if args.choose:
+        for solver, (grid, score, cells) in choose(args.choose).items():
+            print(f"{solver:>15}: {grid:>9}  (geometric mean {score:.4f} over {cells} cells)")
         return
     torch.set_num_threads(args.threads)
 

@@ -13,7 +13,7 @@ weights; timing only) and on the bundled default model:
 
 The plan, in order of value (each item starts only while --budget-s leaves it its need; what the
 budget leaves out is listed as skipped). The main solver is the package's default
-(genie_fast.solvers.DEFAULT_SOLVER, genie today):
+(genie_fast.solvers.DEFAULT_SOLVER, genie_multistep today):
   1. headline: the main solver, NFE 10, every model in --models, every batch in --batch (1 and
      64): a, floor, d, b
   2. c_ro of each model in --compile-models at --compile-batch (one compile per model)

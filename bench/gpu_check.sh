@@ -40,7 +40,7 @@
 #   smoke          25    45    15  1     one fused-kernel CUDA test (genie_step) and one engine
 #                                        test (CUDA graph vs eager, genie)
 #   bench         110   140    45  1     bench_sample.py --rows headline: deep U-Net and bundled
-#                                        model, batch 1 and 64, NFE 10, genie: eager fp32 (a),
+#                                        model, batch 1 and 64, NFE 10, the default solver: eager fp32 (a),
 #                                        eager fp16 (b), the engine (d), the NFE x forward floor.
 #                                        Rows are written as measured; a timeout keeps them
 #   kernel_tests   45    70    30  1|2   the fused-kernel CUDA tests (~360; pytest -m cuda, all but

@@ -897,7 +897,7 @@ def test_schedule_table_names_a_schedule_that_is_not_one():
     (dict(device=1.5), ValueError, r"device 1.5 is not a device"),
     (dict(check_finite="yes"), TypeError, r"check_finite must be True or False, got 'yes'"),
     (dict(guidance_scale="2"), ValueError, r"guidance_scale must be a finite number >= 0, got '2'"),
-    (dict(foo=1), TypeError, r"solver 'genie' takes no keyword argument 'foo'; its options: head"),
+    (dict(foo=1), TypeError, r"solver 'genie_multistep' takes no keyword argument 'foo'; its options: head, order"),
     (dict(solver="unipc", order=[2]), TypeError, r"solver keyword argument order=\[2\] must be hashable"),
 ])
 def test_sample_and_encode_arguments_named_before_any_work(gmm, monkeypatch, kw, err, says):

@@ -309,10 +309,11 @@ def test_steps_nfe_and_defaults():
     assert nfe == 10 == nfe_of("heun", 5)
     _, nfe = eng.sample(z, solver="genie_exact", steps=3, afs=False)
     assert nfe == 3 * (1 + JVP_NFE)
-    key = eng.key(z)  # the defaults: genie, 10 NFE, its auto grid and AFS
-    want = time_grid(model.schedule, steps_for_nfe("genie", 10, DEFAULT_AFS), AUTO_GRID["genie"])
-    assert key.solver == "genie" and key.ts == tuple(want.tolist()) and key.afs == DEFAULT_AFS
-    assert eng.key(z, steps=steps_for_nfe("genie", 10, DEFAULT_AFS)) == key
+    key = eng.key(z)  # the defaults: genie_multistep, 10 NFE, its auto grid and AFS
+    assert DEFAULT_SOLVER == "genie_multistep"
+    want = time_grid(model.schedule, steps_for_nfe(DEFAULT_SOLVER, 10, DEFAULT_AFS), AUTO_GRID[DEFAULT_SOLVER])
+    assert key.solver == DEFAULT_SOLVER and key.ts == tuple(want.tolist()) and key.afs == DEFAULT_AFS
+    assert eng.key(z, steps=steps_for_nfe(DEFAULT_SOLVER, 10, DEFAULT_AFS)) == key
     with pytest.raises(ValueError, match="not both"):
         eng.sample(z, nfe=10, steps=5)
     with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
@@ -345,10 +346,10 @@ def test_key_fields_and_equality():
     model = random_model()
     eng = SamplingEngine(model, device="cpu")
     z = noise_for(model, batch=2)
-    k = eng.key(z, solver="genie", nfe=10)
-    assert k == eng.key(z.clone(), solver="genie", nfe=10) and hash(k) == hash(eng.key(z, nfe=10))
+    k = eng.key(z, solver=DEFAULT_SOLVER, nfe=10)
+    assert k == eng.key(z.clone(), solver=DEFAULT_SOLVER, nfe=10) and hash(k) == hash(eng.key(z, nfe=10))
     variants = [eng.key(noise_for(model, batch=3)), eng.key(z, net_dtype="fp64"), eng.key(z, dtype="fp64"), eng.key(z, solver="ddim"),
-                eng.key(z, nfe=5), eng.key(z, grid="uniform" if AUTO_GRID["genie"] != "uniform" else "edm"),
+                eng.key(z, nfe=5), eng.key(z, grid="uniform" if AUTO_GRID[DEFAULT_SOLVER] != "uniform" else "edm"),
                 eng.key(z, afs=not DEFAULT_AFS), eng.key(z, denoise=True),
                 eng.key(z, schedule=VPSchedule(beta_d=20.0)), eng.key(z, solver="unipc", order=3),
                 eng.key(z, solver="unipc", order=2)]
@@ -508,7 +509,7 @@ def test_model_used_as_is_is_read_live(fake_cuda):
     with torch.no_grad():
         model.unet.conv_in.weight.mul_(1.5)
     after, _ = eng.sample(z, nfe=3)
-    ref, _ = reference(model, z, "genie", nfe=3)
+    ref, _ = reference(model, z, DEFAULT_SOLVER, nfe=3)
     assert eng.stats["captures"] == 1 and not torch.equal(before, after) and torch.equal(after, ref)
     model.double()
     x64, _ = eng.sample(z.double(), nfe=3)

@@ -313,7 +313,9 @@ def test_script_cpu_run_named_steps(tmp_path):
     the checks, the rest after them, resumed into the same file): <= 8 files with one archive,
     every row names each op's backend, the summary holds the table and says what a rerun would
     repeat."""
-    args = "--solvers genie ddim --batch 2 --variants a d"
+    from genie_fast.solvers import DEFAULT_SOLVER
+
+    args = f"--solvers {DEFAULT_SOLVER} ddim --batch 2 --variants a d"
     r = _script(tmp_path, "bench_rest", "check", "versions", "bench", GPU_CHECK_BENCH_ARGS=args)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     order = [line.split()[1] for line in r.stdout.splitlines() if line.startswith("=== ") and "summary" not in line]
@@ -338,9 +340,9 @@ def test_script_cpu_run_named_steps(tmp_path):
     assert [r["kind"] for r in recs].count("env") == 2  # the headline, then the rest resumed into it
     rows = [r for r in recs if r["kind"] == "row"]
     assert {r["variant"] for r in rows} == {"a", "d"}
-    assert {r["solver"] for r in rows if r["variant"] == "d"} == {"genie", "ddim"}
+    assert {r["solver"] for r in rows if r["variant"] == "d"} == {DEFAULT_SOLVER, "ddim"}
     first_rest = next(i for i, r in enumerate(recs) if r["kind"] == "env" and i > 0)
-    assert all(r["solver"] == "genie" for r in recs[:first_rest] if r["kind"] == "row")  # headline rows first
+    assert all(r["solver"] == DEFAULT_SOLVER for r in recs[:first_rest] if r["kind"] == "row")  # headline rows first
     for row in rows:
         assert set(row["op_backends"]) == FUSED, row
     d = [r for r in rows if r["variant"] == "d"]
@@ -415,7 +417,9 @@ def test_bench_interrupt_keeps_rows_and_prints_table(tmp_path):
 def test_bench_resume_measures_only_what_is_missing(tmp_path):
     bs = _bench_module()
     jl = tmp_path / "rows.jsonl"
-    args = ["--smoke", "--json", str(jl), "--solvers", "genie", "--batch", "1", "--variants", "a", "d"]
+    from genie_fast.solvers import DEFAULT_SOLVER  # the bench always measures the default solver
+
+    args = ["--smoke", "--json", str(jl), "--solvers", DEFAULT_SOLVER, "--batch", "1", "--variants", "a", "d"]
     assert bs.main(args) == 0
     first = [r for r in _read_jsonl(jl) if r["kind"] == "row"]
     assert {r["variant"] for r in first} == {"a", "d"}

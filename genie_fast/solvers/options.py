@@ -14,24 +14,29 @@ from ..checks import check_flag, check_int
 from ..schedule import GRIDS, time_grid
 from .accounting import SOLVERS, _check_solver, nfe_of, steps_for_nfe
 
-DEFAULT_SOLVER = "genie"
+# genie_multistep: GENIE's distilled head in a multistep integrator; on the bundled model (null class)
+# its median ODE error is 1.15x / 2.5x / 2.9x below genie's at NFE 5 / 10 / 15 (bench/bench_grids.py,
+# bench/RESULTS.md; guided, s = 2: 1.6x worse at NFE 5, 1.1x / 1.8x better at 10 / 15)
+DEFAULT_SOLVER = "genie_multistep"
 DEFAULT_NFE = 10
 # AFS saves the network evaluation at t = 1 for one more step: better or equal for every solver at
 # 5 and 10 NFE on the bundled model (bench/bench_grids.py, bench/RESULTS.md), so it is on by default.
 DEFAULT_AFS = True
-# grid="auto": the grid with the lowest ODE error for each solver on the bundled model at NFE 5, 10
-# and 20 with AFS (bench/bench_grids.py; the table is in docs/guide.md and bench/RESULTS.md).
+# grid="auto": per solver, the grid with the lowest geometric mean of the median per-sample ODE error
+# on the bundled model at NFE 5, 10 and 15, null class and guided (s = 2), with AFS
+# (`python bench/bench_grids.py --choose bench/results/grids_cond6/null.json .../guided.json`; the
+# tables are in docs/guide.md and bench/RESULTS.md). genie_exact: measured on the model before it.
 AUTO_GRID = {
     "ddim": "uniform",
     "genie": "uniform",
     "genie_exact": "edm",
     "heun": "edm",
     "dpm_solver_2": "edm",
-    "dpmpp_2m": "edm",
-    "dpmpp_3m": "logsnr",
-    "unipc": "edm",
+    "dpmpp_2m": "logsnr",
+    "dpmpp_3m": "quadratic",
+    "unipc": "logsnr",
     "ipndm": "uniform",
-    "genie_multistep": "edm",  # bench_quality.py on the bundled model (bench/RESULTS.md, issue 15)
+    "genie_multistep": "quadratic",
 }
 # afs=None with a named grid: the solver's entry. Every solver has the same one, DEFAULT_AFS (no solver
 # measured better without AFS); the table is kept so that a caller can look a solver up. afs=None with
