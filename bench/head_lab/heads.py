@@ -58,11 +58,15 @@ class Shipped(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, b):
+    def hidden(self, b):
+        """The last hidden map, after GroupNorm and SiLU (what conv_out reads)."""
         h = self.conv_in(torch.cat([b["x_t"], b["eps"], b["f32"]], dim=1))
         for blk in self.blocks:
             h = blk(h, b["temb"])
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return F.silu(self.norm_out(h))
+
+    def forward(self, b):
+        return self.conv_out(self.hidden(b))
 
 
 class KernelPredicting(Shipped):
@@ -74,10 +78,7 @@ class KernelPredicting(Shipped):
         nn.init.zeros_(self.kernel.bias)
 
     def forward(self, b):
-        h = self.conv_in(torch.cat([b["x_t"], b["eps"], b["f32"]], dim=1))
-        for blk in self.blocks:
-            h = blk(h, b["temb"])
-        h = F.silu(self.norm_out(h))
+        h = self.hidden(b)
         v = torch.cat([b["eps"], b["x_t"]], dim=1)
         B, _, H, W = v.shape
         patches = F.unfold(v, self.k, padding=self.k // 2).view(B, 1, self.c_in * self.k ** 2, H, W)
