@@ -176,7 +176,7 @@ def tune_grid(model=None, solver=None, nfe=None, steps=None, *, n=128, seed=0, l
     Returns a decreasing float64 tensor of steps + 1 times whose attribute ``afs`` records AFS.
     """
     from .sampling import _default_model
-    from .solvers import HEAD_SOLVERS, resolve
+    from .solvers import HEAD_SOLVERS, evals_per_call, resolve
 
     if method not in METHODS:
         raise ValueError(f"tune_grid method must be one of {METHODS}, got {method!r}")
@@ -184,7 +184,9 @@ def tune_grid(model=None, solver=None, nfe=None, steps=None, *, n=128, seed=0, l
     check_int("seed", seed, 0)
     check_int("fine", fine, 2)
     model = _default_model() if model is None else model
-    opts = resolve(solver, nfe, steps, "auto", afs)
+    # a guided step costs 2 NFE: the budget counts it as sample() does for the same labels and scale
+    opts = resolve(solver, nfe, steps, "auto", afs,
+                   evals_per_call=evals_per_call(conditioned(model, labels, guidance_scale, batch=n)))
     schedule = model.schedule
     use_head = callable(getattr(model, "eps_and_head", None)) or callable(getattr(model, "eps_and_deps", None))
     if opts.solver in HEAD_SOLVERS and not use_head:

@@ -94,3 +94,15 @@ def test_tune_grid_refusals(mixture):
     plain.image_shape = (1, 4, 4)
     with pytest.raises(TypeError, match="genie_multistep needs a model with a head"):
         genie_fast.tune_grid(plain, solver="genie_multistep", steps=3, progress=False)
+
+
+def test_a_guided_budget_counts_two_evaluations_per_step():
+    """With labels and a scale != 1 a step costs 2 NFE: the tuned grid fits the budget as sample() counts it."""
+    m = GaussianMixture.random(4, (1, 4, 4), seed=0, spread=3.0, classes=[0, 0, 1, 1])
+    labels = torch.tensor([0, 1] * 4)
+    ts = genie_fast.tune_grid(m, solver="ddim", nfe=5, n=8, labels=labels, guidance_scale=2.0, method="dp",
+                              progress=False)
+    assert len(ts) - 1 == 3  # AFS + 2 guided steps = 4 NFE <= 5
+    _, nfe = genie_fast.sample(m, noise=torch.randn(8, 1, 4, 4), solver="ddim", nfe=5, grid=ts, labels=labels,
+                               guidance_scale=2.0)
+    assert nfe == 4
