@@ -26,8 +26,8 @@ inside the calls (bench_overhead.NetworkClock): host = (call - network) / networ
     PYTHONPATH=. python bench/bench_cpu.py --batches 1 --threads 1 --reps 1 --models bundled   # a quick look
     PYTHONPATH=. python bench/bench_cpu.py --cli --json bench/results/cpu/cli.json   # the main job end to end
 
---cli: the README's main job (``genie-fast sample --n 64 --nfe 10``) in fresh processes, with the
-defaults against ``--net-dtype fp32``, interleaved.
+--cli: the README's main job (``genie-fast sample --n 64 --nfe 10 --threads T``, T the first of
+--threads) in fresh processes, with the defaults against ``--net-dtype fp32``, interleaved.
 """
 from __future__ import annotations
 
@@ -238,13 +238,15 @@ def cli_end_to_end(args) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.reps):
             for name, extra in runs.items():
-                cmd = [exe, "sample", "--n", "64", "--nfe", str(args.nfe), "--out", f"{tmp}/grid.png", *extra]
+                cmd = [exe, "sample", "--n", "64", "--nfe", str(args.nfe), "--out", f"{tmp}/grid.png",
+                       "--threads", args.threads.split(",")[0], *extra]
                 t0 = time.perf_counter()
                 subprocess.run(cmd, check=True, capture_output=True)
                 times[name].append(time.perf_counter() - t0)
     rows = []
     for name in runs:
-        row = {"cli": "genie-fast sample --n 64 --nfe %d --out grid.png %s" % (args.nfe, " ".join(runs[name])),
+        row = {"cli": "genie-fast sample --n 64 --nfe %d --out grid.png --threads %s %s" % (
+                   args.nfe, args.threads.split(",")[0], " ".join(runs[name])),
                "min_s": min(times[name]), "median_s": statistics.median(times[name]),
                "times_s": [round(t, 3) for t in times[name]],
                "speedup_vs_fp32": min(times["--net-dtype fp32"]) / min(times[name])}
