@@ -60,7 +60,8 @@ def _detect_cpu_bf16(cpuinfo: str = "/proc/cpuinfo", probes=("_is_avx512_bf16_su
 def cpu_bf16_native() -> bool:
     """Whether this CPU does bf16 arithmetic natively (x86 AVX512-BF16 or AMX, aarch64 BF16), detected
     from torch's CPU probes and /proc/cpuinfo, never assumed. Elsewhere bf16 convolutions are emulated
-    and slow (about 26x float32's time on an AVX2-only EPYC, bench/RESULTS.md "CPU path").
+    and slow (on this project's AVX2-only EPYC 3.7x float32's time at batch 1, about 26x at batch 16:
+    bench/RESULTS.md, "The CPU path").
     ``GENIE_FAST_CPU_BF16=1`` / ``=0`` overrides the detection (=1 on a CPU without it: emulated bf16,
     for accuracy measurements only)."""
     env = os.environ.get(CPU_BF16_ENV, "").strip()
