@@ -207,10 +207,13 @@ def tune_grid(model=None, solver=None, nfe=None, steps=None, *, n=128, seed=0, l
     path = shortest_path(cost, opts.steps)
     grid = ts[path].clone()
     if method == "search":  # start from the best of the programme's grid and the fixed ones, by the end error
-        def score(lam_list):
-            times = torch.tensor([float(schedule.t_of_gamma(math.exp(-v))) for v in lam_list], dtype=torch.float64)
+        def times_of(lam_list):  # interior points from their log-SNR; the ends stay exactly 1 and t_end
+            times = schedule.t_of_log_snr(torch.tensor(lam_list, dtype=torch.float64))
             times[0], times[-1] = ts[0], ts[-1]
-            return _end_error(model, noise, xs[-1], opts.solver, times, opts.afs, labels, guidance_scale)
+            return times
+
+        def score(lam_list):
+            return _end_error(model, noise, xs[-1], opts.solver, times_of(lam_list), opts.afs, labels, guidance_scale)
 
         starts = [grid] + [time_grid(schedule, opts.steps, g) for g in GRIDS]
         errs = [_end_error(model, noise, xs[-1], opts.solver, g, opts.afs, labels, guidance_scale) for g in starts]
@@ -218,10 +221,8 @@ def tune_grid(model=None, solver=None, nfe=None, steps=None, *, n=128, seed=0, l
         if progress:
             print("tune_grid: start errors " + ", ".join(f"{name} {e:.4g}" for name, e in zip(("dp", *GRIDS), errs)),
                   flush=True)
-        lam = [-math.log(float(schedule.gamma(float(t)))) for t in start]
-        lam, _, _ = _search(score, lam, max_evals, progress)
-        grid = torch.tensor([float(schedule.t_of_gamma(math.exp(-v))) for v in lam], dtype=torch.float64)
-        grid[0], grid[-1] = ts[0], ts[-1]
+        lam, _, _ = _search(score, schedule.log_snr(start).tolist(), max_evals, progress)
+        grid = times_of(lam)
     grid.afs = opts.afs
     if progress:
         print(f"tune_grid: done in {time.time() - t0:.0f} s; proxy cost {float(sum(cost[a, b] for a, b in zip(path, path[1:]))):.4g}; "
