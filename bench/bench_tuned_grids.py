@@ -8,7 +8,9 @@ reference): the grids are tuned on `--n` noises of `--tune-seed` (never the refe
 the reference's labels setting (cycle: labels 0, 1, ... in turn, the same guidance), then run on the
 reference's noise; the row gives the tuned grid's median per-sample error next to the best fixed
 grid's from the same JSON, the tuning time and the tuned times. Rows are appended as they finish
-(a killed run resumes at the next (solver, NFE)).
+(a killed run resumes at the next (solver, NFE)). `--store FILE` also writes each tuned grid, with how it
+was tuned and its held-out errors, into a model's grids file (`genie_fast.save_tuned_grid`): how the
+bundled model's genie_fast/assets/fmnist_genie.grids.json is made (bench/RESULTS.md, "Tuned grids").
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ def main(argv=None):
     p.add_argument("--max-evals", type=int, default=60)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None)
+    p.add_argument("--store", default=None, help="also store each grid in this grids file (STEM.grids.json)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     with open(args.reference) as f:
@@ -78,6 +81,11 @@ def main(argv=None):
                "times": [float(t) for t in ts]}
         out["rows"].append(row)
         print(json.dumps(row), flush=True)
+        if args.store:
+            held = {k: row[k] for k in ("median", "best_fixed_grid", "best_fixed_median")}
+            held.update(noise_seed=s["seed"], n=s["n"], reference=f"rk4 {s['ref_steps']} steps")
+            genie_fast.save_tuned_grid(model, ts, solver, guidance_scale=s["guidance"] if cycle else None,
+                                       path=args.store, info={**ts.info, "held_out": held})
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(out, f, indent=1)

@@ -12,7 +12,7 @@ from .schedule import VPSchedule, DiscreteVPSchedule, time_grid, coeff_table
 __version__ = "0.1.0"
 
 _LAZY = {"sample": ".sampling", "encode": ".sampling", "SOLVERS": ".solvers", "nfe_of": ".solvers", "steps_for_nfe": ".solvers",
-         "SamplingEngine": ".engine", "tune_grid": ".tuning"}
+         "SamplingEngine": ".engine", "tune_grid": ".tuning", "save_tuned_grid": ".grid_store"}
 
 
 def __getattr__(name):
@@ -23,5 +23,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'genie_fast' has no attribute {name!r}")
 
 
-__all__ = ["sample", "encode", "tune_grid", "SOLVERS", "nfe_of", "steps_for_nfe", "SamplingEngine", "VPSchedule", "DiscreteVPSchedule",
+__all__ = ["sample", "encode", "tune_grid", "save_tuned_grid", "SOLVERS", "nfe_of", "steps_for_nfe", "SamplingEngine", "VPSchedule", "DiscreteVPSchedule",
            "time_grid", "coeff_table"]

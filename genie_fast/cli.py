@@ -1,4 +1,5 @@
-"""``genie-fast`` command line: ``train``, ``distill``, ``export``, ``sample``, ``generate``.
+"""``genie-fast`` command line: ``train``, ``distill``, ``export``, ``sample``, ``encode``, ``generate``,
+``tune-grid``.
 
     genie-fast train   --out runs/fmnist --steps 8000 --resume
     genie-fast distill --unet-ckpt runs/fmnist/ckpt.pt --out runs/distill --steps 2000 --resume
@@ -7,6 +8,7 @@
     genie-fast sample  --labels 0,3,5 --guidance-scale 2 --n 8 --out classes.png    (one row per class)
     genie-fast encode  --test-index 0,1,2 --steps 20 --out latents.safetensors --reconstruct recon.png
     genie-fast generate --seeds 0-49999 --outdir out/fid [--batch 64 --nfe 10]   (also under torchrun)
+    genie-fast tune-grid --solver unipc --nfe 5 [--labels cycle --guidance-scale 2]   (STEM.grids.json)
 """
 from __future__ import annotations
 
@@ -181,9 +183,44 @@ def _cmd_generate(args):
     run(args)
 
 
+def _cmd_tune_grid(args):
+    from .checks import check_int
+    from .cli_args import parse_labels
+    from .generate import load_for_generate
+    from .grid_store import grids_path, save_tuned_grid
+    from .tuning import tune_grid
+
+    for flag in ("n", "nfe", "steps", "fine", "max_evals"):
+        if getattr(args, flag) is not None:
+            check_int("--" + flag.replace("_", "-"), getattr(args, flag), 1)
+    check_int("--seed", args.seed, 0)
+    check_int("--threads", args.threads, 0)
+    labels = parse_labels(args.labels)
+    if args.guidance_scale is not None and labels is None:
+        raise ValueError("--guidance-scale needs --labels (a guided grid is tuned with labels: --labels cycle)")
+    torch.set_num_threads(args.threads) if args.threads else None
+    if args.diffusers:
+        require("diffusers", "genie-fast tune-grid --diffusers")
+    model, _ = load_for_generate(args.model, args.diffusers)
+    out = Path(args.out) if args.out else grids_path(model)
+    if labels is not None:  # every label in turn over the n tuning noises: one grid for all labels
+        classes = list(range(int(getattr(model, "num_classes", 0) or 0))) if labels == "all" else labels
+        if not classes:
+            raise ValueError("--labels was given but the model is not class-conditional")
+        labels = torch.tensor(classes).repeat(args.n // len(classes) + 1)[:args.n]
+    scale = None if labels is None else (2.0 if args.guidance_scale is None else args.guidance_scale)
+    grid = tune_grid(model, args.solver, args.nfe, args.steps, n=args.n, seed=args.seed, labels=labels,
+                     guidance_scale=scale, afs=args.afs, method=args.method, fine=args.fine, max_evals=args.max_evals)
+    grid.info["tuned"]["labels"] = "none" if labels is None else args.labels
+    path = save_tuned_grid(model, grid, args.solver, guidance_scale=scale, path=out, info=grid.info)
+    print(f"wrote {path}: {args.solver}, {len(grid) - 1} steps (afs={grid.afs}), "
+          f"{'no labels' if scale is None else f'guidance {scale:g}'}: {[round(float(t), 5) for t in grid]}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import distill as distill_mod, generate as generate_mod, train as train_mod
     from .cli_args import add_sampling_args
+    from .solvers import DEFAULT_NFE, DEFAULT_SOLVER
 
     p = argparse.ArgumentParser(prog="genie-fast", description="GENIE diffusion sampling")
     sub = p.add_subparsers(dest="command", required=True)
@@ -219,6 +256,27 @@ def build_parser() -> argparse.ArgumentParser:
     en.set_defaults(func=_cmd_encode)
     ge = sub.add_parser("generate", help="one image per seed, sharded over torchrun ranks, resumable (FID sets)")
     generate_mod.build_parser(ge).set_defaults(func=_cmd_generate)
+    tg = sub.add_parser("tune-grid", help="tune a time grid for a solver and budget; store it beside the model")
+    tg.add_argument("--solver", default=DEFAULT_SOLVER, help=f"default: {DEFAULT_SOLVER}")
+    budget = tg.add_mutually_exclusive_group()
+    budget.add_argument("--nfe", type=int, default=None, help=f"network-evaluation budget (default {DEFAULT_NFE})")
+    budget.add_argument("--steps", type=int, default=None, help="number of steps, instead of --nfe")
+    tg.add_argument("--afs", action=argparse.BooleanOptionalAction, default=None, help="analytical first step "
+                    "(default on)")
+    tg.add_argument("--labels", default=None, help="tune for runs with labels: 'cycle' (every class in turn: one grid "
+                    "for all labels) or classes 0,3,5; default: no labels (the null class)")
+    tg.add_argument("--guidance-scale", type=float, default=None, help="with --labels (default 2)")
+    src = tg.add_mutually_exclusive_group()
+    src.add_argument("--model", default=None, help="genie_fast model stem (default: the bundled model)")
+    src.add_argument("--diffusers", default=None, metavar="DIR", help="a diffusers UNet folder")
+    tg.add_argument("--out", default=None, help="grids file (default: beside the model, STEM.grids.json)")
+    tg.add_argument("--n", type=int, default=128, help="tuning noises (default 128)")
+    tg.add_argument("--seed", type=int, default=0, help="seed of the tuning noises")
+    tg.add_argument("--method", default="search", choices=("search", "dp"), help="default: search")
+    tg.add_argument("--fine", type=int, default=32, help="steps of each fine candidate grid (default 32)")
+    tg.add_argument("--max-evals", type=int, default=60, help="solver runs of the search (default 60)")
+    tg.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    tg.set_defaults(func=_cmd_tune_grid)
     return p
 
 

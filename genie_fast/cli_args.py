@@ -31,7 +31,8 @@ def add_sampling_args(p: argparse.ArgumentParser, *, seed: str | None = "seed", 
     budget.add_argument("--nfe", type=int, default=None,
                         help=f"network-evaluation budget per image (default: {DEFAULT_NFE})")
     budget.add_argument("--steps", type=int, default=None, help="number of steps, instead of --nfe")
-    p.add_argument("--grid", default="auto", help="auto (the grid measured best for the solver) | "
+    p.add_argument("--grid", default="auto", help="auto (the model's tuned grid for this run if it has one, else "
+                   "the fixed grid measured best for the solver) | tuned (the tuned grid, or an error) | "
                    + " | ".join(GRIDS) + ("" if afs else " (encoding runs it reversed)"))
     if afs:
         p.add_argument("--afs", action=argparse.BooleanOptionalAction, default=None,  # sample()'s afs=None
@@ -92,8 +93,8 @@ def check_sampling_args(args):
         raise ValueError("give --nfe or --steps, not both")
     if args.solver not in SOLVERS:
         raise ValueError(f"--solver {args.solver!r} is not a solver; choose one of {sorted(SOLVERS)}")
-    if args.grid not in ("auto", *GRIDS):
-        raise ValueError(f"--grid {args.grid!r} is not a grid; choose one of {('auto', *GRIDS)}")
+    if args.grid not in ("auto", "tuned", *GRIDS):
+        raise ValueError(f"--grid {args.grid!r} is not a grid; choose one of {('auto', 'tuned', *GRIDS)}")
     if args.net_dtype is not None and args.net_dtype not in DTYPES:
         raise ValueError(f"--net-dtype {args.net_dtype!r} is not a dtype; choose one of {sorted(DTYPES)}")
     device = command_device(args.device)

@@ -75,6 +75,7 @@ from . import ops
 from .checks import check_device, check_flag, check_int
 from .devices import DTYPES, as_dtype, cpu_net_dtype, default_device, no_tf32, tf32_flags
 from .graphs import GraphEntry, Uncapturable, capture
+from .grid_store import grid_context, stored_times
 from .noise import initial_state, make_noise, seed_noise
 from .profiling import nvtx_range, pop, push
 from .schedule import VPSchedule, check_schedule, time_grid
@@ -263,10 +264,13 @@ class SamplingEngine:
         grid = check_grid_arg(grid)
         if schedule is not None and not isinstance(schedule, VPSchedule):  # (the default's type: no check needed)
             check_schedule(schedule)
+        # grid="auto" / "tuned": the model's stored tuned grids (`grid_store`) decide, for its guidance scale
+        stored = grid_context(self.model) if isinstance(grid, str) and grid in ("auto", "tuned") else None
         try:
             memo_key = (solver, nfe, steps, grid if isinstance(grid, str) else _grid_key(grid),
                         getattr(grid, "afs", None), afs, denoise,  # (a tuned grid may carry its AFS: `resolve`)
-                        x_T.dtype, x_T.shape, net_dtype, schedule, tuple(sorted(solver_kw.items())), tf32, encode)
+                        x_T.dtype, x_T.shape, net_dtype, schedule, tuple(sorted(solver_kw.items())), tf32, encode,
+                        None if stored is None else (id(stored[0]), stored[1]))
             hash(memo_key)
         except TypeError:
             check_solver_kw(solver, solver_kw)  # names the keyword argument
@@ -277,8 +281,12 @@ class SamplingEngine:
         check_solver_kw(solver, solver_kw)
         schedule = schedule if schedule is not None else self.schedule
         net_dtype = self._resolve_net_dtype(net_dtype, x_T.dtype)
-        opts = resolve(solver, nfe, steps, grid, afs, denoise, evals_per_call=evals_per_call(self.model),
-                       encode=encode)
+        opts = resolve(solver, nfe, steps, "auto" if grid == "tuned" else grid, afs, denoise,
+                       evals_per_call=evals_per_call(self.model), encode=encode)
+        if isinstance(grid, str) and grid in ("auto", "tuned"):
+            times = stored_times(stored, solver, opts.steps, opts.afs, opts.denoise, required=grid == "tuned",
+                                 nfe=opts.spent)
+            opts = opts if times is None else opts._replace(grid=times)
         afs, denoise, spent = opts.afs, opts.denoise, opts.spent
         ts = time_grid(schedule, opts.steps, opts.grid) if isinstance(opts.grid, str) else opts.grid
         if encode and ts[-1] < ts[0]:  # encoding runs the sampling grid reversed (a given one either way)

@@ -115,6 +115,7 @@ def generate(model, seeds, outdir, *, model_info: dict | None = None, batch: int
     from .checks import check_int, check_number
     from .guidance import DEFAULT_GUIDANCE_SCALE, Conditioned, check_labels
     from .engine import engine_for
+    from .grid_store import tuned_for
     from .sampling import sample
     from .solvers import resolve
 
@@ -129,7 +130,7 @@ def generate(model, seeds, outdir, *, model_info: dict | None = None, batch: int
     if nfe is not None and steps is not None:
         raise ValueError("give --nfe or --steps, not both")
     # the options as sample() will run them, defaults and per-solver choices filled in (for the manifest)
-    opts = resolve(solver, nfe, steps, grid, afs, denoise)
+    opts = resolve(solver, nfe, steps, "auto" if grid == "tuned" else grid, afs, denoise)
     image_shape = tuple(int(d) for d in model.image_shape)
     num_classes = int(getattr(model, "num_classes", 0) or 0)
     labels = _label_spec(labels)
@@ -141,6 +142,10 @@ def generate(model, seeds, outdir, *, model_info: dict | None = None, batch: int
             check_labels(labels, 1, num_classes) if isinstance(labels, int) else check_labels(labels, len(labels), num_classes)
         if guidance_scale is None:  # as genie_fast.guidance.conditioned: labels alone mean the default scale
             guidance_scale = DEFAULT_GUIDANCE_SCALE
+    # grid auto / tuned: a grid tuned for the model (`grid_store`) is fixed here, so the manifest names its times
+    tuned = tuned_for(model, solver, nfe, steps, grid, afs, denoise, guidance_scale if labels is not None else None)
+    if tuned is not None:
+        opts = opts._replace(grid=tuned, steps=len(tuned) - 1, afs=tuned.afs)
     device = command_device(device)
     if compile and device.type != "cpu":
         raise ValueError(f"--compile is for the CPU (on {device} the engine replays CUDA graphs)")

@@ -93,6 +93,8 @@ class Conditioned(nn.Module):
         self.num_classes = k
         self.guided = guidance_scale is not None and float(guidance_scale) != 1.0
         self.evals_per_call = 2 if self.guided else 1
+        # the scale as a number on the host: the key of a tuned grid (`grid_store`), never read on the device
+        self.guidance_value = 1.0 if guidance_scale is None else float(guidance_scale)
         device = labels.device
         self.register_buffer("labels", labels.to(torch.long).clone(), persistent=False)
         self.register_buffer("scale", torch.tensor(1.0 if guidance_scale is None else float(guidance_scale),
@@ -113,7 +115,8 @@ class Conditioned(nn.Module):
         if guided != self.guided:
             raise ValueError("update cannot switch between guided and unguided sampling; make a new Conditioned")
         self.labels.copy_(labels)
-        self.scale.fill_(1.0 if guidance_scale is None else float(guidance_scale))
+        self.guidance_value = 1.0 if guidance_scale is None else float(guidance_scale)
+        self.scale.fill_(self.guidance_value)
 
     def _both(self, x, t):
         """Inputs of the one batched call: [conditional | null] halves."""

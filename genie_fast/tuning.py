@@ -9,9 +9,10 @@ The method (docs/method.md, "Tuned grids"):
 1. Candidates: a fine grid of times from t = 1 to t_end (the union of `fine` steps uniform in t and
    `fine` steps uniform in log-SNR) plus every fixed grid of `schedule.GRIDS` at the run's number
    of steps, so that the programme can always return a fixed grid when nothing beats it.
-2. Teacher: `n` seeded noises carried through every candidate time by `dpm_solver_2` (one step per
-   candidate interval, 2 NFE), float32 network; at each candidate state the network's eps and, when
-   the model has one, its head's d eps/d gamma (one more NFE per candidate). With AFS the first
+2. Teacher: `n` seeded noises carried through the fine times by `dpm_solver_2` (one step per
+   interval, 2 NFE) and from the nearest fine time above to each fixed grid's time, float32 network
+   (kept for the next call on the same model, noise and conditioning); at each candidate state the
+   network's eps and, when the model has one, its head's d eps/d gamma (one more NFE per candidate). With AFS the first
    state's eps is the noise itself and its derivative 0, as in `sample`.
 3. Cost of a jump i -> j: the RMS error, in x (not x_bar = x sqrt(1 + gamma^2)), of one step from
    the teacher's state at t_i to t_j against the teacher's state at t_j; the step is the
@@ -21,10 +22,14 @@ The method (docs/method.md, "Tuned grids"):
    (= x_bar / sqrt(1 + gamma^2)) accounts for and x_bar (EDM's sigma space) does not: a cost in
    x_bar spends the few steps of a short run on the first, irrelevant part of the trajectory.
 4. The programme: the path of exactly `steps` jumps from t = 1 to t_end with the least total cost.
+5. The check: the solver itself runs the programme's grid and every fixed grid on the tuning noise; the
+   one with the least median end error (against the teacher's end) is kept (method="dp"), or is the
+   start of a coordinate search in log-SNR on that same end error (method="search", the default).
 
 The returned grid is a float64 tensor of `steps + 1` decreasing times with attribute ``afs`` (the
 AFS setting it was tuned with), which `sample` / `encode` / `SamplingEngine` use when their afs is
-None. The cost is a proxy of the final error: check a tuned grid on held-out noise
+None, and ``info`` (how it was tuned, its end errors): `grid_store.save_tuned_grid` stores both beside
+the model, where ``grid="tuned"`` and ``grid="auto"`` find them (``genie-fast tune-grid`` does both). The cost is a proxy of the final error: check a tuned grid on held-out noise
 (`bench/bench_tuned_grids.py`) before trusting it.
 """
 from __future__ import annotations
@@ -44,58 +49,100 @@ __all__ = ["tune_grid", "shortest_path", "METHODS"]
 METHODS = ("search", "dp")
 
 
-def _candidates(schedule, steps: int, fine: int) -> torch.Tensor:
-    """Decreasing float64 times from 1 to t_end: fine uniform-in-t and log-SNR grids and every fixed
-    grid at `steps` steps, merged (times closer than 1e-9 are one)."""
-    ts = torch.cat([time_grid(schedule, fine, "uniform"), time_grid(schedule, fine, "logsnr")]
-                   + [time_grid(schedule, steps, g) for g in GRIDS])
+def _fine(schedule, fine: int) -> torch.Tensor:
+    """The fine candidate times: `fine` steps uniform in t and `fine` uniform in log-SNR, merged."""
+    return _merge(torch.cat([time_grid(schedule, fine, "uniform"), time_grid(schedule, fine, "logsnr")]))
+
+
+def _merge(ts: torch.Tensor) -> torch.Tensor:
+    """Decreasing unique times (times closer than 1e-9 are one)."""
     ts = torch.sort(ts, descending=True).values
     keep = torch.ones_like(ts, dtype=torch.bool)
     keep[1:] = (ts[:-1] - ts[1:]) > 1e-9
     return ts[keep]
 
 
-def _teacher(model, noise, ts, labels, guidance_scale, progress):
-    """x at every time of ts (float32, (len(ts), *noise.shape)): dpm_solver_2, one step per interval."""
-    from .sampling import sample
-
-    xs = [noise.float()]
-    x, t0 = noise, time.time()
-    for k in range(len(ts) - 1):
-        x, _ = sample(model, noise=x, solver="dpm_solver_2", grid=[float(ts[k]), float(ts[k + 1])], afs=False,
-                      labels=labels, guidance_scale=guidance_scale)
-        xs.append(x.float())
-        if progress and (k + 1) % 10 == 0:
-            print(f"tune_grid: teacher {k + 1}/{len(ts) - 1} intervals ({time.time() - t0:.0f} s)", flush=True)
-    return torch.stack(xs)
+def _candidates(schedule, steps: int, fine: int) -> torch.Tensor:
+    """Decreasing float64 times from 1 to t_end: the fine times and every fixed grid at `steps` steps."""
+    return _merge(torch.cat([_fine(schedule, fine)] + [time_grid(schedule, steps, g) for g in GRIDS]))
 
 
-@torch.no_grad()
-def _derivatives(model, xs, ts, labels, guidance_scale, afs, use_head):
-    """(eps, d eps / d gamma or None) at every teacher state; with AFS the first is (x_T, 0)."""
-    from .solvers.taylor import _genie_eval
+class _Teacher:
+    """The teacher of one (model, noise, conditioning, fine grid): states and derivatives by time, kept
+    between `tune_grid` calls of a process (the keys of one model share it). Canonical, whatever the
+    order of the calls: the states at the fine times are one chain of `dpm_solver_2` steps (one per
+    interval, 2 NFE); a state at another time is one step from the nearest fine time above it."""
 
-    fn = conditioned(model, labels, guidance_scale, batch=xs.shape[1])
-    schedule = model.schedule
-    evaluate, kind = _genie_eval(fn, None, "tune_grid") if use_head else (None, None)
-    eps, deps = [], []
-    for k, t in enumerate(ts.tolist()):
-        x = xs[k]
-        if k == 0 and afs:
-            eps.append(x.clone())
-            deps.append(torch.zeros_like(x) if use_head else None)
-            continue
-        tt = torch.full((x.shape[0],), float(schedule.model_time(t)), dtype=torch.float32)
-        if use_head:
-            e, out = evaluate(x, tt)
-            if kind == "raw_head":
-                out = head_combine_ref(out.float(), torch.tensor(float(schedule.gamma(t))))
-            eps.append(e.float())
-            deps.append(out.float())
-        else:
-            eps.append(fn(x, tt).float())
-            deps.append(None)
-    return eps, deps
+    def __init__(self, model, noise, fine_ts, labels, guidance_scale):
+        self.model, self.noise, self.labels, self.scale = model, noise, labels, guidance_scale
+        self.fine = fine_ts.tolist()
+        self.states: dict[float, torch.Tensor] = {}
+        self.derivs: dict[float, tuple] = {}
+
+    def _step(self, x, t0, t1):
+        from .sampling import sample
+
+        x, _ = sample(self.model, noise=x, solver="dpm_solver_2", grid=[t0, t1], afs=False, labels=self.labels,
+                      guidance_scale=self.scale)
+        return x.float()
+
+    def states_at(self, ts: list[float], progress) -> torch.Tensor:
+        """x at every time of ts (float32, (len(ts), *noise.shape))."""
+        t0 = time.time()
+        if not self.states:
+            x = self.states[self.fine[0]] = self.noise.float()
+            for k in range(len(self.fine) - 1):
+                x = self.states[self.fine[k + 1]] = self._step(x, self.fine[k], self.fine[k + 1])
+                if progress and (k + 1) % 10 == 0:
+                    print(f"tune_grid: teacher {k + 1}/{len(self.fine) - 1} intervals ({time.time() - t0:.0f} s)",
+                          flush=True)
+        for t in ts:
+            if t not in self.states:
+                above = min(f for f in self.fine if f > t)
+                self.states[t] = self._step(self.states[above], above, t)
+        return torch.stack([self.states[t] for t in ts])
+
+    @torch.no_grad()
+    def derivatives(self, xs, ts: list[float], afs: bool, use_head: bool):
+        """(eps, d eps / d gamma or None) at every state; with AFS the first is (x_T, 0)."""
+        from .solvers.taylor import _genie_eval
+
+        fn = conditioned(self.model, self.labels, self.scale, batch=xs.shape[1])
+        schedule = self.model.schedule
+        evaluate, kind = _genie_eval(fn, None, "tune_grid") if use_head else (None, None)
+        eps, deps = [], []
+        for k, t in enumerate(ts):
+            x = xs[k]
+            if k == 0 and afs:
+                eps.append(x.clone())
+                deps.append(torch.zeros_like(x) if use_head else None)
+                continue
+            if (t, use_head) not in self.derivs:
+                tt = torch.full((x.shape[0],), float(schedule.model_time(t)), dtype=torch.float32)
+                if use_head:
+                    e, out = evaluate(x, tt)
+                    if kind == "raw_head":
+                        out = head_combine_ref(out.float(), torch.tensor(float(schedule.gamma(t))))
+                    self.derivs[(t, use_head)] = (e.float(), out.float())
+                else:
+                    self.derivs[(t, use_head)] = (fn(x, tt).float(), None)
+            e, d = self.derivs[(t, use_head)]
+            eps.append(e)
+            deps.append(d)
+        return eps, deps
+
+
+_TEACHERS: list = []  # the last teacher: (key, _Teacher)
+
+
+def _teacher_for(model, noise, fine_ts, labels, guidance_scale, seed) -> _Teacher:
+    lab = None if labels is None else torch.as_tensor(labels).flatten().tolist()
+    key = (tuple(noise.shape), seed, lab, guidance_scale, tuple(fine_ts.tolist()))
+    if _TEACHERS and _TEACHERS[0][0] == key and _TEACHERS[0][1].model is model:
+        return _TEACHERS[0][1]
+    _TEACHERS.clear()
+    _TEACHERS.append((key, _Teacher(model, noise, fine_ts, labels, guidance_scale)))
+    return _TEACHERS[0][1]
 
 
 def _costs(xs, eps, deps, gammas) -> torch.Tensor:
@@ -173,7 +220,10 @@ def tune_grid(model=None, solver=None, nfe=None, steps=None, *, n=128, seed=0, l
     nfe / steps / afs: as for `sample` (AFS on by default; the budget counts it as `sample` does).
     n noises of `seed` make the teacher; labels / guidance_scale: the conditioning the grid is for
     (labels: as `sample` takes them for a batch of n). fine: steps of each fine candidate grid.
-    Returns a decreasing float64 tensor of steps + 1 times whose attribute ``afs`` records AFS.
+    method: "search" (the DP's or a fixed grid, whichever ends closer to the teacher, refined by
+    coordinate search; about `max_evals` more runs of the solver) or "dp" (no search).
+    Returns a decreasing float64 tensor of steps + 1 times whose attribute ``afs`` records AFS and
+    ``info`` how it was tuned (for `grid_store.save_tuned_grid`).
     """
     from .sampling import _default_model
     from .solvers import HEAD_SOLVERS, evals_per_call, resolve
@@ -200,13 +250,23 @@ def tune_grid(model=None, solver=None, nfe=None, steps=None, *, n=128, seed=0, l
     if progress:
         print(f"tune_grid: {opts.solver}, {opts.steps} steps (afs={opts.afs}), {len(ts)} candidate times, "
               f"{n} noises", flush=True)
-    xs = _teacher(model, noise, ts, labels, guidance_scale, progress)
-    eps, deps = _derivatives(model, xs, ts, labels, guidance_scale, opts.afs, use_head)
+    teacher = _teacher_for(model, noise, _fine(schedule, fine), labels, guidance_scale, seed)
+    xs = teacher.states_at(ts.tolist(), progress)
+    eps, deps = teacher.derivatives(xs, ts.tolist(), opts.afs, use_head)
     gammas = [float(schedule.gamma(t)) for t in ts.tolist()]
     cost = _costs(xs, eps, deps, gammas)
     path = shortest_path(cost, opts.steps)
     grid = ts[path].clone()
-    if method == "search":  # start from the best of the programme's grid and the fixed ones, by the end error
+    # the programme's grid against the fixed ones by the solver's own end error on the tuning noise: a
+    # stored grid must never be worse there than the fixed grid it replaces (the cost is only a proxy)
+    starts = {"dp": grid, **{g: time_grid(schedule, opts.steps, g) for g in GRIDS}}
+    errors = {name: _end_error(model, noise, xs[-1], opts.solver, g, opts.afs, labels, guidance_scale)
+              for name, g in starts.items()}
+    best = min(errors, key=errors.__getitem__)
+    grid, end = starts[best], errors[best]
+    if progress:
+        print("tune_grid: end errors " + ", ".join(f"{name} {e:.4g}" for name, e in errors.items()), flush=True)
+    if method == "search":  # coordinate descent from the best of them, on the same end error
         def times_of(lam_list):  # interior points from their log-SNR; the ends stay exactly 1 and t_end
             times = schedule.t_of_log_snr(torch.tensor(lam_list, dtype=torch.float64))
             times[0], times[-1] = ts[0], ts[-1]
@@ -215,16 +275,16 @@ def tune_grid(model=None, solver=None, nfe=None, steps=None, *, n=128, seed=0, l
         def score(lam_list):
             return _end_error(model, noise, xs[-1], opts.solver, times_of(lam_list), opts.afs, labels, guidance_scale)
 
-        starts = [grid] + [time_grid(schedule, opts.steps, g) for g in GRIDS]
-        errs = [_end_error(model, noise, xs[-1], opts.solver, g, opts.afs, labels, guidance_scale) for g in starts]
-        start = starts[min(range(len(starts)), key=errs.__getitem__)]
-        if progress:
-            print("tune_grid: start errors " + ", ".join(f"{name} {e:.4g}" for name, e in zip(("dp", *GRIDS), errs)),
-                  flush=True)
-        lam, _, _ = _search(score, schedule.log_snr(start).tolist(), max_evals, progress)
+        lam, end, _ = _search(score, schedule.log_snr(grid).tolist(), max_evals, progress)
         grid = times_of(lam)
     grid.afs = opts.afs
+    seconds = time.time() - t0
+    grid.info = {"tuned": {"method": method, "n": n, "seed": seed, "fine": fine, "teacher": "dpm_solver_2",
+                           "max_evals": max_evals if method == "search" else None, "start": best,
+                           "proxy_cost": float(sum(cost[a, b] for a, b in zip(path, path[1:]))),
+                           "seconds": round(seconds, 1)},
+                 "error": {"tuned": end, **{f"{k}": v for k, v in errors.items()}}}
     if progress:
-        print(f"tune_grid: done in {time.time() - t0:.0f} s; proxy cost {float(sum(cost[a, b] for a, b in zip(path, path[1:]))):.4g}; "
+        print(f"tune_grid: done in {seconds:.0f} s; end error {end:.4g} (from {best} {errors[best]:.4g}); "
               f"times {[round(float(t), 4) for t in grid]}", flush=True)
     return grid

@@ -10,7 +10,8 @@ under ``unet.`` and the head under ``head.``) and ``<stem>.json``::
 
 Loading checks the config's values, and every tensor's name, shape and dtype (float32) against
 it, and that every weight is finite; a file that fails any check (or cannot be read at all) is
-refused with a :class:`ModelFileError` naming the file.
+refused with a :class:`ModelFileError` naming the file. A third file, ``<stem>.grids.json``, may hold
+time grids tuned for the model (`genie_fast.grid_store`); the loaded model records where it would be.
 """
 from __future__ import annotations
 
@@ -169,6 +170,7 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     model = GenieModel(unet, GenieHead(head_config), schedule).float()  # the stored dtype, whatever the default
     model.load_state_dict(read_weights(st_path, model.state_dict(), json_path, map_location))
     model.provenance = config.get("provenance", {})
+    model.grids_path = Path(f"{stem}.grids.json")  # its tuned grids, if any (genie_fast.grid_store)
     # files written before the head's error was recorded have none: genie_multistep assumes its default
     if config.get("head_error") is not None:
         model.head_error = _check_head_error(config["head_error"], f"{json_path}: head_error", ModelFileError)

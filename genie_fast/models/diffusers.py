@@ -406,6 +406,7 @@ def load_diffusers(path, head="auto", device=None, check_unet: bool = True):
         head = path / HEAD_STEM if Path(f"{path / HEAD_STEM}.safetensors").exists() else None
     model = from_diffusers(unet, scheduler_config, head_path=head, check_unet=check_unet)
     model.source = str(path)
+    model.grids_path = path / "genie_fast.grids.json"  # its tuned grids, if any (genie_fast.grid_store)
     return model
 
 

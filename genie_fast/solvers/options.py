@@ -154,8 +154,12 @@ def resolve(solver=None, nfe=None, steps=None, grid="auto", afs=None, denoise=Fa
                 raise ValueError(f"nfe={nfe} is too small for {solver} (afs={afs}, denoise={denoise}): the "
                                  f"smallest run that calls the network needs "
                                  f"{nfe_of(solver, steps + 1, afs, denoise, evals_per_call)}")
+        if grid == "tuned":
+            raise ValueError("grid='tuned' is a model's stored grid: the engine (sample, encode, SamplingEngine, "
+                             "generate) looks it up; resolve takes a name of GRIDS, 'auto' or the times")
         if grid not in GRIDS:
-            raise ValueError(f"unknown time grid {grid!r}; choose one of {GRIDS} or pass the times")
+            raise ValueError(f"unknown time grid {grid!r}; choose one of {GRIDS}, 'auto', 'tuned' (the model's "
+                             "tuned grid) or pass the times")
     else:
         if not isinstance(grid, (Sequence, torch.Tensor)):
             raise TypeError(f"grid must be a name or a sequence of times, got {type(grid).__name__}")
