@@ -217,73 +217,109 @@ def _cmd_tune_grid(args):
           f"{'no labels' if scale is None else f'guidance {scale:g}'}: {[round(float(t), 5) for t in grid]}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import distill as distill_mod, generate as generate_mod, train as train_mod
-    from .cli_args import add_sampling_args
-    from .solvers import DEFAULT_NFE, DEFAULT_SOLVER
+def _train_args(p):
+    from . import train
+    train.build_parser(p)
 
-    p = argparse.ArgumentParser(prog="genie-fast", description="GENIE diffusion sampling")
-    sub = p.add_subparsers(dest="command", required=True)
-    tr = sub.add_parser("train", help="train the score network on Fashion-MNIST")
-    train_mod.build_parser(tr).set_defaults(func=_cmd_train)
-    di = sub.add_parser("distill", help="distil the GENIE head (target: exact JVPs, or secants along the ODE)")
-    distill_mod.build_parser(di).set_defaults(func=_cmd_distill)
-    ex = sub.add_parser("export", help="write a safetensors + JSON model from checkpoints")
-    ex.add_argument("--unet-ckpt", required=True,
-                    help="training checkpoint (EMA weights); several, comma-separated: their average")
-    ex.add_argument("--head-ckpt", required=True)
-    ex.add_argument("--out", required=True, help="output stem (writes STEM.safetensors, STEM.json)")
-    ex.add_argument("--provenance", default=None, help="JSON object stored in the config")
-    ex.add_argument("--head-error", type=float, default=None,
-                    help="the head's measured relative error (pooled, gamma-weighted, against the exact JVP: "
-                         "bench/bench_quality.py's head fidelity), stored as head_error; genie_multistep's blend "
-                         "reads it (unset: its default)")
-    ex.add_argument("--overwrite", action="store_true", help="replace an existing STEM.safetensors / STEM.json")
-    ex.set_defaults(func=_cmd_export)
-    sa = sub.add_parser("sample", help="sample a PNG grid (default: the bundled model)")
-    sa.add_argument("--n", type=int, default=64, help="images (per class with --labels)")
-    add_sampling_args(sa)
-    sa.add_argument("--out", default="grid.png")
-    sa.set_defaults(func=_cmd_sample)
-    en = sub.add_parser("encode", help="images -> latents by the probability-flow ODE (t_end -> 1)")
-    en.add_argument("--images", nargs="+", default=None, help="PNG files (grey, the model's size or 28x28)")
-    en.add_argument("--test-index", default=None, help="Fashion-MNIST test images by index, e.g. 0,1,2")
-    en.add_argument("--out", default="latents.safetensors", help="latents (tensor 'latents') as safetensors")
-    en.add_argument("--reconstruct", default=None, metavar="PNG",
-                    help="also decode the latents with the same solver and grid (AFS off) and write input "
-                         "and reconstruction rows to this PNG")
-    add_sampling_args(en, seed=None, afs=False)
-    en.set_defaults(func=_cmd_encode)
-    ge = sub.add_parser("generate", help="one image per seed, sharded over torchrun ranks, resumable (FID sets)")
-    generate_mod.build_parser(ge).set_defaults(func=_cmd_generate)
-    tg = sub.add_parser("tune-grid", help="tune a time grid for a solver and budget; store it beside the model")
-    tg.add_argument("--solver", default=DEFAULT_SOLVER, help=f"default: {DEFAULT_SOLVER}")
-    budget = tg.add_mutually_exclusive_group()
+
+def _distill_args(p):
+    from . import distill
+    distill.build_parser(p)
+
+
+def _export_args(p):
+    p.add_argument("--unet-ckpt", required=True,
+                   help="training checkpoint (EMA weights); several, comma-separated: their average")
+    p.add_argument("--head-ckpt", required=True)
+    p.add_argument("--out", required=True, help="output stem (writes STEM.safetensors, STEM.json)")
+    p.add_argument("--provenance", default=None, help="JSON object stored in the config")
+    p.add_argument("--head-error", type=float, default=None,
+                   help="the head's measured relative error (pooled, gamma-weighted, against the exact JVP: "
+                        "bench/bench_quality.py's head fidelity), stored as head_error; genie_multistep's blend "
+                        "reads it (unset: its default)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing STEM.safetensors / STEM.json")
+
+
+def _sample_args(p):
+    from .cli_args import add_sampling_args
+    p.add_argument("--n", type=int, default=64, help="images (per class with --labels)")
+    add_sampling_args(p)
+    p.add_argument("--out", default="grid.png")
+
+
+def _encode_args(p):
+    from .cli_args import add_sampling_args
+    p.add_argument("--images", nargs="+", default=None, help="PNG files (grey, the model's size or 28x28)")
+    p.add_argument("--test-index", default=None, help="Fashion-MNIST test images by index, e.g. 0,1,2")
+    p.add_argument("--out", default="latents.safetensors", help="latents (tensor 'latents') as safetensors")
+    p.add_argument("--reconstruct", default=None, metavar="PNG",
+                   help="also decode the latents with the same solver and grid (AFS off) and write input "
+                        "and reconstruction rows to this PNG")
+    add_sampling_args(p, seed=None, afs=False)
+
+
+def _generate_args(p):
+    from . import generate
+    generate.build_parser(p)
+
+
+def _tune_grid_args(p):
+    from .solvers import DEFAULT_NFE, DEFAULT_SOLVER
+    p.add_argument("--solver", default=DEFAULT_SOLVER, help=f"default: {DEFAULT_SOLVER}")
+    budget = p.add_mutually_exclusive_group()
     budget.add_argument("--nfe", type=int, default=None, help=f"network-evaluation budget (default {DEFAULT_NFE})")
     budget.add_argument("--steps", type=int, default=None, help="number of steps, instead of --nfe")
-    tg.add_argument("--afs", action=argparse.BooleanOptionalAction, default=None, help="analytical first step "
-                    "(default on)")
-    tg.add_argument("--labels", default=None, help="tune for runs with labels: 'cycle' (every class in turn: one grid "
-                    "for all labels) or classes 0,3,5; default: no labels (the null class)")
-    tg.add_argument("--guidance-scale", type=float, default=None, help="with --labels (default 2)")
-    src = tg.add_mutually_exclusive_group()
+    p.add_argument("--afs", action=argparse.BooleanOptionalAction, default=None, help="analytical first step "
+                   "(default on)")
+    p.add_argument("--labels", default=None, help="tune for runs with labels: 'cycle' (every class in turn: one grid "
+                   "for all labels) or classes 0,3,5; default: no labels (the null class)")
+    p.add_argument("--guidance-scale", type=float, default=None, help="with --labels (default 2)")
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--model", default=None, help="genie_fast model stem (default: the bundled model)")
     src.add_argument("--diffusers", default=None, metavar="DIR", help="a diffusers UNet folder")
-    tg.add_argument("--out", default=None, help="grids file (default: beside the model, STEM.grids.json)")
-    tg.add_argument("--n", type=int, default=128, help="tuning noises (default 128)")
-    tg.add_argument("--seed", type=int, default=0, help="seed of the tuning noises")
-    tg.add_argument("--method", default="search", choices=("search", "dp"), help="default: search")
-    tg.add_argument("--fine", type=int, default=32, help="steps of each fine candidate grid (default 32)")
-    tg.add_argument("--max-evals", type=int, default=60, help="solver runs of the search (default 60)")
-    tg.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    tg.set_defaults(func=_cmd_tune_grid)
+    p.add_argument("--out", default=None, help="grids file (default: beside the model, STEM.grids.json)")
+    p.add_argument("--n", type=int, default=128, help="tuning noises (default 128)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the tuning noises")
+    p.add_argument("--method", default="search", choices=("search", "dp"), help="default: search")
+    p.add_argument("--fine", type=int, default=32, help="steps of each fine candidate grid (default 32)")
+    p.add_argument("--max-evals", type=int, default=60, help="solver runs of the search (default 60)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+
+
+# command -> (help, the function adding its flags, the function running it). A command's flags (and the
+# modules behind them: training, distillation, generate) are built only when that command runs.
+COMMANDS = {
+    "train": ("train the score network on Fashion-MNIST", _train_args, _cmd_train),
+    "distill": ("distil the GENIE head (target: exact JVPs, or secants along the ODE)", _distill_args, _cmd_distill),
+    "export": ("write a safetensors + JSON model from checkpoints", _export_args, _cmd_export),
+    "sample": ("sample a PNG grid (default: the bundled model)", _sample_args, _cmd_sample),
+    "encode": ("images -> latents by the probability-flow ODE (t_end -> 1)", _encode_args, _cmd_encode),
+    "generate": ("one image per seed, sharded over torchrun ranks, resumable (FID sets)", _generate_args,
+                 _cmd_generate),
+    "tune-grid": ("tune a time grid for a solver and budget; store it beside the model", _tune_grid_args,
+                  _cmd_tune_grid),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command (command=None), or of every command's name but only `command`'s flags
+    (what `main` builds: a command imports only what it needs)."""
+    p = argparse.ArgumentParser(prog="genie-fast", description="GENIE diffusion sampling")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, (text, add_args, run) in COMMANDS.items():
+        sp = sub.add_parser(name, help=text)
+        if command is None or name == command:
+            add_args(sp)
+        sp.set_defaults(func=run)
     return p
 
 
 def main(argv=None):
     from .distributed import RankFailed
 
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command if command in COMMANDS else None).parse_args(argv)
     try:
         args.func(args)
     except RankFailed as e:  # another torchrun rank failed and printed its error: one line here
