@@ -29,9 +29,37 @@ import genie_fast  # noqa: E402
 from genie_fast.models import load_default  # noqa: E402
 
 
+def table(paths) -> str:
+    """Markdown: per (setting, solver, NFE) the best fixed grid's and the tuned grid's held-out median
+    error, from tuned-grid JSONs and the bench_grids.py references they name (read now: fixed rows
+    added to a reference after the tuning count), and which of issue 28's targets each row meets."""
+    lines = ["| setting | solver | NFE | best fixed grid | fixed | tuned | fixed / tuned | target |",
+             "|---|---|---|---|---|---|---|---|"]
+    for path in paths:
+        with open(path) as f:
+            run = json.load(f)
+        with open(run["reference"]) as f:
+            ref = json.load(f)
+        s = run["setting"]
+        setting = "null" if s["labels"] == "none" else f"guided s={s['guidance']:g}"
+        for r in sorted(run["rows"], key=lambda r: (r["solver"], r["nfe_budget"])):
+            fixed = [q for q in ref["rows"] if q["solver"] == r["solver"] and q["nfe_budget"] == r["nfe_budget"]
+                     and q["afs"] == r["afs"] and q.get("median") is not None]
+            if not fixed:
+                lines.append(f"| {setting} | {r['solver']} | {r['nfe_budget']} | - | - | {r['median']:.4f} | - | - |")
+                continue
+            best = min(fixed, key=lambda q: q["median"])
+            ratio = best["median"] / r["median"]
+            need = 1 / 0.75 if r["nfe_budget"] <= 6 else 1.0  # 25% below at NFE <= 6, no worse above
+            lines.append(f"| {setting} | {r['solver']} | {r['nfe_budget']} | {best['grid']} | {best['median']:.4f} | "
+                         f"{r['median']:.4f} | {ratio:.2f}x | {'met' if ratio >= need else 'missed'} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("reference", help="a bench_grids.py JSON (held-out noise, RK4 reference, fixed-grid rows)")
+    p.add_argument("reference", nargs="?", help="a bench_grids.py JSON (held-out noise, RK4 reference, fixed-grid rows)")
+    p.add_argument("--table", nargs="+", default=None, metavar="JSON", help="print the table of these runs and stop")
     p.add_argument("--runs", default="genie_multistep:5", help="solver:NFE,...")
     p.add_argument("--n", type=int, default=64, help="tuning noises")
     p.add_argument("--tune-seed", type=int, default=0)
@@ -41,6 +69,11 @@ def main(argv=None):
     p.add_argument("--json", default=None)
     p.add_argument("--store", default=None, help="also store each grid in this grids file (STEM.grids.json)")
     args = p.parse_args(argv)
+    if args.table:
+        print(table(args.table))
+        return
+    if args.reference is None:
+        p.error("give the reference JSON (or --table)")
     torch.set_num_threads(args.threads)
     with open(args.reference) as f:
         ref_run = json.load(f)
