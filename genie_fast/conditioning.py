@@ -21,7 +21,8 @@ import collections.abc
 import numpy as np
 import torch
 
-__all__ = ["check_cond", "check_cond_names", "null_cond", "cond_signature", "check_decode", "space_of"]
+__all__ = ["check_cond", "check_cond_names", "null_cond", "cond_signature", "check_decode", "space_of",
+           "read_cond_file"]
 
 
 def check_cond(cond, batch: int, name: str = "cond", device=None) -> dict:
@@ -107,3 +108,29 @@ def check_decode(decode, model):
                         f"got {type(decode).__name__}")
     return decode
 
+
+
+def read_cond_file(path, flag: str = "--cond") -> dict:
+    """The conditioning inputs of an .npz file: one array per input name (``encoder_hidden_states``,
+    ``labels``, ...), first dimension one row per sample (or 1: one for all). Read without pickle
+    (a file cannot run code); object arrays are refused."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.suffix != ".npz" or not path.is_file():
+        raise ValueError(f"{flag} {path}: not an .npz file (one array per conditioning input, one row per sample)")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except Exception as e:  # a truncated zip, an object array, ...
+        raise ValueError(f"{flag} {path}: cannot be read as an .npz of arrays ({type(e).__name__}: {e})") from None
+    if not arrays:
+        raise ValueError(f"{flag} {path}: holds no arrays")
+    out = {}
+    for k, a in arrays.items():
+        if a.dtype.kind not in "biuf" or a.ndim == 0:
+            raise ValueError(f"{flag} {path}: {k!r} must be a numeric array with a row per sample, got "
+                             f"{a.dtype} of shape {a.shape}")
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        out[k] = t.long() if a.dtype.kind in "iu" else t.float() if a.dtype.kind == "f" else t  # float32 inputs
+    return out

@@ -279,3 +279,105 @@ def test_null_cond_is_the_default_negative_branch(unet):
     assert nfe_plain * 2 == nfe  # no negative branch known: the conditional model alone
     with pytest.raises(ValueError, match="negative_cond"):
         genie_fast.sample(plain, noise=x, solver="ddim", steps=3, cond=cond, guidance_scale=3.0)
+
+
+# --------------------------------------------------------------------------- files: distill, generate
+
+def _tiny_vae(seed=3):
+    torch.manual_seed(seed)
+    return diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                                   down_block_types=("DownEncoderBlock2D",) * 2,
+                                   up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
+                                   layers_per_block=1, sample_size=16).eval()
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+    """A latent text-to-image pipeline folder (unet/ + scheduler/ + vae/) written with save_pretrained,
+    and .npz files of conditioning (3 prompts' embeddings, the empty prompt's)."""
+    root = tmp_path_factory.mktemp("tiny_latent_pipeline")
+    _tiny_cond_unet().save_pretrained(root / "unet")
+    diffusers.DDPMScheduler(**SD_BETAS).save_pretrained(root / "scheduler")
+    _tiny_vae().save_pretrained(root / "vae")
+    np = pytest.importorskip("numpy")
+    np.savez(root / "prompts.npz", encoder_hidden_states=_randn(3, L, D, seed=90).numpy())
+    np.savez(root / "empty.npz", encoder_hidden_states=_randn(1, L, D, seed=91).numpy())
+    return root
+
+
+def test_head_sees_the_features_and_embedding_of_the_conditioned_call():
+    """The head's time embedding is the one the residual blocks see: time + added conditions
+    (SDXL's text_embeds / time_ids) after time_embed_act; its features are those of the same call."""
+    from genie_fast.models.head import GenieHead, HeadConfig
+    from genie_fast.models.diffusers import DiffusersGenieModel
+    unet = _sdxl_like_unet()
+    net = from_diffusers(unet, SD_BETAS)
+    model = DiffusersGenieModel(net, GenieHead(HeadConfig.for_unet(net)), net.schedule)
+    cond, _ = _cond(sdxl=True)
+    x, t = _randn(2, 4, 8, 8, seed=13), torch.tensor([0.8, 0.2])
+    with torch.no_grad():
+        tau = 1000 * t - 1
+        emb = unet.time_embedding(unet.get_time_embed(x, tau))
+        emb = emb + unet.get_aug_embed(emb, cond["encoder_hidden_states"], {k: cond[k] for k in ("text_embeds",
+                                                                                                  "time_ids")})
+        eps, feats, temb = net(x, t, return_features=True, **cond)
+        torch.testing.assert_close(temb, emb, rtol=1e-6, atol=1e-6)
+        other = dict(cond, text_embeds=cond["text_embeds"] + 1)
+        assert not torch.allclose(net(x, t, return_features=True, **other)[2], temb)
+        eps2, head = model.eps_and_head(x, t, **cond)
+        torch.testing.assert_close(eps2, eps, rtol=0, atol=0)
+        torch.testing.assert_close(head, model.head(x, eps, feats, temb), rtol=0, atol=0)
+
+
+def test_distill_a_head_for_a_latent_text_unet_then_sample_and_generate(pipeline_dir, tmp_path):
+    """distill --diffusers with --cond / --negative-cond (data-free: a pool of latents), then the
+    loaded model (head, VAE decoder) samples with genie and genie_multistep under guidance, and
+    generate --cond writes decoded images, one prompt row per seed."""
+    import json
+
+    import numpy as np
+    from genie_fast.cli import main
+    from genie_fast.models.diffusers import load_diffusers
+
+    run = tmp_path / "run"
+    common = ["distill", "--diffusers", str(pipeline_dir), "--out", str(run), "--pool", "3", "--pool-nfe", "4",
+              "--batch", "2", "--threads", "1", "--head-out", str(tmp_path / "head"),
+              "--cond", str(pipeline_dir / "prompts.npz")]
+    no_cond = ["distill", "--diffusers", str(pipeline_dir), "--out", str(tmp_path / "nocond"), "--steps", "1",
+               "--threads", "1", "--head-out", str(tmp_path / "nohead")]
+    assert main(no_cond) == 2 and not (tmp_path / "nohead.safetensors").exists()  # no --cond: refused
+    assert main([*common, "--negative-cond", str(pipeline_dir / "empty.npz"), "--steps", "2"]) == 0
+    pool = torch.load(run / "pool.pt", weights_only=True)["x0"]
+    assert pool.shape == (3, 4, 8, 8) and float(pool.abs().max()) > 0  # latents, not clamped images
+
+    model = load_diffusers(pipeline_dir, head=tmp_path / "head")
+    assert callable(model.eps_and_head) and model.space == "latent" and callable(model.decode)
+    prompts = {"encoder_hidden_states": torch.from_numpy(np.load(pipeline_dir / "prompts.npz")["encoder_hidden_states"])}
+    empty = {"encoder_hidden_states": torch.from_numpy(np.load(pipeline_dir / "empty.npz")["encoder_hidden_states"])}
+    x = _randn(3, 4, 8, 8, seed=14)
+    for solver in ("genie", "genie_multistep"):
+        out, nfe = genie_fast.sample(model, noise=x, solver=solver, nfe=8, cond=prompts, negative_cond=empty,
+                                     guidance_scale=3.0, decode=True)
+        assert out.shape == (3, 3, 16, 16) and bool(torch.isfinite(out).all()) and nfe == 8
+
+    gen = tmp_path / "gen"
+    argv = ["generate", "--diffusers", str(pipeline_dir), "--seeds", "0-2", "--outdir", str(gen), "--batch", "2",
+            "--solver", "dpmpp_2m", "--nfe", "6", "--threads", "1", "--no-progress",
+            "--cond", str(pipeline_dir / "prompts.npz"), "--negative-cond", str(pipeline_dir / "empty.npz"),
+            "--guidance-scale", "3"]
+    assert main(argv) == 0
+    manifest = json.loads((gen / "manifest.json").read_text())
+    assert manifest["identity"]["cond_sha256"] and manifest["identity"]["guidance_scale"] == 3.0
+    with np.load(gen / "samples.npz") as f:
+        images = f["arr_0"]
+    assert images.shape == (3, 16, 16, 3)
+    # seed 2's image is prompt row 2's, whatever batch it ran in
+    from genie_fast.files import to_uint8
+    from genie_fast.noise import seed_noise
+    one, _ = genie_fast.sample(model, noise=seed_noise([2], (4, 8, 8)), solver="dpmpp_2m", nfe=6,
+                               cond={"encoder_hidden_states": prompts["encoder_hidden_states"][2:]},
+                               negative_cond=empty, guidance_scale=3.0, decode=True)
+    assert np.abs(to_uint8(one)[0].astype(int) - images[2].astype(int)).max() <= 1
+    # a rerun with other conditioning is refused (the manifest's content hash)
+    np.savez(tmp_path / "other.npz", encoder_hidden_states=_randn(3, L, D, seed=99).numpy())
+    assert main([*argv[:-5], str(tmp_path / "other.npz"), *argv[-4:]]) == 2

@@ -430,7 +430,9 @@ def _find_model_dir(path: Path) -> tuple[Path, str | None, Path]:
 
 def load_diffusers(path, head="auto", device=None, check_unet: bool = True):
     """Load a model saved with diffusers' ``save_pretrained`` from a local folder (never a hub):
-    a pipeline folder (``unet/`` + ``scheduler/``) or a UNet folder with ``scheduler_config.json``.
+    a pipeline folder (``unet/`` + ``scheduler/``, and ``vae/`` for a latent model: its decoder
+    becomes the model's ``decode``) or a UNet folder with ``scheduler_config.json``. The UNet is a
+    UNet2DModel or a UNet2DConditionModel, as its config's ``_class_name`` says.
 
     head: "auto" loads ``<folder>/genie_head.*`` when present, None never, or a head stem.
     """
@@ -438,10 +440,18 @@ def load_diffusers(path, head="auto", device=None, check_unet: bool = True):
     path = Path(path)
     unet_dir, sub, sched_file = _find_model_dir(path)
     kw = {"subfolder": sub} if sub else {}
-    unet = diffusers.UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True, **kw).eval()
+    from .default import ModelFileError, read_json
+
+    kind = read_json(unet_dir / (sub or "") / "config.json").get("_class_name", "UNet2DModel")
+    if kind not in ("UNet2DModel", "UNet2DConditionModel"):
+        raise ModelFileError(f"{unet_dir}: the UNet is a {kind}; UNet2DModel and UNet2DConditionModel are supported")
+    unet = getattr(diffusers, kind).from_pretrained(str(unet_dir), local_files_only=True, **kw).eval()
+    vae = None
+    if sub and (path / "vae" / "config.json").exists():
+        vae = diffusers.AutoencoderKL.from_pretrained(str(path), subfolder="vae", local_files_only=True).eval()
     if device is not None:
         unet = unet.to(device)
-    from .default import ModelFileError, read_json
+        vae = vae.to(device) if vae is not None else None
 
     bad = [k for k, v in unet.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
@@ -449,7 +459,7 @@ def load_diffusers(path, head="auto", device=None, check_unet: bool = True):
     scheduler_config = read_json(sched_file)
     if head == "auto":
         head = path / HEAD_STEM if Path(f"{path / HEAD_STEM}.safetensors").exists() else None
-    model = from_diffusers(unet, scheduler_config, head_path=head, check_unet=check_unet)
+    model = from_diffusers(unet, scheduler_config, head_path=head, check_unet=check_unet, vae=vae)
     model.source = str(path)
     return model
 
