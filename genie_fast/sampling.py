@@ -9,7 +9,7 @@ from . import ops
 from .checks import check_device, check_flag
 from .devices import default_device, model_device
 from .engine import NonFiniteError, engine_for
-from .conditioning import check_decode
+from .conditioning import check_cond, check_decode
 from .guidance import check_scale, wrapper_for
 from .noise import make_noise, seed_noise
 from .schedule import check_schedule
@@ -95,6 +95,9 @@ def sample(model=None, noise=None, n=None, shape=None, solver=DEFAULT_SOLVER, nf
     need no model), with a message naming it.
     """
     _check_options(solver, grid, schedule, backend, device, check_finite, guidance_scale, solver_kw)
+    batch = noise.shape[0] if isinstance(noise, torch.Tensor) else len(seeds) if _sized(seeds) else n
+    if cond is not None or negative_cond is not None or decode is not None:
+        _check_cond_args(cond, negative_cond, batch, labels, decode)
     if model is None:
         model = _default_model()
     if not callable(model):
@@ -102,7 +105,6 @@ def sample(model=None, noise=None, n=None, shape=None, solver=DEFAULT_SOLVER, nf
     decode = check_decode(decode, model) if decode is not None else None
     if device is None:
         device = default_device(model, noise)
-    batch = noise.shape[0] if isinstance(noise, torch.Tensor) else len(seeds) if _sized(seeds) else n
     net = _with_labels(model, labels, guidance_scale, batch, cond, negative_cond)
     engine = engine_for(net, device, backend)
     x0, spent = engine.sample(noise, n=n, shape=shape, seed=seed, seeds=seeds, solver=solver, nfe=nfe, steps=steps,
@@ -128,6 +130,18 @@ def _check_options(solver, grid, schedule, backend, device, check_finite, guidan
     if guidance_scale is not None:
         check_scale(guidance_scale)
     check_solver_kw(solver, solver_kw)
+
+
+def _check_cond_args(cond, negative_cond, batch, labels, decode=None):
+    """What of cond / negative_cond / decode needs no model, checked before the model is loaded (the
+    rest, names and null inputs, by `guidance.wrapper_for`)."""
+    if negative_cond is not None and cond is None and labels is None:
+        raise ValueError("negative_cond= needs cond= (or labels=): it is the other branch of guidance")
+    if isinstance(batch, int) and not isinstance(batch, bool) and batch >= 1:
+        check_cond(cond, batch, "cond")
+        check_cond(negative_cond, batch, "negative_cond")
+    if decode is not None and decode is not True and decode is not False and not callable(decode):
+        check_decode(decode, None)  # raises, naming decode
 
 
 def _sized(seeds) -> bool:
@@ -157,6 +171,9 @@ def encode(model=None, x0=None, solver=DEFAULT_SOLVER, nfe=None, steps=None, gri
     solver_kw.pop("afs", None)
     solver_kw.pop("denoise", None)
     _check_options(solver, grid, schedule, backend, device, check_finite, guidance_scale, solver_kw)
+    if cond is not None or negative_cond is not None:
+        _check_cond_args(cond, negative_cond, x0.shape[0] if isinstance(x0, torch.Tensor) and x0.dim() else None,
+                         labels)
     if model is None:
         model = _default_model()
     if not callable(model):
