@@ -307,8 +307,12 @@ class DiffusersGenieModel(GenieModel):
     def image_shape(self):
         return self.unet.image_shape
 
-    def __getattr__(self, name):  # the adapter's cond_names, null_cond, space, decode
-        if name in ("cond_names", "null_cond", "space", "decode"):
+    @property
+    def cond_names(self) -> tuple:
+        return self.unet.cond_names
+
+    def __getattr__(self, name):  # the adapter's null_cond, space, decode
+        if name in ("null_cond", "space", "decode"):
             return getattr(self.unet, name)
         return super().__getattr__(name)
 

@@ -23,9 +23,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["UNET_NAMES", "ADDED_NAMES", "cond_names", "unet_kwargs", "last_resnet", "VAEDecoder", "vae_decoder"]
+__all__ = ["ADDED_NAMES", "cond_names", "unet_kwargs", "last_resnet", "VAEDecoder", "vae_decoder"]
 
-UNET_NAMES = ("encoder_hidden_states", "encoder_attention_mask", "timestep_cond", "class_labels")
 # addition_embed_type -> the names that go into added_cond_kwargs
 ADDED_NAMES = {None: (), "text": (), "text_time": ("text_embeds", "time_ids"),
                "text_image": ("text_embeds", "image_embeds"), "image": ("image_embeds",),
