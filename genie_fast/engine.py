@@ -334,7 +334,8 @@ class SamplingEngine:
         if cond is not None or negative_cond is not None or guidance_scale is not None:
             batch = noise.shape[0] if isinstance(noise, torch.Tensor) else \
                 len(seeds) if seeds is not None and hasattr(seeds, "__len__") else n
-            return self._conditioned(batch, cond, negative_cond, guidance_scale).sample(
+            eng, _wrapper = self._conditioned(batch, cond, negative_cond, guidance_scale)  # (held for the call)
+            return eng.sample(
                 noise, n=n, shape=shape, seed=seed, seeds=seeds, solver=solver, nfe=nfe, steps=steps, grid=grid,
                 afs=afs, denoise=denoise, dtype=dtype, net_dtype=net_dtype, schedule=schedule,
                 check_finite=check_finite, **solver_kw)
@@ -360,7 +361,8 @@ class SamplingEngine:
         cond / negative_cond / guidance_scale: as in `sample`."""
         if cond is not None or negative_cond is not None or guidance_scale is not None:
             batch = x0.shape[0] if isinstance(x0, torch.Tensor) and x0.dim() else None
-            return self._conditioned(batch, cond, negative_cond, guidance_scale).encode(
+            eng, _wrapper = self._conditioned(batch, cond, negative_cond, guidance_scale)
+            return eng.encode(
                 x0, solver=solver, nfe=nfe, steps=steps, grid=grid, dtype=dtype, net_dtype=net_dtype,
                 schedule=schedule, check_finite=check_finite, **solver_kw)
         check_finite = check_flag("check_finite", check_finite)
@@ -379,13 +381,14 @@ class SamplingEngine:
                 self._check_finite(x_T, key, plan, x, "latents", "data x0")
             return x_T, spent
 
-    def _conditioned(self, batch, cond, negative_cond, guidance_scale) -> "SamplingEngine":
-        """The engine, with this engine's settings, of the model's Conditioned wrapper for this thread
-        and input signature (`guidance.wrapper_for`: the inputs are copied into its buffers, which
-        its graphs read): same shapes, same wrapper, same graphs."""
+    def _conditioned(self, batch, cond, negative_cond, guidance_scale) -> tuple:
+        """(engine, wrapper): the engine, with this engine's settings, of the model's Conditioned
+        wrapper for this thread and input signature (`guidance.wrapper_for`: the inputs are copied
+        into its buffers, which its graphs read; same shapes, same wrapper, same graphs). The engine
+        holds its wrapper weakly: the caller holds it for the call."""
         wrapper = wrapper_for(self.model, batch, None, guidance_scale, cond, negative_cond)
         if wrapper is self.model:  # e.g. guidance_scale=1 alone
-            return self
+            return self, wrapper
         with self._lock:
             eng = self._cond_engines.get(wrapper)
             if eng is None:
@@ -393,7 +396,7 @@ class SamplingEngine:
                     wrapper, device=self.device, net_dtype=self.net_dtype, schedule=self.schedule,
                     backend=self.backend, use_graphs=self.use_graphs, max_graphs=self.max_graphs, warmup=self.warmup,
                     channels_last=self._weights.channels_last, compile=self._weights.compile, _keep_alive=False)
-            return eng
+            return eng, wrapper
 
     def _check_finite(self, out: torch.Tensor, key: GraphKey, plan: Plan, start: torch.Tensor, what: str,
                       start_name: str):

@@ -1,15 +1,18 @@
-"""Class labels and classifier-free guidance as one eps model the solvers call like any other.
+"""Conditioning inputs and classifier-free guidance as one eps model the solvers call like any other.
 
-A class-conditional network (``model.num_classes = K > 0``; label K is the null class, "no label")
-is wrapped in :class:`Conditioned`, which the solvers and the CUDA-graph engine see as a plain
-eps model ``eps(x, t)`` with ``eps_and_head(x, t)`` when the network has a GENIE head.
+A network with conditioning inputs (``model(x, t, **inputs)``: class labels, ``model.num_classes
+= K > 0`` with K the null class, "no label"; text embeddings; any named batch-first tensors,
+`genie_fast.conditioning`) is wrapped in :class:`Conditioned`, which the solvers and the
+CUDA-graph engine see as a plain eps model ``eps(x, t)`` with ``eps_and_head(x, t)`` when the
+network has a GENIE head.
 
 Guidance (Ho & Salimans 2022), in the diffusers convention for the scale s:
 
     eps = eps_u + s (eps_c - eps_u)        (s = 1: conditional only; s = 0: unconditional)
 
 GENIE's paper writes the same with w = s - 1. The two branches run as ONE batched network call on
-2B inputs (conditional labels, then the null label), so a guided step costs two network
+2B inputs (conditional inputs, then the negative ones: the null label, ``negative_cond``), so a
+guided step costs two network
 evaluations per sample and one batched call; ``evals_per_call = 2`` says so to the NFE counting.
 With s = 1 the unconditional branch is skipped (one evaluation per call).
 
@@ -26,9 +29,11 @@ distilled along its own branch's ODE, so the combination misses
 (docs/method.md derives it; ``bench/bench_guidance.py`` measures its size on the bundled model
 and ``tests/test_guidance.py`` checks the combination against the exact JVP of the guided eps).
 
-Labels and the scale live in buffers of the wrapper. :meth:`Conditioned.update` copies new values
-into them in place, so a captured CUDA graph that reads them replays with the new values without
-a new capture (the structure, guided or not, is fixed at construction).
+The inputs and the scale live in buffers of the wrapper. :meth:`Conditioned.update` copies new
+values into them in place, so a captured CUDA graph that reads them replays with the new values
+without a new capture (the structure, guided or not, the names and shapes, is fixed at
+construction). `wrapper_for` keeps one wrapper per (model, batch, signature, thread) for
+``sample()``, ``encode()`` and the engine.
 """
 from __future__ import annotations
 

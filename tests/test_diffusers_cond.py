@@ -204,10 +204,10 @@ def test_the_engine_takes_cond_and_keeps_one_engine_per_input_signature(unet):
     x = _randn(2, 4, 8, 8, seed=9)
     (c1, n1), (c2, n2) = _cond(seed=50), _cond(seed=60)
     a, nfe = eng.sample(x, solver="ddim", steps=3, cond=c1, negative_cond=n1, guidance_scale=3.0)
-    sub = eng._conditioned(2, c1, n1, 3.0)
+    sub = eng._conditioned(2, c1, n1, 3.0)[0]
     info = sub.cache_info()
     b, _ = eng.sample(x, solver="ddim", steps=3, cond=c2, negative_cond=n2, guidance_scale=3.0)
-    assert eng._conditioned(2, c2, n2, 3.0) is sub and sub.cache_info()["plans"] == info["plans"]
+    assert eng._conditioned(2, c2, n2, 3.0)[0] is sub and sub.cache_info()["plans"] == info["plans"]
     ref, ref_nfe = genie_fast.sample(model, noise=x, solver="ddim", steps=3, cond=c2, negative_cond=n2,
                                      guidance_scale=3.0)
     torch.testing.assert_close(b, ref, rtol=0, atol=0)
@@ -227,7 +227,7 @@ def test_new_prompts_replay_the_captured_graph_on_cuda(unet):
         c, n = _cond(seed=seed)
         c, n = ({k: v.cuda() for k, v in d.items()} for d in (c, n))
         outs.append(eng.sample(x, solver="dpmpp_2m", steps=4, cond=c, negative_cond=n, guidance_scale=3.0)[0])
-        sub = eng._conditioned(2, c, n, 3.0)
+        sub = eng._conditioned(2, c, n, 3.0)[0]
         eager = SamplingEngine(model, device="cuda", net_dtype=torch.float32, use_graphs=False)
         want = eager.sample(x, solver="dpmpp_2m", steps=4, cond=c, negative_cond=n, guidance_scale=3.0)[0]
         torch.testing.assert_close(outs[-1], want, rtol=1e-4, atol=1e-4)
