@@ -17,6 +17,7 @@ by every sample (it is expanded). A model may declare
 from __future__ import annotations
 
 import collections.abc
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -114,8 +115,6 @@ def read_cond_file(path, flag: str = "--cond") -> dict:
     """The conditioning inputs of an .npz file: one array per input name (``encoder_hidden_states``,
     ``labels``, ...), first dimension one row per sample (or 1: one for all). Read without pickle
     (a file cannot run code); object arrays are refused."""
-    from pathlib import Path
-
     path = Path(path)
     if path.suffix != ".npz" or not path.is_file():
         raise ValueError(f"{flag} {path}: not an .npz file (one array per conditioning input, one row per sample)")

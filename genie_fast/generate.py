@@ -329,7 +329,8 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", default=None, help="genie_fast model stem (default: the bundled model)")
     src.add_argument("--diffusers", default=None, metavar="DIR",
-                     help="a diffusers UNet2DModel folder (its genie_head.* is loaded when present)")
+                     help="a diffusers UNet2DModel or UNet2DConditionModel folder (its genie_head.* is loaded "
+                          "when present; a pipeline's vae/ decodes latents)")
     p.add_argument("--batch", type=int, default=64, help="images per network call and per file")
     add_sampling_args(p, seed="seeds", model=False)
     p.add_argument("--cond", default=None, metavar="FILE.npz",

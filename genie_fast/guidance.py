@@ -189,9 +189,10 @@ class Conditioned(nn.Module):
         if tuple(sorted(inputs)) != self._names:
             raise ValueError(f"update got the inputs {sorted(inputs)}, this wrapper holds {list(self._names)}")
         for k, v in inputs.items():
-            if v.shape != getattr(self, _pos_name(k)).shape:
+            held = getattr(self, _pos_name(k)).shape
+            if v.shape != held:
                 name = "labels" if k == "labels" else f"cond[{k!r}]"
-                raise ValueError(f"{name} shape {tuple(v.shape)} differs from {tuple(getattr(self, _pos_name(k)).shape)}")
+                raise ValueError(f"{name} shape {tuple(v.shape)} differs from {tuple(held)}")
         guided = guidance_scale is not None and float(guidance_scale) != 1.0
         if guided != self.guided:
             raise ValueError("update cannot switch between guided and unguided sampling; make a new Conditioned")

@@ -7,7 +7,7 @@ import torch
 
 from . import ops
 from .checks import check_device, check_flag
-from .devices import default_device, model_device
+from .devices import default_device
 from .engine import NonFiniteError, engine_for
 from .conditioning import check_cond, check_decode
 from .guidance import check_scale, wrapper_for
@@ -159,7 +159,8 @@ def encode(model=None, x0=None, solver=DEFAULT_SOLVER, nfe=None, steps=None, gri
     (an explicit grid may be given decreasing or increasing), with AFS and the denoising step off:
     neither applies to encoding. GENIE's Taylor step runs forward in gamma with the head at each
     point; multistep solvers use their history the same way. labels / guidance_scale / cond /
-    negative_cond / check_finite: as in ``sample`` (encoding along the (guided) conditional ODE). Returns (x_T, NFE per sample).
+    negative_cond / check_finite: as in ``sample`` (encoding along the (guided) conditional ODE).
+    Returns (x_T, NFE per sample).
 
     Decoding: ``sample(model, noise=x_T, solver=..., nfe=... or steps=..., grid=..., afs=False)``
     with the same arguments runs the same grid back (AFS would replace the first evaluation by an

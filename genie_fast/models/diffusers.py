@@ -1,4 +1,5 @@
-"""A diffusers ``UNet2DModel`` as a genie_fast eps model, with an optional distilled GENIE head.
+"""A diffusers ``UNet2DModel`` or ``UNet2DConditionModel`` as a genie_fast eps model, with an optional
+distilled GENIE head.
 
     from diffusers import UNet2DModel, DDIMScheduler
     unet = UNet2DModel.from_pretrained("my_model", subfolder="unet")
@@ -42,6 +43,12 @@ set to):
 Class-conditional UNets (``num_class_embeds = K + 1``) follow genie_fast's convention: labels
 0..K-1 are classes and K (the last embedding) is the null class that classifier-free guidance
 uses and that ``labels=None`` runs; ``genie_fast.guidance.conditioned`` wraps them as usual.
+
+A ``UNet2DConditionModel`` (text embeddings through cross-attention, usually in a VAE's latent
+space) takes its inputs as genie_fast's ``cond`` (``model.cond_names``; `models.diffusers_cond`):
+``sample(model, cond={"encoder_hidden_states": emb}, negative_cond=..., guidance_scale=...)``.
+``from_diffusers(..., vae=vae)`` marks the model ``space = "latent"`` and gives it ``decode``
+(``sample(..., decode=True)`` returns images); ``null_cond=`` is its default negative branch.
 
 The GENIE head reads the UNet's last feature map (the input of ``conv_norm_out``) and its time
 embedding (plus the class embedding) through forward hooks registered for the one call and removed

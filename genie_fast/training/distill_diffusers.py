@@ -58,8 +58,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".ti
 def add_diffusers_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("diffusers models (genie_fast.distill_diffusers)")
     g.add_argument("--diffusers", default=None, metavar="DIR",
-                   help="distil a head for the diffusers UNet2DModel saved in DIR (pipeline folder with unet/ and "
-                        "scheduler/, or a UNet folder with scheduler_config.json); --unet-ckpt is then unused")
+                   help="distil a head for the diffusers UNet2DModel or UNet2DConditionModel (with --cond) saved "
+                        "in DIR (pipeline folder with unet/ and scheduler/, or a UNet folder with "
+                        "scheduler_config.json); --unet-ckpt is then unused")
     g.add_argument("--data", default=None, metavar="PATH",
                    help="--diffusers: a folder of images or an .npz (uint8 NHWC arr_0); default: data-free, "
                         "from the model's own samples")
