@@ -95,18 +95,18 @@ def sample(model=None, noise=None, n=None, shape=None, solver=DEFAULT_SOLVER, nf
     need no model), with a message naming it.
     """
     _check_options(solver, grid, schedule, backend, device, check_finite, guidance_scale, solver_kw)
-    batch = noise.shape[0] if isinstance(noise, torch.Tensor) else len(seeds) if _sized(seeds) else n
-    if cond is not None or negative_cond is not None or decode is not None:
-        _check_cond_args(cond, negative_cond, batch, labels, decode)
+    if cond is not None or negative_cond is not None or decode is not None:  # (their model-free checks)
+        _check_cond_args(cond, negative_cond, labels, _batch(noise, seeds, n), decode)
     if model is None:
         model = _default_model()
     if not callable(model):
         raise TypeError(f"model must be a callable eps(x, t), got {type(model).__name__}")
-    decode = check_decode(decode, model) if decode is not None else None
     if device is None:
         device = default_device(model, noise)
-    net = _with_labels(model, labels, guidance_scale, batch, cond, negative_cond)
-    engine = engine_for(net, device, backend)
+    batch = noise.shape[0] if isinstance(noise, torch.Tensor) else len(seeds) if _sized(seeds) else n
+    decode = check_decode(decode, model) if decode is not None else None  # (the model's own decode: before wrapping)
+    model = _with_labels(model, labels, guidance_scale, batch, cond, negative_cond)
+    engine = engine_for(model, device, backend)
     x0, spent = engine.sample(noise, n=n, shape=shape, seed=seed, seeds=seeds, solver=solver, nfe=nfe, steps=steps,
                               grid=grid, afs=afs, denoise=denoise, dtype=dtype, net_dtype=net_dtype,
                               schedule=schedule, check_finite=check_finite, **solver_kw)
@@ -132,7 +132,7 @@ def _check_options(solver, grid, schedule, backend, device, check_finite, guidan
     check_solver_kw(solver, solver_kw)
 
 
-def _check_cond_args(cond, negative_cond, batch, labels, decode=None):
+def _check_cond_args(cond, negative_cond, labels, batch, decode=None):
     """What of cond / negative_cond / decode needs no model, checked before the model is loaded (the
     rest, names and null inputs, by `guidance.wrapper_for`)."""
     if negative_cond is not None and cond is None and labels is None:
@@ -142,6 +142,10 @@ def _check_cond_args(cond, negative_cond, batch, labels, decode=None):
         check_cond(negative_cond, batch, "negative_cond")
     if decode is not None and decode is not True and decode is not False and not callable(decode):
         check_decode(decode, None)  # raises, naming decode
+
+
+def _batch(noise, seeds, n):
+    return noise.shape[0] if isinstance(noise, torch.Tensor) else len(seeds) if _sized(seeds) else n
 
 
 def _sized(seeds) -> bool:
@@ -173,8 +177,8 @@ def encode(model=None, x0=None, solver=DEFAULT_SOLVER, nfe=None, steps=None, gri
     solver_kw.pop("denoise", None)
     _check_options(solver, grid, schedule, backend, device, check_finite, guidance_scale, solver_kw)
     if cond is not None or negative_cond is not None:
-        _check_cond_args(cond, negative_cond, x0.shape[0] if isinstance(x0, torch.Tensor) and x0.dim() else None,
-                         labels)
+        _check_cond_args(cond, negative_cond, labels,
+                         x0.shape[0] if isinstance(x0, torch.Tensor) and x0.dim() else None)
     if model is None:
         model = _default_model()
     if not callable(model):
