@@ -164,6 +164,9 @@ def generate(model, seeds, outdir, *, model_info: dict | None = None, batch: int
         raise ValueError("--negative-cond needs --cond")
     if labels is not None and cond is not None:
         raise ValueError("give --labels or --cond, not both (class labels can be a 'labels' array of --cond)")
+    if cond is None and "encoder_hidden_states" in (getattr(model, "cond_names", None) or ()):
+        raise ValueError("the model is a text-conditioned UNet (UNet2DConditionModel): give its conditioning, "
+                         "--cond FILE.npz with encoder_hidden_states (one row per seed, or one row)")
     cond_rows, cond_hash = _cond_source(cond, seeds, "--cond")
     neg_rows, neg_hash = _cond_source(negative_cond, seeds, "--negative-cond")
     if nfe is not None and steps is not None:

@@ -365,6 +365,7 @@ def test_distill_a_head_for_a_latent_text_unet_then_sample_and_generate(pipeline
             "--solver", "dpmpp_2m", "--nfe", "6", "--threads", "1", "--no-progress",
             "--cond", str(pipeline_dir / "prompts.npz"), "--negative-cond", str(pipeline_dir / "empty.npz"),
             "--guidance-scale", "3"]
+    assert main(argv[:-6]) == 2 and not gen.exists()  # a text UNet without --cond: refused before any work
     assert main(argv) == 0
     manifest = json.loads((gen / "manifest.json").read_text())
     assert manifest["identity"]["cond_sha256"] and manifest["identity"]["guidance_scale"] == 3.0
