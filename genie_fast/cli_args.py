@@ -47,7 +47,8 @@ def add_sampling_args(p: argparse.ArgumentParser, *, seed: str | None = "seed", 
     p.add_argument("--labels", default=None, help=LABELS_HELP)
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance scale s, eps_u + s (eps_c - eps_u) (diffusers' convention; "
-                        "with --labels; default 2, 1 = the conditional model alone)")
+                        "with --labels or --cond; default 2 where a negative branch exists, 1 = the conditional "
+                        "model alone)")
     p.add_argument("--net-dtype", default=None,
                    help="network precision, e.g. fp16, bf16, fp32 (default: fp16 on CUDA, else fp32)")
     p.add_argument("--backend", default="auto", help="fused step ops: auto | torch | cpp | triton | cuda")

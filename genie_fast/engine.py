@@ -76,6 +76,7 @@ from .checks import check_device, check_flag, check_int
 from .devices import DTYPES, as_dtype, cpu_net_dtype, default_device, no_tf32, tf32_flags
 from .graphs import GraphEntry, Uncapturable, capture
 from .grid_store import grid_context, stored_times
+from .guidance import wrapper_for
 from .noise import initial_state, make_noise, seed_noise
 from .profiling import nvtx_range, pop, push
 from .schedule import VPSchedule, check_schedule, time_grid
@@ -164,6 +165,7 @@ class SamplingEngine:
         self._stream = None
         self._warned = False
         self.stats = collections.Counter()              # captures, replays, eager_runs, evictions, ...
+        self._cond_engines = weakref.WeakKeyDictionary()  # Conditioned wrapper -> its engine (`_conditioned`)
 
     # ------------------------------------------------------------------ dtypes
     def _check_net_dtype(self, net_dtype) -> torch.dtype:
@@ -331,9 +333,20 @@ class SamplingEngine:
     def sample(self, noise: torch.Tensor | None = None, *, n: int | None = None, shape=None, seed: int = 0,
                seeds=None, solver: str = DEFAULT_SOLVER, nfe: int | None = None, steps: int | None = None,
                grid="auto", afs: bool | None = None, denoise: bool = False, dtype=None, net_dtype=None,
-               schedule=None, check_finite: bool = True, **solver_kw):
+               schedule=None, check_finite: bool = True, cond=None, negative_cond=None, guidance_scale=None,
+               **solver_kw):
         """Sample x0 from noise x_T with `solver`; returns (x0 (B, *shape) in `dtype` on the engine's
-        device, NFE per sample). The arguments and defaults are those of `genie_fast.sample`."""
+        device, NFE per sample). The arguments and defaults are those of `genie_fast.sample`; with
+        cond / negative_cond / guidance_scale the run goes to the engine of the model's conditioned
+        wrapper (`_conditioned`), whose graphs read the inputs as device buffers."""
+        if cond is not None or negative_cond is not None or guidance_scale is not None:
+            batch = noise.shape[0] if isinstance(noise, torch.Tensor) else \
+                len(seeds) if seeds is not None and hasattr(seeds, "__len__") else n
+            eng, _wrapper = self._conditioned(batch, cond, negative_cond, guidance_scale)  # (held for the call)
+            return eng.sample(
+                noise, n=n, shape=shape, seed=seed, seeds=seeds, solver=solver, nfe=nfe, steps=steps, grid=grid,
+                afs=afs, denoise=denoise, dtype=dtype, net_dtype=net_dtype, schedule=schedule,
+                check_finite=check_finite, **solver_kw)
         check_finite = check_flag("check_finite", check_finite)
         with nvtx_range("sample"), torch.inference_mode(False), torch.no_grad():
             x_T = self._state_noise(noise, n, shape, seed, dtype, seeds)
@@ -347,12 +360,19 @@ class SamplingEngine:
     @torch.no_grad()
     def encode(self, x0: torch.Tensor, *, solver: str = DEFAULT_SOLVER, nfe: int | None = None,
                steps: int | None = None, grid="auto", dtype=None, net_dtype=None, schedule=None,
-               check_finite: bool = True, **solver_kw):
+               check_finite: bool = True, cond=None, negative_cond=None, guidance_scale=None, **solver_kw):
         """Encode data x0 (the network input at t_end) into latents x_T by solving the probability-flow
         ODE from t_end up to t = 1 on the reverse of the grid `sample` builds from the same solver,
         nfe / steps and grid (with AFS and the denoising step off: neither applies to encoding; an
         explicit grid may be given either way round). Returns (x_T in `dtype`, NFE per sample).
-        ``sample(noise=x_T, afs=False)`` with the same solver, nfe / steps and grid decodes it."""
+        ``sample(noise=x_T, afs=False)`` with the same solver, nfe / steps and grid decodes it.
+        cond / negative_cond / guidance_scale: as in `sample`."""
+        if cond is not None or negative_cond is not None or guidance_scale is not None:
+            batch = x0.shape[0] if isinstance(x0, torch.Tensor) and x0.dim() else None
+            eng, _wrapper = self._conditioned(batch, cond, negative_cond, guidance_scale)
+            return eng.encode(
+                x0, solver=solver, nfe=nfe, steps=steps, grid=grid, dtype=dtype, net_dtype=net_dtype,
+                schedule=schedule, check_finite=check_finite, **solver_kw)
         check_finite = check_flag("check_finite", check_finite)
         with nvtx_range("encode"), torch.inference_mode(False), torch.no_grad():
             x = self._state_noise(x0, None, None, 0, dtype, name="x0")
@@ -368,6 +388,23 @@ class SamplingEngine:
             if check_finite:
                 self._check_finite(x_T, key, plan, x, "latents", "data x0")
             return x_T, spent
+
+    def _conditioned(self, batch, cond, negative_cond, guidance_scale) -> tuple:
+        """(engine, wrapper): the engine, with this engine's settings, of the model's Conditioned
+        wrapper for this thread and input signature (`guidance.wrapper_for`: the inputs are copied
+        into its buffers, which its graphs read; same shapes, same wrapper, same graphs). The engine
+        holds its wrapper weakly: the caller holds it for the call."""
+        wrapper = wrapper_for(self.model, batch, None, guidance_scale, cond, negative_cond)
+        if wrapper is self.model:  # e.g. guidance_scale=1 alone
+            return self, wrapper
+        with self._lock:
+            eng = self._cond_engines.get(wrapper)
+            if eng is None:
+                eng = self._cond_engines[wrapper] = SamplingEngine(
+                    wrapper, device=self.device, net_dtype=self.net_dtype, schedule=self.schedule,
+                    backend=self.backend, use_graphs=self.use_graphs, max_graphs=self.max_graphs, warmup=self.warmup,
+                    channels_last=self._weights.channels_last, compile=self._weights.compile, _keep_alive=False)
+            return eng, wrapper
 
     def _check_finite(self, out: torch.Tensor, key: GraphKey, plan: Plan, start: torch.Tensor, what: str,
                       start_name: str):

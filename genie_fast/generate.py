@@ -19,6 +19,11 @@
   the labels of a class-conditional run, ``seeds``); the manifest then records counts and NFE spent.
 * Labels (``--labels``, `cli_args.LABELS_HELP`): one class for every seed, or a list of classes of
   which seed s gets number s mod its length ("all" / "cycle": class s mod the number of classes).
+* Conditioning (``--cond FILE.npz``, ``--negative-cond FILE.npz``; `genie_fast.conditioning`): one
+  array per input name (e.g. ``encoder_hidden_states``) with one row per seed, in the order of
+  ``--seeds`` (or in the order of the file's own ``seeds`` array), or one row for every seed. The
+  manifest records the files' content hashes: a rerun with other conditioning is refused. A latent
+  model with a decoder (a pipeline folder with ``vae/``) writes the decoded images.
 * Resuming. A rerun skips the seeds already written (with any world size); a rerun into a folder
   whose manifest describes other sampling (model, solver, NFE, grid, ...) is refused.
 * Failures. After each round of batches (one per rank) the ranks exchange a failure flag
@@ -100,10 +105,36 @@ def _labels_for(seeds, spec, num_classes: int):
     return torch.tensor([classes[s % len(classes)] for s in seeds], dtype=torch.long)
 
 
+def _cond_source(cond, seeds, flag: str):
+    """(per-seed rows {name: (len(seeds), ...)}, content hash) of a --cond file or mapping, or (None, None)."""
+    import hashlib
+
+    from .conditioning import check_cond, read_cond_file
+
+    if cond is None:
+        return None, None
+    arrays = read_cond_file(cond, flag) if not hasattr(cond, "items") else dict(cond)
+    order = arrays.pop("seeds", None)
+    if order is not None:  # rows named by seed
+        position = {int(s): i for i, s in enumerate(order.tolist())}
+        missing = [s for s in seeds if s not in position]
+        if missing:
+            raise ValueError(f"{flag}: its seeds array has no row for seed(s) {missing[:5]}")
+        index = torch.tensor([position[s] for s in seeds])
+        arrays = {k: torch.as_tensor(v)[index] if torch.as_tensor(v).shape[0] == len(order) else v
+                  for k, v in arrays.items()}
+    rows = check_cond(arrays, len(seeds), flag)
+    digest = hashlib.sha256()
+    for k in sorted(rows):
+        digest.update(k.encode() + str(rows[k].dtype).encode() + str(tuple(rows[k].shape)).encode())
+        digest.update(rows[k].cpu().contiguous().numpy().tobytes())
+    return rows, digest.hexdigest()
+
+
 def generate(model, seeds, outdir, *, model_info: dict | None = None, batch: int = 64, solver=None, nfe=None,
              steps=None, grid=None, afs=None, denoise: bool = False, labels=None, guidance_scale=None,
              fmt: str = "npz", device=None, net_dtype=None, backend: str = "auto", progress: bool = True,
-             compile: bool = False) -> dict:
+             compile: bool = False, cond=None, negative_cond=None) -> dict:
     """Sample one image per seed into ``outdir`` (see the module docstring); returns the manifest.
 
     model: an eps model (``.schedule``, ``.image_shape``); labels: None, a class, a list of classes
@@ -111,9 +142,11 @@ def generate(model, seeds, outdir, *, model_info: dict | None = None, batch: int
     guidance_scale: classifier-free guidance scale (diffusers convention) with labels; device:
     `devices.command_device` (default CUDA when available). Call it on every rank of a torchrun
     job (or alone). compile: the network compiled by torch.compile (the CPU only; its compile time is
-    printed once, on stderr)."""
+    printed once, on stderr). cond / negative_cond: conditioning inputs, an .npz file or a mapping of
+    arrays, one row per seed (module docstring); guidance_scale None then means the default scale
+    where a negative branch exists (`guidance.conditioned`)."""
     from .checks import check_int, check_number
-    from .guidance import DEFAULT_GUIDANCE_SCALE, Conditioned, check_labels
+    from .guidance import DEFAULT_GUIDANCE_SCALE, Conditioned, check_labels, conditioned
     from .engine import engine_for
     from .grid_store import tuned_for
     from .sampling import sample
@@ -125,8 +158,18 @@ def generate(model, seeds, outdir, *, model_info: dict | None = None, batch: int
     seeds = check_seeds("seeds", seeds, unique=True)
     if guidance_scale is not None:
         check_number("--guidance-scale", guidance_scale)
-    if guidance_scale is not None and labels is None:
-        raise ValueError("--guidance-scale needs --labels (guidance mixes conditional and unconditional predictions)")
+    if guidance_scale is not None and labels is None and cond is None:
+        raise ValueError("--guidance-scale needs --labels or --cond (guidance mixes conditional and unconditional "
+                         "predictions)")
+    if negative_cond is not None and cond is None:
+        raise ValueError("--negative-cond needs --cond")
+    if labels is not None and cond is not None:
+        raise ValueError("give --labels or --cond, not both (class labels can be a 'labels' array of --cond)")
+    if cond is None and "encoder_hidden_states" in (getattr(model, "cond_names", None) or ()):
+        raise ValueError("the model is a text-conditioned UNet (UNet2DConditionModel): give its conditioning, "
+                         "--cond FILE.npz with encoder_hidden_states (one row per seed, or one row)")
+    cond_rows, cond_hash = _cond_source(cond, seeds, "--cond")
+    neg_rows, neg_hash = _cond_source(negative_cond, seeds, "--negative-cond")
     if nfe is not None and steps is not None:
         raise ValueError("give --nfe or --steps, not both")
     # the options as sample() will run them, defaults and per-solver choices filled in (for the manifest)
@@ -142,8 +185,14 @@ def generate(model, seeds, outdir, *, model_info: dict | None = None, batch: int
             check_labels(labels, 1, num_classes) if isinstance(labels, int) else check_labels(labels, len(labels), num_classes)
         if guidance_scale is None:  # as genie_fast.guidance.conditioned: labels alone mean the default scale
             guidance_scale = DEFAULT_GUIDANCE_SCALE
+    if cond_rows is not None:  # checked against the model, by name, before any work; the scale resolved
+        first = {k: v[:1] for k, v in cond_rows.items()}
+        guidance_scale = conditioned(model, None, guidance_scale, 1, cond=first,
+                                     negative_cond=None if neg_rows is None else {k: v[:1] for k, v in
+                                                                                 neg_rows.items()}).scale.item()
     # grid auto / tuned: a grid tuned for the model (`grid_store`) is fixed here, so the manifest names its times
-    tuned = tuned_for(model, solver, nfe, steps, grid, afs, denoise, guidance_scale if labels is not None else None)
+    tuned = tuned_for(model, solver, nfe, steps, grid, afs, denoise,
+                      guidance_scale if labels is not None or cond_rows is not None else None)
     if tuned is not None:
         opts = opts._replace(grid=tuned, steps=len(tuned) - 1, afs=tuned.afs)
     device = command_device(device)
@@ -158,6 +207,9 @@ def generate(model, seeds, outdir, *, model_info: dict | None = None, batch: int
                 "grid": grid, "afs": opts.afs, "denoise": opts.denoise, "labels": labels,
                 "guidance_scale": guidance_scale, "image_shape": list(image_shape), "format": fmt,
                 "net_dtype": None if net_dtype is None else str(net_dtype).replace("torch.", "")}
+    if cond_hash is not None:  # (absent otherwise: manifests of unconditioned runs stay as they were)
+        identity.update(cond_sha256=cond_hash, negative_cond_sha256=neg_hash)
+    decode = getattr(model, "decode", None) if getattr(model, "space", "pixel") == "latent" else None
 
     outdir = Path(outdir)
     folder = Folder(outdir, fmt)
@@ -198,7 +250,8 @@ def generate(model, seeds, outdir, *, model_info: dict | None = None, batch: int
             def refresh():
                 pass
 
-        cond, nfe_spent, tag, engines = None, None, f"{dist.rank}-{os.getpid()}", {}
+        wrapper, nfe_spent, tag, engines = None, None, f"{dist.rank}-{os.getpid()}", {}
+        position = {s: i for i, s in enumerate(seeds)}
         budget = {"nfe": opts.nfe} if steps is None else {"steps": steps}
         mine = chunks[dist.rank::dist.world]
         # One round per chunk index, on every rank (a rank with fewer chunks still takes part): after
@@ -213,18 +266,27 @@ def generate(model, seeds, outdir, *, model_info: dict | None = None, batch: int
                     eps_model = model
                     if chunk_labels is not None:
                         lab = check_labels(chunk_labels, len(chunk), num_classes, device)
-                        if cond is None or cond.labels.shape != lab.shape:
-                            cond = Conditioned(model, lab, guidance_scale)
+                        if wrapper is None or wrapper.labels.shape != lab.shape:
+                            wrapper = Conditioned(model, lab, guidance_scale)
                         else:
-                            cond.update(lab, guidance_scale)
-                        eps_model = cond
+                            wrapper.update(lab, guidance_scale)
+                        eps_model = wrapper
                     kw = dict(noise=noise, solver=opts.solver, grid=opts.grid, afs=opts.afs, denoise=opts.denoise,
                               net_dtype=net_dtype, **budget)
+                    if cond_rows is not None:  # this chunk's rows, in its seeds' order
+                        at = torch.tensor([position[s] for s in chunk])
+                        kw.update(cond={k: v[at].to(device) for k, v in cond_rows.items()},
+                                  guidance_scale=guidance_scale)
+                        if neg_rows is not None:
+                            kw["negative_cond"] = {k: v[at].to(device) for k, v in neg_rows.items()}
                     if compile:  # one engine per model keeps its compiled network for the whole run
                         engine = engines[id(eps_model)] = engine_for(eps_model, device, backend, compile=True)
                         x0, nfe_spent = engine.sample(**kw)
                     else:
                         x0, nfe_spent = sample(eps_model, device=device, backend=backend, **kw)
+                    if decode is not None:  # a latent model's images
+                        with torch.no_grad():
+                            x0 = decode(x0)
                     folder.write(chunk, to_uint8(x0), chunk_labels, tag)
                 except Exception as e:  # told to the other ranks below, then raised here
                     error = e
@@ -275,9 +337,15 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", default=None, help="genie_fast model stem (default: the bundled model)")
     src.add_argument("--diffusers", default=None, metavar="DIR",
-                     help="a diffusers UNet2DModel folder (its genie_head.* is loaded when present)")
+                     help="a diffusers UNet2DModel or UNet2DConditionModel folder (its genie_head.* is loaded "
+                          "when present; a pipeline's vae/ decodes latents)")
     p.add_argument("--batch", type=int, default=64, help="images per network call and per file")
     add_sampling_args(p, seed="seeds", model=False)
+    p.add_argument("--cond", default=None, metavar="FILE.npz",
+                   help="conditioning inputs (e.g. encoder_hidden_states of a UNet2DConditionModel): one array per "
+                        "name, one row per seed in --seeds order (or a 'seeds' array naming the rows), or one row")
+    p.add_argument("--negative-cond", default=None, metavar="FILE.npz",
+                   help="the negative branch of guidance (e.g. the empty prompt's embeddings), as --cond")
     p.add_argument("--format", default="npz", choices=("npz", "png"), help="per-batch files (default npz)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--compile", action="store_true",
@@ -311,7 +379,16 @@ def check_args(args):
         require("PIL.Image", "genie-fast generate --format png")
     if args.diffusers:
         require("diffusers", "genie-fast generate --diffusers")
-    return parse_seeds(args.seeds), labels
+    seeds = parse_seeds(args.seeds)
+    if args.negative_cond and not args.cond:
+        raise ValueError("--negative-cond needs --cond")
+    if labels is not None and args.cond:
+        raise ValueError("give --labels or --cond, not both (class labels can be a 'labels' array of --cond)")
+    from .conditioning import read_cond_file
+    for flag, path in (("--cond", args.cond), ("--negative-cond", args.negative_cond)):
+        if path is not None:
+            read_cond_file(path, flag)  # a file that cannot be read is refused before the model is loaded
+    return seeds, labels
 
 
 def run(args) -> dict:
@@ -323,7 +400,8 @@ def run(args) -> dict:
                         solver=args.solver, nfe=args.nfe, steps=args.steps, grid=args.grid, afs=args.afs,
                         denoise=args.denoise, labels=labels, guidance_scale=args.guidance_scale, fmt=args.format,
                         device=args.device, net_dtype=args.net_dtype, backend=args.backend,
-                        progress=not args.no_progress, compile=args.compile)
+                        progress=not args.no_progress, compile=args.compile, cond=args.cond,
+                        negative_cond=args.negative_cond)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"wrote {Path(args.outdir) / 'samples.npz'} ({manifest['count']} samples, "
               f"{manifest['identity']['solver']}, {manifest['nfe_per_sample']} NFE each)")

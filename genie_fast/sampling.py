@@ -1,16 +1,16 @@
 """`genie_fast.sample`: noise in, samples out, for any eps model and any solver in SOLVERS."""
 from __future__ import annotations
 
-import collections
 import threading
 
 import torch
 
 from . import ops
 from .checks import check_device, check_flag
-from .devices import default_device, model_device
+from .devices import default_device
 from .engine import NonFiniteError, engine_for
-from .guidance import Conditioned, check_labels, check_scale, conditioned
+from .conditioning import check_cond, check_decode
+from .guidance import check_scale, wrapper_for
 from .noise import make_noise, seed_noise
 from .schedule import check_schedule
 from .solvers import DEFAULT_SOLVER
@@ -22,7 +22,8 @@ __all__ = ["sample", "encode", "make_noise", "seed_noise", "NonFiniteError"]
 
 def sample(model=None, noise=None, n=None, shape=None, solver=DEFAULT_SOLVER, nfe=None, steps=None, grid="auto",
            schedule=None, seed=0, afs=None, denoise=False, backend="auto", device=None, dtype=None, net_dtype=None,
-           labels=None, guidance_scale=None, seeds=None, check_finite=True, **solver_kw):
+           labels=None, guidance_scale=None, seeds=None, check_finite=True, cond=None, negative_cond=None,
+           decode=None, **solver_kw):
     """Draw samples from `model` with `solver`; returns (samples (B, *shape) on `device`, NFE per sample).
 
     model: an eps model ``model(x, t)`` with t of shape (B,) (None: the bundled default model).
@@ -71,6 +72,18 @@ def sample(model=None, noise=None, n=None, shape=None, solver=DEFAULT_SOLVER, nf
         branches in ONE batched network call on 2B inputs: it counts 2 network evaluations per
         sample in `nfe` budgets and in the returned NFE (batched calls = NFE / 2). Labels and scale
         are device inputs of the captured graph: changing them does not capture again.
+    cond: conditioning inputs, a mapping name -> batch-first tensor (B, ...) or (1, ...) (one for
+        every sample) that the model receives as keyword arguments, ``model(x, t, **cond)`` (e.g.
+        ``{"encoder_hidden_states": emb}`` for a diffusers UNet2DConditionModel; labels are the
+        input ``labels``). negative_cond: the inputs of guidance's negative branch, by name (default:
+        the model's null input where it has one, `conditioning.null_cond`; names it leaves out are
+        shared with the conditional branch). With cond, guidance_scale None means the default scale
+        where a negative branch exists, else 1. Like labels, they are device inputs of the
+        captured graph: new values of the same shapes replay it; both branches run as one batched
+        call (2 NFE per guided evaluation). docs/guide.md, "Conditioning".
+    decode: None (the samples as the model samples them), a callable applied to them (e.g. a VAE's
+        decoder for a latent model: the output is then its images), or True: the model's own
+        ``decode`` (`models.diffusers.from_diffusers(..., vae=)`).
 
     check_finite: check once, after the loop, that every returned value is finite, and raise
         `NonFiniteError` naming the first step where the state or the model's output stopped being
@@ -82,6 +95,8 @@ def sample(model=None, noise=None, n=None, shape=None, solver=DEFAULT_SOLVER, nf
     need no model), with a message naming it.
     """
     _check_options(solver, grid, schedule, backend, device, check_finite, guidance_scale, solver_kw)
+    if cond is not None or negative_cond is not None or decode is not None:  # (their model-free checks)
+        _check_cond_args(cond, negative_cond, labels, _batch(noise, seeds, n), decode)
     if model is None:
         model = _default_model()
     if not callable(model):
@@ -89,11 +104,16 @@ def sample(model=None, noise=None, n=None, shape=None, solver=DEFAULT_SOLVER, nf
     if device is None:
         device = default_device(model, noise)
     batch = noise.shape[0] if isinstance(noise, torch.Tensor) else len(seeds) if _sized(seeds) else n
-    model = _with_labels(model, labels, guidance_scale, batch)
+    decode = check_decode(decode, model) if decode is not None else None  # (the model's own decode: before wrapping)
+    model = _with_labels(model, labels, guidance_scale, batch, cond, negative_cond)
     engine = engine_for(model, device, backend)
-    return engine.sample(noise, n=n, shape=shape, seed=seed, seeds=seeds, solver=solver, nfe=nfe, steps=steps,
-                         grid=grid, afs=afs, denoise=denoise, dtype=dtype, net_dtype=net_dtype, schedule=schedule,
-                         check_finite=check_finite, **solver_kw)
+    x0, spent = engine.sample(noise, n=n, shape=shape, seed=seed, seeds=seeds, solver=solver, nfe=nfe, steps=steps,
+                              grid=grid, afs=afs, denoise=denoise, dtype=dtype, net_dtype=net_dtype,
+                              schedule=schedule, check_finite=check_finite, **solver_kw)
+    if decode is not None:
+        with torch.no_grad():
+            x0 = decode(x0)
+    return x0, spent
 
 
 def _check_options(solver, grid, schedule, backend, device, check_finite, guidance_scale, solver_kw):
@@ -112,13 +132,29 @@ def _check_options(solver, grid, schedule, backend, device, check_finite, guidan
     check_solver_kw(solver, solver_kw)
 
 
+def _check_cond_args(cond, negative_cond, labels, batch, decode=None):
+    """What of cond / negative_cond / decode needs no model, checked before the model is loaded (the
+    rest, names and null inputs, by `guidance.wrapper_for`)."""
+    if negative_cond is not None and cond is None and labels is None:
+        raise ValueError("negative_cond= needs cond= (or labels=): it is the other branch of guidance")
+    if isinstance(batch, int) and not isinstance(batch, bool) and batch >= 1:
+        check_cond(cond, batch, "cond")
+        check_cond(negative_cond, batch, "negative_cond")
+    if decode is not None and decode is not True and decode is not False and not callable(decode):
+        check_decode(decode, None)  # raises, naming decode
+
+
+def _batch(noise, seeds, n):
+    return noise.shape[0] if isinstance(noise, torch.Tensor) else len(seeds) if _sized(seeds) else n
+
+
 def _sized(seeds) -> bool:
     return seeds is not None and hasattr(seeds, "__len__") and not isinstance(seeds, (str, bytes))
 
 
 def encode(model=None, x0=None, solver=DEFAULT_SOLVER, nfe=None, steps=None, grid="auto", schedule=None,
            backend="auto", device=None, dtype=None, net_dtype=None, labels=None, guidance_scale=None,
-           check_finite=True, **solver_kw):
+           check_finite=True, cond=None, negative_cond=None, **solver_kw):
     """Encode data into latents: the probability-flow ODE solved from t_end up to t = 1 with `solver`.
 
     x0: data of shape (B, *image_shape), taken as the network input at t_end (the data point itself:
@@ -126,8 +162,9 @@ def encode(model=None, x0=None, solver=DEFAULT_SOLVER, nfe=None, steps=None, gri
     The grid is the reverse of the one ``sample`` builds from the same solver, nfe / steps and grid
     (an explicit grid may be given decreasing or increasing), with AFS and the denoising step off:
     neither applies to encoding. GENIE's Taylor step runs forward in gamma with the head at each
-    point; multistep solvers use their history the same way. labels / guidance_scale / check_finite:
-    as in ``sample`` (encoding along the guided ODE). Returns (x_T, NFE per sample).
+    point; multistep solvers use their history the same way. labels / guidance_scale / cond /
+    negative_cond / check_finite: as in ``sample`` (encoding along the (guided) conditional ODE).
+    Returns (x_T, NFE per sample).
 
     Decoding: ``sample(model, noise=x_T, solver=..., nfe=... or steps=..., grid=..., afs=False)``
     with the same arguments runs the same grid back (AFS would replace the first evaluation by an
@@ -139,6 +176,9 @@ def encode(model=None, x0=None, solver=DEFAULT_SOLVER, nfe=None, steps=None, gri
     solver_kw.pop("afs", None)
     solver_kw.pop("denoise", None)
     _check_options(solver, grid, schedule, backend, device, check_finite, guidance_scale, solver_kw)
+    if cond is not None or negative_cond is not None:
+        _check_cond_args(cond, negative_cond, labels,
+                         x0.shape[0] if isinstance(x0, torch.Tensor) and x0.dim() else None)
     if model is None:
         model = _default_model()
     if not callable(model):
@@ -147,44 +187,19 @@ def encode(model=None, x0=None, solver=DEFAULT_SOLVER, nfe=None, steps=None, gri
         raise TypeError(f"x0 must be a tensor of data (B, *image_shape), got {type(x0).__name__}")
     if device is None:
         device = default_device(model, x0)
-    model = _with_labels(model, labels, guidance_scale, x0.shape[0] if x0.dim() else None)
+    model = _with_labels(model, labels, guidance_scale, x0.shape[0] if x0.dim() else None, cond, negative_cond)
     engine = engine_for(model, device, backend)
     return engine.encode(x0, solver=solver, nfe=nfe, steps=steps, grid=grid, dtype=dtype, net_dtype=net_dtype,
                          schedule=schedule, check_finite=check_finite, **solver_kw)
 
 
-# The Conditioned wrappers of recent (model, batch, guided, device, thread) combinations. The engine
-# caches graphs per model object, so a wrapper is reused across calls and only its label/scale
-# buffers change (in place): a new label set or scale replays the captured graph. A wrapper belongs
-# to one thread (its buffers hold one call's labels from the update to the end of the run), so
-# threads sampling the same model with labels never see each other's. Bounded: it keeps at most
-# this many models alive.
-_WRAPPERS: "collections.OrderedDict[tuple, Conditioned]" = collections.OrderedDict()
-_MAX_WRAPPERS = 8
-_LOCK = threading.Lock()  # _WRAPPERS and _DEFAULT
+def _with_labels(model, labels, guidance_scale, batch, cond=None, negative_cond=None):
+    """`model` itself without labels and cond, else its (cached, per-thread) Conditioned wrapper
+    holding the inputs and scale (`guidance.wrapper_for`)."""
+    return wrapper_for(model, batch, labels, guidance_scale, cond, negative_cond)
 
 
-def _with_labels(model, labels, guidance_scale, batch):
-    """`model` itself without labels, else its (cached) Conditioned wrapper holding labels and scale."""
-    if labels is None:
-        return conditioned(model, None, guidance_scale, batch=0)  # refuses a scale without labels
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"labels need a positive integer batch: give noise= or n=, got n={batch!r}")
-    scale = check_scale(guidance_scale)
-    labels = check_labels(labels, batch, getattr(model, "num_classes", 0) or 0, model_device(model))
-    key = (id(model), batch, scale != 1.0, str(labels.device), threading.get_ident())
-    with _LOCK:
-        cached = _WRAPPERS.get(key)
-        if cached is None or cached.model is not model:
-            cached = _WRAPPERS[key] = Conditioned(model, labels, scale)
-            if len(_WRAPPERS) > _MAX_WRAPPERS:
-                _WRAPPERS.popitem(last=False)
-            return cached
-        _WRAPPERS.move_to_end(key)
-    cached.update(labels, scale)
-    return cached
-
-
+_LOCK = threading.Lock()  # _DEFAULT
 _DEFAULT = {}  # the loaded default model, per loader (tests replace the loader)
 
 

@@ -1,7 +1,8 @@
 """The sample store of ``genie-fast generate``: one output folder, its manifest and files.
 
 * ``manifest.json``: what was sampled (`IDENTITY_KEYS`: model sha256, solver, NFE or steps, grid,
-  AFS, denoising, labels, guidance scale, image shape, format; and versions). A folder whose
+  AFS, denoising, labels, guidance scale, image shape, format, the conditioning files' content
+  hashes where given; and versions). A folder whose
   manifest describes other sampling is refused (`open_run`); at the end (`finish`) it records
   counts and NFE spent.
 * ``batches/<first seed>_<count>.npz`` (npz: seeds, uint8 NHWC images, labels) or
@@ -33,7 +34,7 @@ __all__ = ["FORMAT", "VERSION", "IDENTITY_KEYS", "Folder", "open_run", "finish",
 FORMAT = "genie_fast.generate"
 VERSION = 1
 IDENTITY_KEYS = ("model_sha256", "solver", "nfe", "steps", "grid", "afs", "denoise", "labels", "guidance_scale",
-                 "image_shape", "format", "net_dtype")
+                 "image_shape", "format", "net_dtype", "cond_sha256", "negative_cond_sha256")
 _BATCH_FILE = re.compile(r"^(\d+)_(\d+)\.npz$")
 _PNG_FILE = re.compile(r"^(\d+)\.png$")
 
@@ -192,8 +193,8 @@ def open_run(outdir: Path, folder: Folder, manifest_path: Path, identity: dict, 
             return f"{manifest_path}: not valid JSON ({e}); move it away or use another --outdir"
         if old.get("format") != FORMAT:
             return f"{manifest_path} is not a genie_fast.generate manifest; use another --outdir"
-        diff = [f"{k}: folder has {old['identity'].get(k)!r}, this run {identity[k]!r}"
-                for k in IDENTITY_KEYS if old.get("identity", {}).get(k) != identity[k]]
+        diff = [f"{k}: folder has {old['identity'].get(k)!r}, this run {identity.get(k)!r}"
+                for k in IDENTITY_KEYS if old.get("identity", {}).get(k) != identity.get(k)]
         if diff:
             return (f"{outdir} holds samples of other settings; refusing to mix them ("
                     + "; ".join(diff) + "). Use another --outdir.")

@@ -7,6 +7,7 @@ distill and generate, each resumed exactly.
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -1177,3 +1178,101 @@ def test_sample_on_four_threads_equals_sequential_calls_bitwise():
     with ThreadPoolExecutor(4) as pool:
         threaded = list(pool.map(lambda i: eng.sample(n=2, nfe=4, seed=i, solver=solvers[i % 6])[0], range(12)))
     assert all(torch.equal(a, b) for a, b in zip(direct, threaded))
+
+
+# --------------------------------------------------------------------------- issue 31: conditioning
+
+class _EmbToy(torch.nn.Module):
+    """eps(x, t, emb) of a toy conditional model: emb (B, 2) shifts eps; it declares its one input."""
+
+    cond_names = ("emb",)
+    image_shape = (1, 4, 4)
+
+    def forward(self, x, t, emb):
+        return 0.5 * x + emb[:, :1, None, None] - emb[:, 1:, None, None]
+
+
+@pytest.mark.parametrize("kw,err,says", [
+    (dict(cond=[1, 2]), TypeError, r"cond must be a mapping of input names to batch-first tensors"),
+    (dict(cond={"emb": torch.zeros(3, 2)}), ValueError, r"cond\['emb'\] has 3 rows for 2 samples"),
+    (dict(cond={"a-b": torch.zeros(2, 2)}), TypeError, r"cond: the names are the model's keyword arguments"),
+    (dict(cond={"emb": torch.full((2, 2), float("nan"))}), ValueError, r"cond\['emb'\] holds 4 non-finite"),
+    (dict(cond={"emb": 3.0}), TypeError, r"cond\['emb'\] must be a tensor"),
+    (dict(cond={"emb": torch.tensor(1.0)}), ValueError, r"cond\['emb'\] must have a batch dimension"),
+    (dict(cond={"emb": torch.zeros(2, 2)}, negative_cond=[0]), TypeError, r"negative_cond must be a mapping"),
+    (dict(negative_cond={"emb": torch.zeros(2, 2)}), ValueError, r"negative_cond= needs cond="),
+])
+def test_cond_arguments_named_before_any_work(monkeypatch, kw, err, says):
+    import genie_fast
+    from genie_fast import sampling
+
+    monkeypatch.setattr(sampling, "_default_model", lambda: pytest.fail("loaded the default model first"))
+    with pytest.raises(err, match=says):
+        genie_fast.sample(n=2, nfe=4, **kw)
+    with pytest.raises(err, match=says):
+        genie_fast.encode(None, torch.zeros(2, 1, 4, 4), nfe=4, **kw)
+    with pytest.raises(err, match=says):  # and with a model, and through the engine
+        genie_fast.sample(_EmbToy(), n=2, nfe=4, **kw)
+    from genie_fast.engine import SamplingEngine
+    with pytest.raises(err, match=says):
+        SamplingEngine(_EmbToy(), device="cpu").sample(n=2, nfe=4, **kw)
+
+
+def test_cond_against_the_model_named():
+    import genie_fast
+
+    m, e = _EmbToy(), torch.zeros(2, 2)
+    for kw, err, says in (
+            (dict(cond={"text": e}), ValueError, r"cond\['text'\]: _EmbToy takes no conditioning input 'text'; it takes "
+                                                 r"\['emb'\]"),
+            (dict(cond={"emb": e}, negative_cond={"other": e}), ValueError, r"negative_cond\['other'\]: _EmbToy takes"),
+            (dict(cond={"emb": e}, negative_cond={"emb": torch.zeros(2, 3)}), ValueError,
+             r"negative_cond\['emb'\] is \(2, 3\) torch.float32; the conditional input is \(2, 2\)"),
+            (dict(cond={"emb": e}, guidance_scale=2.0), ValueError, r"guidance needs a negative branch: pass "
+                                                                   r"negative_cond="),
+            (dict(cond={"emb": e}, labels=1), ValueError, r"not class-conditional"),
+            (dict(decode="vae"), TypeError, r"decode must be None, True or a callable"),
+            (dict(decode=True), ValueError, r"decode=True needs a model with a decoder"),
+            (dict(guidance_scale=2.0), ValueError, r"guidance_scale=2.0 needs labels or cond")):
+        with pytest.raises(err, match=says):
+            genie_fast.sample(m, n=2, nfe=4, solver="ddim", **kw)
+    # one row for all samples is expanded; the names and rows given are what the model gets
+    one, _ = genie_fast.sample(m, n=2, nfe=4, solver="ddim", cond={"emb": torch.tensor([[0.3, 0.1]])})
+    two, _ = genie_fast.sample(m, n=2, nfe=4, solver="ddim", cond={"emb": torch.tensor([[0.3, 0.1]] * 2)})
+    assert torch.equal(one, two)
+
+
+def test_generate_cond_files_refused_by_name(tmp_path, capsys):
+    """--cond / --negative-cond: one line, exit 2, before the model is loaded."""
+    np.savez(tmp_path / "ok.npz", emb=np.zeros((2, 2), np.float32))
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    np.savez(tmp_path / "objects.npz", emb=np.array([object(), 1], dtype=object))
+    np.savez(tmp_path / "rows.npz", emb=np.zeros((3, 2), np.float32))
+    base = ["generate", "--seeds", "0-1", "--outdir", str(tmp_path / "out"), "--nfe", "4", "--threads", "1",
+            "--no-progress"]
+    for extra, says in (((["--cond", str(tmp_path / "bad.npz")]), "--cond .*cannot be read as an .npz"),
+                        ((["--cond", str(tmp_path / "objects.npz")]), "--cond .*cannot be read|--cond .*numeric"),
+                        ((["--cond", str(tmp_path / "nothere.npz")]), "--cond .*not an .npz file"),
+                        ((["--negative-cond", str(tmp_path / "ok.npz")]), "--negative-cond needs --cond"),
+                        ((["--cond", str(tmp_path / "ok.npz"), "--labels", "1"]), "give --labels or --cond"),
+                        ((["--cond", str(tmp_path / "rows.npz")]), r"--cond\['emb'\] has 3 rows for 2 samples")):
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and re.search(says, err[0]), (extra, err)
+
+
+def test_cond_wrappers_on_four_threads_equal_sequential_calls_bitwise():
+    """The guidance buffers hold one call's inputs per thread: threads sampling one model with
+    different cond / negative_cond / scales get what sequential calls get."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import genie_fast
+
+    m = _EmbToy()
+    g = torch.Generator().manual_seed(0)
+    calls = [dict(cond={"emb": torch.randn(2, 2, generator=g)}, negative_cond={"emb": torch.randn(2, 2, generator=g)},
+                  guidance_scale=1.5 + i % 3, seed=i, solver=("ddim", "dpmpp_2m", "heun")[i % 3]) for i in range(12)]
+    want = [genie_fast.sample(m, n=2, nfe=6, **kw)[0] for kw in calls]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda kw: genie_fast.sample(m, n=2, nfe=6, **kw)[0], calls))
+    assert all(torch.equal(a, b) for a, b in zip(want, got))

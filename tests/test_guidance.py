@@ -254,3 +254,29 @@ def test_cli_sample_with_labels_and_encode_with_reconstruction(tmp_path, capsys)
     assert main(["encode", "--model", str(stem), "--out", str(tmp_path / "z.pt"), "--images",
                  str(tmp_path / "i0.png")]) == 2
     assert ".safetensors" in capsys.readouterr().err
+
+
+def test_labels_are_one_cond_input_and_negative_labels_replace_the_null_class():
+    """Issue 31: labels= is the input 'labels' of cond=; the negative branch defaults to the null
+    class and negative_cond={'labels': ...} replaces it (eps = eps_neg + s (eps_c - eps_neg))."""
+    import genie_fast
+
+    m = _mixture()
+    x, t = _points()
+    labels = torch.tensor([0, 1, 0, 1, 1, 0])
+    other = 1 - labels
+    g = Conditioned(m, guidance_scale=2.5, cond={"labels": labels}, negative_cond={"labels": other})
+    torch.testing.assert_close(g(x, t), m(x, t, other) + 2.5 * (m(x, t, labels) - m(x, t, other)),
+                               rtol=1e-12, atol=1e-12)
+    noise = torch.randn(6, *SHAPE, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    kw = dict(noise=noise, solver="dpmpp_2m", steps=5, guidance_scale=2.0, dtype=torch.float64)
+    a, nfe = genie_fast.sample(m, labels=labels, **kw)
+    b, _ = genie_fast.sample(m, cond={"labels": labels}, **kw)
+    c, _ = genie_fast.sample(m, labels=labels, negative_cond={"labels": torch.full_like(labels, m.num_classes)}, **kw)
+    d, _ = genie_fast.sample(m, labels=labels, negative_cond={"labels": other}, **kw)
+    assert torch.equal(a, b) and torch.equal(a, c) and not torch.allclose(a, d)
+    assert nfe == (5 - 1) * 2  # AFS, then 4 guided evaluations
+    with pytest.raises(ValueError, match="labels were given twice"):
+        genie_fast.sample(m, labels=labels, cond={"labels": labels}, **kw)
+    with pytest.raises(ValueError, match=r"labels must be in 0..1"):
+        genie_fast.sample(m, labels=labels, negative_cond={"labels": labels + 5}, **kw)

@@ -8,7 +8,8 @@ Layers (low to high; a module of layer n may import layers 0..n):
 
     0 base      _ext, checks, profiling, schedule, layout, reference, precision, files, noise
                 (seeds, x_T), devices (dtype names, TF32, the device rule), weights (the model
-                on the engine's device), graphs (CUDA graph capture)
+                on the engine's device), graphs (CUDA graph capture), conditioning (the checks
+                of cond / negative_cond, null inputs, decoders)
     1 ops       ops, kernels (genie_fast.kernels: the Triton kernels ops dispatches to)
     2 models    models (and models/*), data: networks, their files and the training data
     3 solvers   solvers (the module, or the package genie_fast/solvers/ and all its modules)
@@ -49,7 +50,7 @@ LAYERS = {
     "genie_fast._ext": BASE, "genie_fast.checks": BASE, "genie_fast.profiling": BASE,
     "genie_fast.schedule": BASE, "genie_fast.reference": BASE, "genie_fast.precision": BASE,
     "genie_fast.files": BASE, "genie_fast.layout": BASE, "genie_fast.noise": BASE, "genie_fast.devices": BASE,
-    "genie_fast.weights": BASE, "genie_fast.graphs": BASE,
+    "genie_fast.weights": BASE, "genie_fast.graphs": BASE, "genie_fast.conditioning": BASE,
     "genie_fast.ops": OPS, "genie_fast.kernels": OPS,
     "genie_fast.models": MODELS, "genie_fast.data": MODELS,
     "genie_fast.solvers": SOLVERS,

@@ -26,7 +26,13 @@ PUBLIC = {
         'to_uint8', 'weights_hash'
     ],
     "genie_fast.guidance": [
-        'Conditioned', 'DEFAULT_GUIDANCE_SCALE', 'check_labels', 'check_scale', 'conditioned'
+        'Conditioned', 'DEFAULT_GUIDANCE_SCALE', 'check_labels', 'check_scale', 'conditioned', 'wrapper_for'
+    ],
+    "genie_fast.conditioning": [  # issue 31
+        'check_cond', 'check_cond_names', 'check_decode', 'cond_signature', 'null_cond', 'read_cond_file', 'space_of'
+    ],
+    "genie_fast.models.diffusers_cond": [  # issue 31
+        'ADDED_NAMES', 'VAEDecoder', 'cond_names', 'last_resnet', 'unet_kwargs', 'vae_decoder'
     ],
     "genie_fast.models": [
         'CONFIGS', 'GaussianMixture', 'GenieHead', 'GenieModel', 'HeadConfig', 'ModelFileError', 'UNet',

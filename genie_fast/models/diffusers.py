@@ -1,4 +1,5 @@
-"""A diffusers ``UNet2DModel`` as a genie_fast eps model, with an optional distilled GENIE head.
+"""A diffusers ``UNet2DModel`` or ``UNet2DConditionModel`` as a genie_fast eps model, with an optional
+distilled GENIE head.
 
     from diffusers import UNet2DModel, DDIMScheduler
     unet = UNet2DModel.from_pretrained("my_model", subfolder="unet")
@@ -43,6 +44,12 @@ Class-conditional UNets (``num_class_embeds = K + 1``) follow genie_fast's conve
 0..K-1 are classes and K (the last embedding) is the null class that classifier-free guidance
 uses and that ``labels=None`` runs; ``genie_fast.guidance.conditioned`` wraps them as usual.
 
+A ``UNet2DConditionModel`` (text embeddings through cross-attention, usually in a VAE's latent
+space) takes its inputs as genie_fast's ``cond`` (``model.cond_names``; `models.diffusers_cond`):
+``sample(model, cond={"encoder_hidden_states": emb}, negative_cond=..., guidance_scale=...)``.
+``from_diffusers(..., vae=vae)`` marks the model ``space = "latent"`` and gives it ``decode``
+(``sample(..., decode=True)`` returns images); ``null_cond=`` is its default negative branch.
+
 The GENIE head reads the UNet's last feature map (the input of ``conv_norm_out``) and its time
 embedding (plus the class embedding) through forward hooks registered for the one call and removed
 after it: the user's module keeps its code, weights and hooks. ``genie-fast distill --diffusers DIR`` distils it (``genie_fast.distill_diffusers``);
@@ -68,6 +75,8 @@ from torch import nn
 from ..checks import require
 from ..files import weights_hash
 from ..schedule import DiscreteVPSchedule
+from ..conditioning import check_cond, check_cond_names
+from .diffusers_cond import cond_names, last_resnet, unet_kwargs, vae_decoder
 from .head import GenieHead, GenieModel, HeadConfig
 
 __all__ = ["from_diffusers", "load_diffusers", "DiffusersSchedule", "DiffusersUNet", "DiffusersGenieModel",
@@ -175,18 +184,20 @@ class DiffusersUNet(nn.Module):
     def __init__(self, unet, schedule: DiffusersSchedule, prediction_type: str = "epsilon"):
         super().__init__()
         diffusers = _diffusers()
-        if not isinstance(unet, diffusers.UNet2DModel):
-            raise TypeError(f"from_diffusers takes a diffusers UNet2DModel, got {type(unet).__name__}")
+        if not isinstance(unet, (diffusers.UNet2DModel, diffusers.UNet2DConditionModel)):
+            raise TypeError(f"from_diffusers takes a diffusers UNet2DModel or UNet2DConditionModel, got "
+                            f"{type(unet).__name__}")
+        self.conditional = isinstance(unet, diffusers.UNet2DConditionModel)
         cfg = unet.config
         if cfg.time_embedding_type != "positional":
             raise ValueError(f"time_embedding_type {cfg.time_embedding_type!r} is not supported (only 'positional': "
                              f"a VP model of the diffusers timestep)")
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type {prediction_type!r} is not supported; choose one of {PREDICTION_TYPES}")
-        if cfg.class_embed_type is not None:
+        if cfg.class_embed_type is not None and not self.conditional:
             raise ValueError(f"class_embed_type {cfg.class_embed_type!r} takes non-integer class inputs; only "
                              f"integer labels (num_class_embeds, class_embed_type None) are supported")
-        if int(cfg.num_train_timesteps or schedule.num_steps) != schedule.num_steps:
+        if int(cfg.get("num_train_timesteps") or schedule.num_steps) != schedule.num_steps:
             raise ValueError(f"the UNet was configured for {cfg.num_train_timesteps} train timesteps, "
                              f"the scheduler for {schedule.num_steps}")
         c = int(cfg.in_channels)
@@ -199,10 +210,17 @@ class DiffusersUNet(nn.Module):
         self.schedule = schedule
         self.prediction_type = prediction_type
         self.image_shape = (c, *size)
-        self.num_classes = int(cfg.num_class_embeds) - 1 if cfg.num_class_embeds else 0
+        self._integer_classes = bool(cfg.num_class_embeds and cfg.class_embed_type is None)
+        self.num_classes = int(cfg.num_class_embeds) - 1 if self._integer_classes else 0
         self.config = _NetConfig(c, size[0], self.num_classes)
         self.feature_channels = int(cfg.block_out_channels[0])
-        self.temb_dim = int(unet.time_embedding.linear_2.out_features)
+        # genie_fast's cond names (models.diffusers_cond); labels are the integer classes
+        self.cond_names = (cond_names(unet) if self.conditional else ()) + (("labels",) if self.num_classes else ())
+        if self.conditional:
+            self.temb_dim = int(last_resnet(unet).time_emb_proj.in_features)
+        else:
+            self.temb_dim = int(unet.time_embedding.linear_2.out_features)
+        self.space = "pixel"  # from_diffusers(..., vae=) makes it "latent", with .decode
         # log alpha at the N train steps, float64 whatever dtype the module is cast to (see _apply)
         self.register_buffer("log_alpha_table", schedule._log_alphas.clone(), persistent=False)
 
@@ -217,8 +235,12 @@ class DiffusersUNet(nn.Module):
             def hook(module, args, output):
                 captured[name] = output
             return hook
-        handles = [feature_module.register_forward_pre_hook(lambda module, args: captured.update(features=args[0])),
-                   unet.time_embedding.register_forward_hook(keep("temb"))]
+        handles = [feature_module.register_forward_pre_hook(lambda module, args: captured.update(features=args[0]))]
+        if self.conditional:  # the embedding the residual blocks see (models.diffusers_cond)
+            def temb(module, args, kwargs):
+                captured["temb"] = args[1] if len(args) > 1 else kwargs["temb"]
+            return handles + [last_resnet(unet).register_forward_pre_hook(temb, with_kwargs=True)]
+        handles.append(unet.time_embedding.register_forward_hook(keep("temb")))
         if unet.class_embedding is not None:
             handles.append(unet.class_embedding.register_forward_hook(keep("class_emb")))
         return handles
@@ -249,21 +271,27 @@ class DiffusersUNet(nn.Module):
         near = (tau.detach() - step).abs() <= 2.0 * self.schedule.num_steps * torch.finfo(t.dtype).eps
         return torch.where(near, tau + (step - tau).detach(), tau)
 
-    def forward(self, x: torch.Tensor, t, return_features: bool = False, labels: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, t, return_features: bool = False, labels: torch.Tensor | None = None,
+                **cond):
         t = torch.as_tensor(t, device=x.device)
         if t.dim() == 0:
             t = t.expand(x.shape[0])
         tau = self._timestep(t)
-        class_labels = None
-        if self.unet.class_embedding is not None:
-            class_labels = labels if labels is not None else torch.full((x.shape[0],), self.num_classes,
-                                                                        dtype=torch.long, device=x.device)
+        kw = {}
+        if self._integer_classes:
+            kw["class_labels"] = labels if labels is not None else torch.full((x.shape[0],), self.num_classes,
+                                                                             dtype=torch.long, device=x.device)
         elif labels is not None:
             raise ValueError("labels were given but the UNet is not class-conditional (num_class_embeds is None)")
+        if self.conditional:
+            kw.update(unet_kwargs(self.unet, cond))
+        elif cond:
+            raise ValueError(f"cond {sorted(cond)} was given but a UNet2DModel takes no conditioning inputs "
+                             f"(labels aside)")
         captured = {}
         handles = self._capture_hooks(captured) if return_features else []
         try:  # the UNet runs in its own dtype (e.g. float32 under a float64 ODE state)
-            out = self.unet(x.to(self.unet.dtype), tau, class_labels=class_labels, return_dict=False)[0]
+            out = self.unet(x.to(self.unet.dtype), tau, return_dict=False, **kw)[0]
         finally:
             for h in handles:
                 h.remove()
@@ -279,11 +307,28 @@ class DiffusersUNet(nn.Module):
 
 
 class DiffusersGenieModel(GenieModel):
-    """GenieModel around a DiffusersUNet (any (C, H, W), not only square images)."""
+    """GenieModel around a DiffusersUNet (any (C, H, W), not only square images); conditioning
+    inputs (``**cond``) go to the UNet, and the head reads the features of that same call."""
 
     @property
     def image_shape(self):
         return self.unet.image_shape
+
+    @property
+    def cond_names(self) -> tuple:
+        return self.unet.cond_names
+
+    def __getattr__(self, name):  # the adapter's null_cond, space, decode
+        if name in ("null_cond", "space", "decode"):
+            return getattr(self.unet, name)
+        return super().__getattr__(name)
+
+    def forward(self, x: torch.Tensor, t, labels: torch.Tensor | None = None, **cond) -> torch.Tensor:
+        return self.unet(x, self._as_batch_t(x, t), labels=labels, **cond)
+
+    def eps_and_head(self, x: torch.Tensor, t, labels: torch.Tensor | None = None, **cond):
+        eps, features, temb = self.unet(x, self._as_batch_t(x, t), return_features=True, labels=labels, **cond)
+        return eps, self.head(x, eps.detach(), features.detach(), temb.detach())
 
 
 def head_config_for(net: DiffusersUNet, width: int | None = None, num_res_blocks: int = 1) -> HeadConfig:
@@ -347,18 +392,29 @@ def load_head(path, net: DiffusersUNet | None = None, check_unet: bool = True) -
     return head
 
 
-def from_diffusers(unet, scheduler, head_path=None, check_unet: bool = True):
-    """A genie_fast model of a diffusers UNet2DModel and the scheduler (or config dict) it was trained with.
+def from_diffusers(unet, scheduler, head_path=None, check_unet: bool = True, vae=None, null_cond=None):
+    """A genie_fast model of a diffusers UNet2DModel or UNet2DConditionModel and the scheduler (or
+    config dict) it was trained with.
 
     Returns a :class:`DiffusersUNet` (an eps model for every solver except ``genie``) or, with
     ``head_path`` (a head stem, or the folder holding ``genie_head.*``), a
     :class:`DiffusersGenieModel` that also offers ``eps_and_head``. Both carry ``.schedule``
-    (a :class:`DiffusersSchedule`), ``.image_shape`` and ``.num_classes``; the head and the
-    adapter follow the UNet's device and dtype.
+    (a :class:`DiffusersSchedule`), ``.image_shape``, ``.num_classes`` and ``.space`` ("pixel", or
+    "latent" with a vae); the head and the adapter follow the UNet's device and dtype.
+    A UNet2DConditionModel takes its inputs as ``cond`` (``.cond_names``; `models.diffusers_cond`).
+    vae: the AutoencoderKL of a latent model: ``.decode`` (`diffusers_cond.VAEDecoder`) turns its
+    samples into images (``sample(..., decode=True)``). null_cond: the model's null input, the
+    default negative branch of guidance (e.g. ``{"encoder_hidden_states": the empty prompt's
+    embeddings (1, L, D)}``).
     """
     cfg = _config_dict(scheduler)
     schedule = DiffusersSchedule.from_config(scheduler)
     net = DiffusersUNet(unet, schedule, cfg.get("prediction_type", "epsilon"))
+    if vae is not None:
+        net.decode, net.space = vae_decoder(vae), "latent"
+    if null_cond is not None:
+        net.null_cond = check_cond(null_cond, 1, "null_cond")
+        check_cond_names(net, net.null_cond, "null_cond")
     if head_path is None:
         return net
     head = load_head(head_path, net, check_unet=check_unet)
@@ -385,7 +441,9 @@ def _find_model_dir(path: Path) -> tuple[Path, str | None, Path]:
 
 def load_diffusers(path, head="auto", device=None, check_unet: bool = True):
     """Load a model saved with diffusers' ``save_pretrained`` from a local folder (never a hub):
-    a pipeline folder (``unet/`` + ``scheduler/``) or a UNet folder with ``scheduler_config.json``.
+    a pipeline folder (``unet/`` + ``scheduler/``, and ``vae/`` for a latent model: its decoder
+    becomes the model's ``decode``) or a UNet folder with ``scheduler_config.json``. The UNet is a
+    UNet2DModel or a UNet2DConditionModel, as its config's ``_class_name`` says.
 
     head: "auto" loads ``<folder>/genie_head.*`` when present, None never, or a head stem.
     """
@@ -393,10 +451,18 @@ def load_diffusers(path, head="auto", device=None, check_unet: bool = True):
     path = Path(path)
     unet_dir, sub, sched_file = _find_model_dir(path)
     kw = {"subfolder": sub} if sub else {}
-    unet = diffusers.UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True, **kw).eval()
+    from .default import ModelFileError, read_json
+
+    kind = read_json(unet_dir / (sub or "") / "config.json").get("_class_name", "UNet2DModel")
+    if kind not in ("UNet2DModel", "UNet2DConditionModel"):
+        raise ModelFileError(f"{unet_dir}: the UNet is a {kind}; UNet2DModel and UNet2DConditionModel are supported")
+    unet = getattr(diffusers, kind).from_pretrained(str(unet_dir), local_files_only=True, **kw).eval()
+    vae = None
+    if sub and (path / "vae" / "config.json").exists():
+        vae = diffusers.AutoencoderKL.from_pretrained(str(path), subfolder="vae", local_files_only=True).eval()
     if device is not None:
         unet = unet.to(device)
-    from .default import ModelFileError, read_json
+        vae = vae.to(device) if vae is not None else None
 
     bad = [k for k, v in unet.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
@@ -404,7 +470,7 @@ def load_diffusers(path, head="auto", device=None, check_unet: bool = True):
     scheduler_config = read_json(sched_file)
     if head == "auto":
         head = path / HEAD_STEM if Path(f"{path / HEAD_STEM}.safetensors").exists() else None
-    model = from_diffusers(unet, scheduler_config, head_path=head, check_unet=check_unet)
+    model = from_diffusers(unet, scheduler_config, head_path=head, check_unet=check_unet, vae=vae)
     model.source = str(path)
     model.grids_path = path / "genie_fast.grids.json"  # its tuned grids, if any (genie_fast.grid_store)
     return model

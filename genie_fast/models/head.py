@@ -118,6 +118,11 @@ class GenieModel(nn.Module):
         """Number of classes of a class-conditional network (label num_classes is the null class); 0 if unconditional."""
         return self.unet.config.num_classes
 
+    @property
+    def cond_names(self) -> tuple:
+        """The conditioning inputs it takes (`genie_fast.conditioning`): labels, if class-conditional."""
+        return ("labels",) if self.num_classes else ()
+
     def forward(self, x: torch.Tensor, t, labels: torch.Tensor | None = None) -> torch.Tensor:
         return self.unet(x, self._as_batch_t(x, t), labels=labels)
 

@@ -129,17 +129,19 @@ def distill_target(eps_fn, x: torch.Tensor, t: torch.Tensor, schedule, target: s
 
 
 def head_loss(model: GenieModel, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,
-              target: str = "jvp", span_t: float | None = None):
+              target: str = "jvp", span_t: float | None = None, cond: dict | None = None):
     """gamma^2-weighted squared error of the head against its target, summed over pixels.
 
-    labels: for a class-conditional network (the target is taken along that label's ODE).
+    labels: for a class-conditional network (the target is taken along that label's ODE); cond:
+    further conditioning inputs (B, ...) of the network (e.g. text embeddings), likewise: the head
+    sees the features and embedding of the conditioned call, as when it samples.
     target, span_t: the exact JVP ("jvp", default) or a secant over span_t in t ("secant"),
     `distill_target`. Returns (loss, relative L2 error of d eps/d gamma per batch, detached).
     """
-    unet = model.unet
+    unet, cond = model.unet, cond or {}
     with torch.no_grad():
-        eps, features, temb = unet(x_t, t, return_features=True, labels=labels)
-        _, goal = distill_target(lambda x, tt: unet(x, tt, labels=labels), x_t, t, model.schedule, target,
+        eps, features, temb = unet(x_t, t, return_features=True, labels=labels, **cond)
+        _, goal = distill_target(lambda x, tt: unet(x, tt, labels=labels, **cond), x_t, t, model.schedule, target,
                                  span_t, eps=eps)
     head_out = model.head(x_t, eps, features, temb)
     gamma = model.schedule.gamma(t)[:, None, None, None].to(x_t.dtype)
@@ -180,19 +182,30 @@ def head_state(model, state: dict | None, ckpt_path: Path, lr: float):
 
 
 def train_head(args, model, ema_head, opt, step: int, wall: float, batches, gen: torch.Generator, num_classes: int,
-               checkpoint, ckpt_path: Path, log, desc: str) -> tuple[int, float]:
+               checkpoint, ckpt_path: Path, log, desc: str, cond: dict | None = None,
+               negative: dict | None = None) -> tuple[int, float]:
     """`run.run_steps` with the head loss: x_0 (and labels, dropped to the null class at
     ``args.label_dropout``) from ``batches``, x_t from q(x_t | x_0), the target along their ODE
-    (``args.target``, ``args.span_t``: set by `check_distill_args`)."""
+    (``args.target``, ``args.span_t``: set by `check_distill_args`). cond: conditioning inputs with
+    one row per data point (``batches`` then yields (x_0, row indices)); negative: the inputs of the
+    negative branch (same rows), taken instead at ``args.label_dropout`` per sample, so the head
+    learns both branches of guidance."""
     def step_loss():
-        labels = None
-        if num_classes:
+        labels, inputs = None, None
+        if cond is not None:
+            x0, idx = next(batches)
+            inputs = {k: v[idx] for k, v in cond.items()}
+            if negative is not None:
+                drop = torch.rand(len(idx), generator=gen) < getattr(args, "label_dropout", 0.15)
+                for k, v in negative.items():
+                    inputs[k] = torch.where(drop.view(-1, *([1] * (v.dim() - 1))), v[idx], inputs[k])
+        elif num_classes:
             x0, y = next(batches)
             labels = drop_labels(y, num_classes, getattr(args, "label_dropout", 0.15), gen)
         else:
             x0 = next(batches)
         x_t, t = sample_xt(x0, model.schedule, gen)
-        loss, rel = head_loss(model, x_t, t, labels, target=args.target, span_t=args.span_t)
+        loss, rel = head_loss(model, x_t, t, labels, target=args.target, span_t=args.span_t, cond=inputs)
         return loss, {"rel_err": rel}
 
     return run_steps(args, opt=opt, step=step, wall=wall, step_loss=step_loss, trained=model.head.parameters(),

@@ -1,4 +1,4 @@
-"""Distil a GENIE head for a diffusers UNet2DModel: ``genie-fast distill --diffusers DIR``.
+"""Distil a GENIE head for a diffusers UNet2DModel or UNet2DConditionModel: ``genie-fast distill --diffusers DIR``.
 
 The same loss as the bundled model's head (``genie_fast.training.distill.head_loss``: gamma^2 || k_psi -
 d eps/d gamma ||^2 along the DDIM ODE, the head fed the network's own eps), with x_t = alpha_t x_0 +
@@ -18,6 +18,12 @@ The run folder ``--out`` holds ``ckpt.pt`` (head, EMA head, optimiser, step; ``-
 it), ``run.json`` and ``log.txt``. At the end the EMA head is written beside the model as
 ``DIR/genie_head.safetensors`` + ``.json`` (``--head-out`` elsewhere), which
 ``from_diffusers(..., head_path=)`` and ``load_diffusers(DIR)`` pick up.
+
+A conditional UNet (UNet2DConditionModel, e.g. text embeddings through cross-attention, in a VAE's
+latent space: the pool is then of latents) is distilled along the ODEs of its conditioning:
+``--cond FILE.npz`` (one array per input name, one row per data image or pool sample, or one row)
+and ``--negative-cond FILE.npz`` (the negative branch, e.g. the empty prompt, taken at
+``--label-dropout`` per sample: guidance mixes the heads of both branches).
 
     genie-fast distill --diffusers my_model --out my_model/genie_distill --steps 2000 [--data imgs/] [--resume]
 """
@@ -52,8 +58,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".ti
 def add_diffusers_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("diffusers models (genie_fast.distill_diffusers)")
     g.add_argument("--diffusers", default=None, metavar="DIR",
-                   help="distil a head for the diffusers UNet2DModel saved in DIR (pipeline folder with unet/ and "
-                        "scheduler/, or a UNet folder with scheduler_config.json); --unet-ckpt is then unused")
+                   help="distil a head for the diffusers UNet2DModel or UNet2DConditionModel (with --cond) saved "
+                        "in DIR (pipeline folder with unet/ and scheduler/, or a UNet folder with "
+                        "scheduler_config.json); --unet-ckpt is then unused")
     g.add_argument("--data", default=None, metavar="PATH",
                    help="--diffusers: a folder of images or an .npz (uint8 NHWC arr_0); default: data-free, "
                         "from the model's own samples")
@@ -61,6 +68,13 @@ def add_diffusers_args(p: argparse.ArgumentParser):
     g.add_argument("--pool-nfe", type=int, default=50, help="--diffusers, data-free: dpmpp_2m NFE per sample")
     g.add_argument("--head-out", default=None, metavar="STEM",
                    help="--diffusers: where the head goes (default DIR/genie_head)")
+    g.add_argument("--cond", default=None, metavar="FILE.npz",
+                   help="--diffusers, a conditional UNet (UNet2DConditionModel): its inputs (e.g. "
+                        "encoder_hidden_states), one array per name, one row per data image (or pool sample) or "
+                        "one row for all")
+    g.add_argument("--negative-cond", default=None, metavar="FILE.npz",
+                   help="--diffusers with --cond: the negative branch's inputs (e.g. the empty prompt's "
+                        "embeddings), distilled at --label-dropout so the head serves both branches of guidance")
 
 
 def load_images(path, image_shape) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -101,24 +115,52 @@ def load_images(path, image_shape) -> tuple[torch.Tensor, torch.Tensor | None]:
     return from_uint8(images), labels
 
 
-def model_pool(net, n: int, nfe: int, batch: int, seed: int = 0, progress: bool = True):
+def model_pool(net, n: int, nfe: int, batch: int, seed: int = 0, progress: bool = True, cond: dict | None = None):
     """n samples of the model itself (dpmpp_2m, logSNR grid, final denoising) and their labels.
 
-    A class-conditional model samples uniform labels, unguided. Sample i uses noise seed
-    ``seed + i`` (``genie_fast.sampling.seed_noise``)."""
+    A class-conditional model samples uniform labels, unguided; cond (n rows): sample i is drawn
+    with row i of each input, unguided. Sample i uses noise seed ``seed + i``
+    (``genie_fast.sampling.seed_noise``). A pixel model's samples are clamped to [-1, 1]."""
     from ..guidance import Conditioned
     from ..sampling import sample, seed_noise
 
     gen = torch.Generator().manual_seed(seed)
-    labels = torch.randint(net.num_classes, (n,), generator=gen) if net.num_classes else None
+    labels = torch.randint(net.num_classes, (n,), generator=gen) if net.num_classes and cond is None else None
     out = []
     for i in tqdm(range(0, n, batch), desc="data-free pool", disable=not progress, dynamic_ncols=True):
         b = min(batch, n - i)
         noise = seed_noise(range(seed + i, seed + i + b), net.image_shape)
         model = Conditioned(net, labels[i:i + b]) if labels is not None else net
-        x0, _ = sample(model, noise=noise, solver="dpmpp_2m", nfe=nfe, grid="logsnr", denoise=True)
-        out.append(x0.clamp(-1, 1))
+        rows = None if cond is None else {k: v[i:i + b] for k, v in cond.items()}
+        x0, _ = sample(model, noise=noise, solver="dpmpp_2m", nfe=nfe, grid="logsnr", denoise=True, cond=rows,
+                       guidance_scale=None if rows is None else 1.0)
+        out.append(x0.clamp(-1, 1) if getattr(net, "space", "pixel") == "pixel" else x0)
     return torch.cat(out), labels
+
+
+def _cond_rows(args, net, n: int):
+    """(cond, negative) of --cond / --negative-cond with n rows each, or (None, None); checked by name."""
+    from ..conditioning import check_cond, check_cond_names, read_cond_file
+
+    if args.negative_cond and not args.cond:
+        raise ValueError("--negative-cond needs --cond")
+    if not args.cond:
+        if getattr(net, "conditional", False):
+            raise ValueError(f"--diffusers {args.diffusers}: a UNet2DConditionModel needs its conditioning: "
+                             f"--cond FILE.npz with {list(net.cond_names)[:1]} (one row per sample, or one row)")
+        return None, None
+    cond = check_cond(read_cond_file(args.cond, "--cond"), n, "--cond")
+    check_cond_names(net, cond, "--cond")
+    if "encoder_hidden_states" not in cond and getattr(net, "conditional", False):
+        raise ValueError(f"--cond {args.cond}: a UNet2DConditionModel needs 'encoder_hidden_states'")
+    if not args.negative_cond:
+        return cond, None
+    neg = check_cond(read_cond_file(args.negative_cond, "--negative-cond"), n, "--negative-cond")
+    for k, v in neg.items():
+        if k not in cond or v.shape != cond[k].shape:
+            raise ValueError(f"--negative-cond {args.negative_cond}: {k!r} {tuple(v.shape)} has no counterpart of "
+                             f"that shape in --cond")
+    return cond, neg
 
 
 def distill_diffusers(args) -> Path:
@@ -162,9 +204,11 @@ def distill_diffusers(args) -> Path:
         model.head.load_state_dict(init.state_dict())
     ema_head, opt, step, wall = head_state(model, state, ckpt_path, args.lr)
 
+    cond, negative = _cond_rows(args, net, args.pool) if not args.data else (None, None)
     if args.data:
         x_train, y_train = load_images(args.data, net.image_shape)
         data_desc = str(args.data)
+        cond, negative = _cond_rows(args, net, len(x_train))
     else:
         pool_path = out / "pool.pt"
         if pool_path.exists():
@@ -175,7 +219,7 @@ def distill_diffusers(args) -> Path:
                 raise ValueError(f"{pool_path} cannot be read as a sample pool ({type(e).__name__}); "
                                  f"remove it to draw the pool again") from None
         else:
-            x_train, y_train = model_pool(net, args.pool, args.pool_nfe, args.batch, seed=args.seed)
+            x_train, y_train = model_pool(net, args.pool, args.pool_nfe, args.batch, seed=args.seed, cond=cond)
             torch.save({"x0": x_train, "labels": y_train}, f"{pool_path}.tmp")
             Path(f"{pool_path}.tmp").replace(pool_path)
         data_desc = f"data-free: {len(x_train)} dpmpp_2m samples at NFE {args.pool_nfe}"
@@ -183,7 +227,11 @@ def distill_diffusers(args) -> Path:
     if num_classes and y_train is None:  # unlabelled images: distil along random labels
         y_train = torch.randint(num_classes, (len(x_train),), generator=torch.Generator().manual_seed(args.seed))
     gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step + 7)
-    batches = infinite_batches(x_train, args.batch, gen, hflip=False, labels=y_train if num_classes else None)
+    if cond is not None and len(x_train) != next(iter(cond.values())).shape[0]:
+        raise ValueError(f"{out / 'pool.pt'} holds {len(x_train)} samples, --cond gives rows for "
+                         f"{next(iter(cond.values())).shape[0]}: remove it, or give --pool {len(x_train)}")
+    rows = torch.arange(len(x_train)) if cond is not None else y_train if num_classes else None
+    batches = infinite_batches(x_train, args.batch, gen, hflip=False, labels=rows)
     meta = {"diffusers": str(model_dir), "unet_sha256": unet_sha, "data": data_desc,
             "head_config": head_cfg.to_dict(), "head_params": count_parameters(model.head),
             "unet_params": count_parameters(net.unet), "args": jsonable_args(args)}
@@ -196,7 +244,7 @@ def distill_diffusers(args) -> Path:
                                     "target": args.target, "span_t": args.span_t})
 
     step, wall = train_head(args, model, ema_head, opt, step, wall, batches, gen, num_classes, checkpoint, ckpt_path,
-                            log, "distill (diffusers)")
+                            log, "distill (diffusers)", cond=cond, negative=negative)
     stem = save_head(ema_head, args.head_out or model_dir, unet_sha256=unet_sha,
                      provenance={"distill_steps": step, "batch": args.batch, "lr": args.lr, "data": data_desc,
                                  "target": args.target, "span_t": args.span_t, "wall_s": round(wall, 1)})
