@@ -180,3 +180,23 @@ def test_the_command_line_tunes_stores_and_samples(saved, tmp_path, capsys):
     assert "no tuned grid" in capsys.readouterr().err
     assert cli.main(["tune-grid", "--guidance-scale", "2", "--nfe", "3"]) == 2
     assert "--guidance-scale needs --labels" in capsys.readouterr().err
+
+
+def test_the_bundled_model_ships_grids_tuned_for_its_weights():
+    """Its grids file loads, was made for the bundled weights (else grid="auto" would warn and ignore it),
+    and sample()'s default grid at NFE 5 is the stored one."""
+    from genie_fast.grid_store import table_of
+    from genie_fast.models import load_default
+
+    model = load_default()
+    table = table_of(model)
+    assert table is not None and table.weights == model_weights_id(model)
+    keys = table.keys()
+    assert ("genie_multistep", 6, True, False, None) in keys  # NFE 5, null class: AFS + 5 steps
+    z = _noise(2).repeat(1, 1, 4, 4)  # the bundled model is 1x32x32
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "other weights" warning
+        a, nfe = genie_fast.sample(model, noise=z, nfe=5)
+    times = torch.tensor(table.records[("genie_multistep", 6, True, False, None)]["times"], dtype=torch.float64)
+    b, _ = genie_fast.sample(model, noise=z, nfe=5, grid=times, afs=True)
+    assert nfe == 5 and torch.equal(a, b)
