@@ -18,7 +18,8 @@ Layers (low to high; a module of layer n may import layers 0..n):
                 ``genie_fast`` (its public names are lazy re-exports of sampling, engine, solvers, cascade)
     6 jobs      generate, training (and training/*), and the old entry modules train,
                 distill, distill_diffusers (re-exports of genie_fast.training); generate's parts:
-                cli_args (the sampling flags of sample, encode, generate), store (the output
+                cli_args (the sampling flags of sample, encode, generate), cli_cascade (the flags
+                of sample --cascade and the cascade command), store (the output
                 folder), distributed (the torchrun process group)
     7 cli       cli
 
@@ -59,7 +60,7 @@ LAYERS = {
     "genie_fast.cascade": SAMPLING,
     "genie_fast.generate": JOBS, "genie_fast.training": JOBS, "genie_fast.train": JOBS,
     "genie_fast.distill": JOBS, "genie_fast.distill_diffusers": JOBS, "genie_fast.cli_args": JOBS,
-    "genie_fast.store": JOBS, "genie_fast.distributed": JOBS,
+    "genie_fast.store": JOBS, "genie_fast.distributed": JOBS, "genie_fast.cli_cascade": JOBS,
     "genie_fast.cli": CLI,
 }
 # Upward imports tolerated, (importer, imported) -> why. Keep it to a few, each lazy (inside a
