@@ -52,8 +52,9 @@ DEFAULT_CASCADE = "fmnist_cascade"  # genie_fast/assets/fmnist_cascade.cascade.j
 DEFAULT_AUG_LEVEL = 0.05
 # The options a stage takes (as `genie_fast.sample`), besides a solver's own keywords (head=, order=).
 STAGE_OPTIONS = ("solver", "nfe", "steps", "grid", "afs", "denoise", "guidance_scale")
-_SHARED = ("noise", "n", "seed", "seeds", "labels", "cond", "negative_cond", "device", "backend", "dtype",
-           "net_dtype", "check_finite", "shape", "model", "decode", "schedule")
+# sample() arguments that are sample_cascade's own (one value for both stages), and those a cascade sets itself
+_SHARED = ("noise", "n", "seed", "labels", "device", "backend", "dtype", "net_dtype", "check_finite")
+_FIXED = ("cond", "negative_cond", "seeds", "shape", "model", "decode", "schedule")
 
 
 @dataclasses.dataclass
@@ -177,8 +178,11 @@ def _stage_options(options, name: str) -> dict:
         if not isinstance(key, str):
             raise TypeError(f"{name}: option names are strings, got {key!r}")
         if key in _SHARED:
-            raise ValueError(f"{name}[{key!r}]: {key} is shared by both stages: give it to sample_cascade itself"
-                             + (" (the upsampler's cond is the base model's samples)" if key == "cond" else ""))
+            raise ValueError(f"{name}[{key!r}]: {key} is shared by both stages: give it to sample_cascade itself")
+        if key in _FIXED:
+            raise ValueError(f"{name}[{key!r}]: not an option of a cascade's stage (the stages' models, shapes, "
+                             f"schedules and noise are the cascade's; the upsampler's cond is the base model's "
+                             f"samples)")
     return dict(options)
 
 

@@ -245,7 +245,7 @@ def test_bad_inputs_are_named():
     cascade = Cascade(base, up)
     with pytest.raises(ValueError, match=r"base\['labels'\]: labels is shared by both stages"):
         sample_cascade(cascade, n=2, base={"labels": 1})
-    with pytest.raises(ValueError, match=r"upsampler\['cond'\].*the base model's samples"):
+    with pytest.raises(ValueError, match=r"upsampler\['cond'\]: not an option .* the base model's samples"):
         sample_cascade(cascade, n=2, upsampler={"cond": {}})
     with pytest.raises(TypeError, match="upsampler must be a dict"):
         sample_cascade(cascade, n=2, upsampler=5)
