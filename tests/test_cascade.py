@@ -53,6 +53,9 @@ def test_configs_and_the_bundled_file_format_are_unchanged():
     sr = CONFIGS["fmnist_sr"]
     assert sr.to_dict()["low_res_size"] == 16 and UNetConfig.from_dict(sr.to_dict()) == sr
     assert CONFIGS["fmnist16_cond"].image_size == 16 and CONFIGS["fmnist16_cond"].low_res_size == 0
+    # the base model has the bundled network's weights (it may start from them: --init-model)
+    shapes = {k: v.shape for k, v in model.unet.state_dict().items()}
+    assert {k: v.shape for k, v in UNet("fmnist16_cond").state_dict().items()} == shapes
     assert GenieModel(UNet(sr)).cond_names == ("labels", "low_res", "aug_level")
 
 
