@@ -7,7 +7,6 @@ samples, the cascade file, training and distillation of both stages (resumed exa
 kill -9), the command line, and bad inputs refused by name.
 """
 import json
-import math
 
 import numpy as np
 import pytest
