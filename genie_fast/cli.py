@@ -1,5 +1,5 @@
 """``genie-fast`` command line: ``train``, ``distill``, ``export``, ``sample``, ``encode``, ``generate``,
-``tune-grid``.
+``tune-grid``, ``cascade``.
 
     genie-fast train   --out runs/fmnist --steps 8000 --resume
     genie-fast distill --unet-ckpt runs/fmnist/ckpt.pt --out runs/distill --steps 2000 --resume
@@ -9,6 +9,8 @@
     genie-fast encode  --test-index 0,1,2 --steps 20 --out latents.safetensors --reconstruct recon.png
     genie-fast generate --seeds 0-49999 --outdir out/fid [--batch 64 --nfe 10]   (also under torchrun)
     genie-fast tune-grid --solver unipc --nfe 5 [--labels cycle --guidance-scale 2]   (STEM.grids.json)
+    genie-fast cascade --base STEM16 --upsampler STEM_SR --out NAME                   (NAME.cascade.json)
+    genie-fast sample  --cascade NAME.cascade.json --nfe 10 --sr-nfe 10 --n 16 --pairs --out cascade.png
 """
 from __future__ import annotations
 
@@ -93,10 +95,15 @@ def _cmd_sample(args):
     from .devices import command_device
     from .models.default import load_default, load_model
 
+    from .cli_cascade import check_cascade_args
+
     labels = check_sampling_args(args)
+    check_cascade_args(args)
     check_out_file(args.out, (".png",), "--out")
     require("PIL.Image", "genie-fast sample (it writes a PNG grid)")
     torch.set_num_threads(args.threads) if args.threads else None
+    if args.cascade is not None:
+        return _sample_cascade(args, labels)
     model = load_model(args.model) if args.model else (load_default() if labels else None)
     if labels == "all":
         labels = list(range(getattr(model, "num_classes", 0) or 0)) or [0]
@@ -110,6 +117,39 @@ def _cmd_sample(args):
     out = save_grid(x0, args.out, nrow=nrow)
     what = "" if labels is None else f", labels {args.labels}, guidance scale {args.guidance_scale or 'default'}"
     print(f"wrote {out} ({len(x0)} samples, solver {args.solver}, {nfe} NFE per sample{what})")
+
+
+def _sample_cascade(args, labels):
+    """``sample --cascade``: both stages (`genie_fast.sample_cascade`), one PNG grid (and the base samples')."""
+    import genie_fast
+    from .cascade import load_cascade
+    from .cli_cascade import stage_options
+    from .devices import command_device
+
+    cascade = load_cascade(args.cascade or None)
+    if labels == "all":
+        labels = list(range(getattr(cascade.base, "num_classes", 0) or 0)) or [0]
+    nrow = None
+    if labels is not None:  # one row of --n samples per class
+        nrow, labels = args.n, torch.tensor(labels).repeat_interleave(args.n)
+    base, up = stage_options(args)
+    x, nfe, low = genie_fast.sample_cascade(
+        cascade, n=args.n if labels is None else len(labels), seed=args.seed, labels=labels, aug_level=args.aug_level,
+        base=base, upsampler=up, device=command_device(args.device), backend=args.backend, net_dtype=args.net_dtype,
+        return_low_res=True)
+    x, low = x.float().cpu(), low.float().cpu()
+    shown, cols = x, nrow
+    if args.pairs:  # each base sample (nearest-enlarged) beside its upsampled result
+        big = torch.nn.functional.interpolate(low, size=x.shape[-2:], mode="nearest")
+        shown = torch.stack([big, x], dim=1).flatten(0, 1)
+        cols = 2 * (nrow or int(math.ceil(math.sqrt(len(x)))))
+    out = save_grid(shown, args.out, nrow=cols)
+    if args.low_res_out:
+        save_grid(low, args.low_res_out, nrow=nrow)
+    print(f"wrote {out} ({len(x)} samples of {cascade.path or 'the cascade'}, base {base['solver']} + upsampler "
+          f"{up['solver']}, {nfe} NFE per sample for both stages, aug level "
+          f"{cascade.aug_level if args.aug_level is None else args.aug_level:g})"
+          + (f"; base samples in {args.low_res_out}" if args.low_res_out else ""))
 
 
 def _load_images(args, image_shape) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -242,9 +282,21 @@ def _export_args(p):
 
 def _sample_args(p):
     from .cli_args import add_sampling_args
+    from .cli_cascade import add_cascade_args
     p.add_argument("--n", type=int, default=64, help="images (per class with --labels)")
     add_sampling_args(p)
     p.add_argument("--out", default="grid.png")
+    add_cascade_args(p)
+
+
+def _cascade_args(p):
+    from .cli_cascade import add_bundle_args
+    add_bundle_args(p)
+
+
+def _cmd_cascade(args):
+    from .cli_cascade import bundle
+    bundle(args)
 
 
 def _encode_args(p):
@@ -298,6 +350,8 @@ COMMANDS = {
                  _cmd_generate),
     "tune-grid": ("tune a time grid for a solver and budget; store it beside the model", _tune_grid_args,
                   _cmd_tune_grid),
+    "cascade": ("write a cascade file: a base model and an upsampler conditioned on its samples", _cascade_args,
+                _cmd_cascade),
 }
 
 

@@ -14,11 +14,12 @@ Layers (low to high; a module of layer n may import layers 0..n):
     2 models    models (and models/*), data: networks, their files and the training data
     3 solvers   solvers (the module, or the package genie_fast/solvers/ and all its modules)
     4 engine    engine, guidance, grid_store (tuned grids stored beside a model)
-    5 sampling  sampling, and the package root ``genie_fast`` (its public names are lazy
-                re-exports of sampling, engine and solvers)
+    5 sampling  sampling, cascade (two stages, each a sample() call), and the package root
+                ``genie_fast`` (its public names are lazy re-exports of sampling, engine, solvers, cascade)
     6 jobs      generate, training (and training/*), and the old entry modules train,
                 distill, distill_diffusers (re-exports of genie_fast.training); generate's parts:
-                cli_args (the sampling flags of sample, encode, generate), store (the output
+                cli_args (the sampling flags of sample, encode, generate), cli_cascade (the flags
+                of sample --cascade and the cascade command), store (the output
                 folder), distributed (the torchrun process group)
     7 cli       cli
 
@@ -56,9 +57,10 @@ LAYERS = {
     "genie_fast.solvers": SOLVERS,
     "genie_fast.engine": ENGINE, "genie_fast.guidance": ENGINE, "genie_fast.grid_store": ENGINE,
     "genie_fast.sampling": SAMPLING, "genie_fast.tuning": SAMPLING, "genie_fast": SAMPLING,
+    "genie_fast.cascade": SAMPLING,
     "genie_fast.generate": JOBS, "genie_fast.training": JOBS, "genie_fast.train": JOBS,
     "genie_fast.distill": JOBS, "genie_fast.distill_diffusers": JOBS, "genie_fast.cli_args": JOBS,
-    "genie_fast.store": JOBS, "genie_fast.distributed": JOBS,
+    "genie_fast.store": JOBS, "genie_fast.distributed": JOBS, "genie_fast.cli_cascade": JOBS,
     "genie_fast.cli": CLI,
 }
 # Upward imports tolerated, (importer, imported) -> why. Keep it to a few, each lazy (inside a

@@ -11,7 +11,11 @@ import pytest
 PUBLIC = {
     "genie_fast": [
         'DiscreteVPSchedule', 'SOLVERS', 'SamplingEngine', 'VPSchedule', 'coeff_table', 'encode', 'nfe_of',
-        'sample', 'steps_for_nfe', 'time_grid', 'tune_grid'
+        'sample', 'steps_for_nfe', 'time_grid', 'tune_grid', 'sample_cascade', 'load_cascade'  # issue 32
+    ],
+    "genie_fast.cascade": [  # issue 32
+        'CASCADE_FORMAT', 'Cascade', 'DEFAULT_AUG_LEVEL', 'STAGE_OPTIONS', 'cascade_path', 'load_cascade',
+        'sample_cascade', 'save_cascade'
     ],
     "genie_fast.checks": [
         'check_device', 'check_flag', 'check_int', 'check_number', 'check_out_dir', 'check_out_file'

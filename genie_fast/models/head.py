@@ -80,9 +80,10 @@ class GenieHead(nn.Module):
 class GenieModel(nn.Module):
     """A frozen eps network with its distilled GENIE head, and the schedule both were trained with.
 
-    * ``forward(x, t, labels=None) -> eps``
-    * ``eps_and_head(x, t, labels=None) -> (eps, head_out)``, head_out raw (B, 3C, H, W) for fused kernels
-    * ``eps_and_deps(x, t, labels=None) -> (eps, d eps / d gamma)``
+    * ``forward(x, t, labels=None, **cond) -> eps``
+    * ``eps_and_head(x, t, labels=None, **cond) -> (eps, head_out)``, head_out raw (B, 3C, H, W) for fused kernels
+    * ``eps_and_deps(x, t, labels=None, **cond) -> (eps, d eps / d gamma)``
+      (cond: a super-resolution network's ``low_res`` and ``aug_level``, `UNet.forward`)
     * ``num_classes``: 0, or K for a class-conditional network (labels 0 .. K-1, K = null class)
     * ``image_shape``: (C, H, W); ``schedule``: the VPSchedule of training and distillation
     * ``head_error``: the head's measured relative error (saved with the model), or None
@@ -120,19 +121,20 @@ class GenieModel(nn.Module):
 
     @property
     def cond_names(self) -> tuple:
-        """The conditioning inputs it takes (`genie_fast.conditioning`): labels, if class-conditional."""
-        return ("labels",) if self.num_classes else ()
+        """The conditioning inputs it takes (`genie_fast.conditioning`): labels, if class-conditional;
+        low_res and aug_level, if a super-resolution network (`UNet.cond_names`)."""
+        return self.unet.cond_names
 
-    def forward(self, x: torch.Tensor, t, labels: torch.Tensor | None = None) -> torch.Tensor:
-        return self.unet(x, self._as_batch_t(x, t), labels=labels)
+    def forward(self, x: torch.Tensor, t, labels: torch.Tensor | None = None, **cond) -> torch.Tensor:
+        return self.unet(x, self._as_batch_t(x, t), labels=labels, **cond)
 
-    def eps_and_head(self, x: torch.Tensor, t, labels: torch.Tensor | None = None):
-        eps, features, temb = self.unet(x, self._as_batch_t(x, t), return_features=True, labels=labels)
+    def eps_and_head(self, x: torch.Tensor, t, labels: torch.Tensor | None = None, **cond):
+        eps, features, temb = self.unet(x, self._as_batch_t(x, t), return_features=True, labels=labels, **cond)
         head_out = self.head(x, eps.detach(), features.detach(), temb.detach())
         return eps, head_out
 
-    def eps_and_deps(self, x: torch.Tensor, t, labels: torch.Tensor | None = None):
+    def eps_and_deps(self, x: torch.Tensor, t, labels: torch.Tensor | None = None, **cond):
         t = self._as_batch_t(x, t)
-        eps, head_out = self.eps_and_head(x, t, labels)
+        eps, head_out = self.eps_and_head(x, t, labels, **cond)
         gamma = self.schedule.gamma(t.to(torch.float32)).to(head_out.dtype)[:, None, None, None]
         return eps, head_combine_ref(head_out, gamma)

@@ -15,13 +15,30 @@ Named configs (``CONFIGS``):
 * ``fmnist_small``: Fashion-MNIST, 1x32x32, ScoreSDE time input ``999 * t`` (the first bundled model).
 * ``fmnist_small_lg``: the same network with the smooth ``log_gamma`` time input: the shipped default.
 * ``fmnist_cond``: ``fmnist_small_lg`` with 10 classes and a null class: the shipped default.
-* ``tiny``, ``tiny_cond``: for tests.
+* ``fmnist16_cond``: the cascade's base model (issue 32): ``fmnist_cond``'s network on 1x16x16
+  images (Fashion-MNIST average-pooled 2x2), attention at its lowest level (4x4) as ``fmnist_cond``
+  has it at its (8x8): the same weights, so it can start from the bundled model's.
+* ``fmnist_sr``: the cascade's super-resolution model 16x16 -> 32x32: ``fmnist_cond`` with a
+  low-resolution input (``low_res_size`` 16), so it can start from the bundled model's weights.
+* ``tiny``, ``tiny_cond``, ``tiny_low``, ``tiny_sr``: for tests.
 
 Class conditioning (``UNetConfig.num_classes = K > 0``): a learned embedding of the label in
 ``0 .. K`` (``K`` is the null class, "no label") is added to the time embedding after its MLP, so
 every residual block and the GENIE head (which reads the time embedding) see it. The embedding
 starts at zero: a conditional network initialised from an unconditional one computes the same
 function until training moves it. ``labels=None`` means the null class for every sample.
+
+Low-resolution input (``UNetConfig.low_res_size = r > 0``, a super-resolution stage of a cascade,
+Ho et al. 2021, "Cascaded Diffusion Models"): ``forward(..., low_res=(B, C, r, r), aug_level=(B,))``.
+The low-resolution image is upsampled (bilinear) to the input's size and concatenated to x as C
+more input channels of ``conv_in``; ``aug_level`` s in [0, 1] says how much it was noised
+(noise-conditioning augmentation: low_res = alpha_s y + sigma_s z on the VP schedule, done by the
+caller: training draws s, sampling picks one) and is embedded like time (sinusoids of 1000 s -> an
+MLP whose last layer starts at zero) and added to the time embedding, so every residual block and
+the GENIE head see it. ``aug_level=None`` means 0 (a clean low-resolution input). The new weights
+(the extra ``conv_in`` channels when copied from a network without them, and the augmentation MLP's
+output) start at zero: a super-resolution network initialised from an unconditional one computes
+the same function until training moves them (`init_low_res_from`).
 
 Time input (``UNetConfig.time_input``):
 
@@ -61,13 +78,15 @@ class UNetConfig:
     dropout: float = 0.0
     time_input: str = "999t"
     num_classes: int = 0
+    low_res_size: int = 0  # > 0: a super-resolution network with a low_res input of this size
 
     def __post_init__(self):
         if self.time_input not in TIME_INPUTS:
             raise ValueError(f"unknown time_input {self.time_input!r}; known: {sorted(TIME_INPUTS)}")
         if not isinstance(self.num_classes, int) or isinstance(self.num_classes, bool) or self.num_classes < 0:
             raise ValueError(f"num_classes must be an int >= 0 (0: unconditional), got {self.num_classes!r}")
-        for name, least in (("in_channels", 1), ("image_size", 1), ("nf", 1), ("num_res_blocks", 0)):
+        for name, least in (("in_channels", 1), ("image_size", 1), ("nf", 1), ("num_res_blocks", 0),
+                            ("low_res_size", 0)):
             check_int(f"UNetConfig.{name}", getattr(self, name), least)
         if not isinstance(self.ch_mult, tuple) or not self.ch_mult:
             raise ValueError(f"UNetConfig.ch_mult must be a non-empty tuple of ints >= 1, got {self.ch_mult!r}")
@@ -82,9 +101,17 @@ class UNetConfig:
                              f"(2 ** (len(ch_mult) - 1), ch_mult {self.ch_mult})")
         if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
             raise ValueError(f"UNetConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
+        if self.low_res_size >= self.image_size:
+            raise ValueError(f"UNetConfig.low_res_size {self.low_res_size} must be smaller than image_size "
+                             f"{self.image_size} (0: no low-resolution input)")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields as a JSON object; ``low_res_size`` only where set, so a network without a
+        low-resolution input is written exactly as before the field existed."""
+        d = dataclasses.asdict(self)
+        if not self.low_res_size:
+            del d["low_res_size"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "UNetConfig":
@@ -118,6 +145,17 @@ CONFIGS: dict[str, UNetConfig] = {
                        attn_resolutions=(4,), dropout=0.0),
     "tiny_cond": UNetConfig(in_channels=1, image_size=8, nf=8, ch_mult=(1, 2), num_res_blocks=1,
                             attn_resolutions=(4,), dropout=0.0, num_classes=10),
+    "fmnist16_cond": UNetConfig(in_channels=1, image_size=16, nf=32, ch_mult=(1, 2, 2),
+                                num_res_blocks=1, attn_resolutions=(4,), dropout=0.0,
+                                time_input="log_gamma", num_classes=10),
+    "fmnist_sr": UNetConfig(in_channels=1, image_size=32, nf=32, ch_mult=(1, 2, 2),
+                            num_res_blocks=1, attn_resolutions=(8,), dropout=0.0,
+                            time_input="log_gamma", num_classes=10, low_res_size=16),
+    "tiny_low": UNetConfig(in_channels=1, image_size=4, nf=8, ch_mult=(1, 2), num_res_blocks=1,
+                           attn_resolutions=(2,), dropout=0.0, time_input="log_gamma", num_classes=10),
+    "tiny_sr": UNetConfig(in_channels=1, image_size=8, nf=8, ch_mult=(1, 2), num_res_blocks=1,
+                          attn_resolutions=(4,), dropout=0.0, time_input="log_gamma", num_classes=10,
+                          low_res_size=4),
 }
 
 
@@ -244,7 +282,12 @@ class UNet(nn.Module):
         if c.num_classes:
             self.label_emb = nn.Embedding(c.num_classes + 1, self.temb_dim)  # row num_classes: the null class
             nn.init.zeros_(self.label_emb.weight)
-        self.conv_in = nn.Conv2d(c.in_channels, nf, 3, padding=1)
+        self.aug_emb = None
+        if c.low_res_size:
+            self.aug_emb = nn.Sequential(nn.Linear(nf, self.temb_dim), nn.SiLU(), nn.Linear(self.temb_dim, self.temb_dim))
+            nn.init.zeros_(self.aug_emb[2].weight)  # starts as "no augmentation input"
+            nn.init.zeros_(self.aug_emb[2].bias)
+        self.conv_in = nn.Conv2d(c.in_channels * (2 if c.low_res_size else 1), nf, 3, padding=1)
 
         # Encoder: record the channel count of every tensor pushed on the skip stack.
         self.down = nn.ModuleList()
@@ -295,12 +338,47 @@ class UNet(nn.Module):
     def num_classes(self) -> int:
         return self.config.num_classes
 
+    @property
+    def cond_names(self) -> tuple:
+        """The conditioning inputs it takes: labels (class-conditional), low_res and aug_level
+        (a super-resolution network)."""
+        return (("labels",) if self.config.num_classes else ()) + \
+            (("low_res", "aug_level") if self.config.low_res_size else ())
+
+    def _low_res_input(self, x: torch.Tensor, low_res, aug_level):
+        """(x with the upsampled low-resolution channels, the augmentation level's embedding) or
+        (x, None) for a network without a low-resolution input; refuses a wrong input by name."""
+        c = self.config
+        if not c.low_res_size:
+            if low_res is not None or aug_level is not None:
+                raise ValueError("low_res / aug_level given to a U-Net without a low-resolution input "
+                                 "(config low_res_size = 0)")
+            return x, None
+        r, B = c.low_res_size, x.shape[0]
+        if low_res is None:
+            raise ValueError(f"this super-resolution U-Net needs low_res=(B, {c.in_channels}, {r}, {r}), "
+                             f"the low-resolution image it upsamples (cond={{'low_res': ...}})")
+        if not isinstance(low_res, torch.Tensor) or tuple(low_res.shape) != (B, c.in_channels, r, r):
+            raise ValueError(f"low_res must be ({B}, {c.in_channels}, {r}, {r}) for x of shape {tuple(x.shape)}, "
+                             f"got {tuple(getattr(low_res, 'shape', ())) or type(low_res).__name__}")
+        if aug_level is None:
+            aug_level = torch.zeros(B, device=x.device)
+        if not isinstance(aug_level, torch.Tensor) or aug_level.dim() != 1 or aug_level.shape[0] != B \
+                or not aug_level.is_floating_point():
+            raise ValueError(f"aug_level must be a float tensor of shape ({B},) (the low-resolution input's "
+                             f"noise level in [0, 1]), got {getattr(aug_level, 'shape', type(aug_level).__name__)}")
+        up = F.interpolate(low_res.to(x.dtype), size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
+        aug = self.aug_emb(timestep_embedding(aug_level, c.nf, scale=1000.0).to(x.dtype))
+        return torch.cat([x, up], dim=1), aug
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, return_features: bool = False,
-                labels: torch.Tensor | None = None):
+                labels: torch.Tensor | None = None, low_res: torch.Tensor | None = None,
+                aug_level: torch.Tensor | None = None):
         """Returns eps, or (eps, features (B, nf, H, W), temb (B, 4 nf)) with return_features.
 
         labels: (B,) int64 in 0 .. num_classes (num_classes = the null class), or None (all null);
-        must be None for an unconditional network."""
+        must be None for an unconditional network. low_res (B, C, r, r), aug_level (B,): the
+        low-resolution input of a super-resolution network (module docstring); None otherwise."""
         c, levels = self.config, 2 ** (len(self.config.ch_mult) - 1)
         if x.dim() != 4 or x.shape[1] != c.in_channels or x.shape[2] % levels or x.shape[3] % levels:
             raise ValueError(f"UNet input x must be (B, {c.in_channels}, H, W) with H and W multiples of {levels}, "
@@ -314,7 +392,10 @@ class UNet(nn.Module):
             temb = temb + self.label_emb(labels).to(temb.dtype)
         elif labels is not None:
             raise ValueError("labels given to an unconditional U-Net (config num_classes = 0)")
-        h = self.conv_in(x)
+        x_in, aug = self._low_res_input(x, low_res, aug_level)
+        if aug is not None:
+            temb = temb + aug
+        h = self.conv_in(x_in)
         skips = [h]
         for blocks in self.down:
             h = self._run(blocks, h, temb)
@@ -329,6 +410,27 @@ class UNet(nn.Module):
         if return_features:
             return eps, features, temb
         return eps
+
+
+def downsample(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, C, H, W) -> (N, C, size, size) by averaging (H / size)^2 blocks (H a multiple of size)."""
+    if x.dim() != 4 or x.shape[-1] != x.shape[-2]:
+        raise ValueError(f"images must be square (N, C, H, H), got shape {tuple(x.shape)}")
+    h = x.shape[-1]
+    if size < 1 or h % size:
+        raise ValueError(f"cannot average-pool {h}x{h} images to {size}x{size} ({size} does not divide {h})")
+    return x if size == h else F.avg_pool2d(x, h // size)
+
+
+def augment_low_res(y: torch.Tensor, level: torch.Tensor, schedule,
+                    generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """y noised at VP time ``level`` (B,): alpha_s y + sigma_s z, z drawn from ``generator`` unless
+    ``noise`` is given (level 0 returns y itself: alpha_0 = 1, sigma_0 = 0)."""
+    if noise is None:
+        noise = torch.randn(y.shape, generator=generator, dtype=y.dtype).to(y.device)
+    a = schedule.alpha(level.to(torch.float64)).to(y.dtype).view(-1, *([1] * (y.dim() - 1)))
+    s = schedule.sigma(level.to(torch.float64)).to(y.dtype).view(-1, *([1] * (y.dim() - 1)))
+    return a * y + s * noise.to(y.dtype)
 
 
 def count_parameters(module: nn.Module) -> int:

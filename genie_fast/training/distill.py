@@ -33,6 +33,7 @@ from ..models.unet import UNet, UNetConfig, count_parameters
 from ..ops import head_combine_ref
 from ..schedule import VPSchedule, ode_tangents, q_sample
 from ..solvers import jvp
+from .cascade import DEFAULT_AUG_MAX, check_aug_max, fit_images, low_res_cond
 from .run import (DISTILL_KEYS, add_run_args, check_run_args, drop_labels, jsonable_args, load_checkpoint, load_state,
                   open_run_log, run_steps, save_checkpoint)
 
@@ -183,13 +184,14 @@ def head_state(model, state: dict | None, ckpt_path: Path, lr: float):
 
 def train_head(args, model, ema_head, opt, step: int, wall: float, batches, gen: torch.Generator, num_classes: int,
                checkpoint, ckpt_path: Path, log, desc: str, cond: dict | None = None,
-               negative: dict | None = None) -> tuple[int, float]:
+               negative: dict | None = None, make_cond=None) -> tuple[int, float]:
     """`run.run_steps` with the head loss: x_0 (and labels, dropped to the null class at
     ``args.label_dropout``) from ``batches``, x_t from q(x_t | x_0), the target along their ODE
     (``args.target``, ``args.span_t``: set by `check_distill_args`). cond: conditioning inputs with
     one row per data point (``batches`` then yields (x_0, row indices)); negative: the inputs of the
     negative branch (same rows), taken instead at ``args.label_dropout`` per sample, so the head
-    learns both branches of guidance."""
+    learns both branches of guidance. make_cond: x_0 -> inputs drawn for that batch (a
+    super-resolution network's noised low-resolution input, `training.cascade.low_res_cond`)."""
     def step_loss():
         labels, inputs = None, None
         if cond is not None:
@@ -205,6 +207,8 @@ def train_head(args, model, ema_head, opt, step: int, wall: float, batches, gen:
         else:
             x0 = next(batches)
         x_t, t = sample_xt(x0, model.schedule, gen)
+        if make_cond is not None:
+            inputs = {**(inputs or {}), **make_cond(x0)}
         loss, rel = head_loss(model, x_t, t, labels, target=args.target, span_t=args.span_t, cond=inputs)
         return loss, {"rel_err": rel}
 
@@ -280,6 +284,10 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
                    help=f"--target secant: the span in t of each secant, centred on t and shifted inside "
                         f"[t_end, 1] at the ends; for an N-step discrete schedule (diffusers) S*N timesteps "
                         f"(default {DEFAULT_SPAN_T}: 10 of 1000)")
+    p.add_argument("--aug-max", type=float, default=DEFAULT_AUG_MAX,
+                   help="a super-resolution network: the head is distilled along the ODEs of low-resolution "
+                        "inputs noised at s ~ U[0, AUG_MAX], as the network was trained "
+                        f"(default {DEFAULT_AUG_MAX})")
     return p
 
 
@@ -302,6 +310,7 @@ def check_distill_args(args, default_target: str = "jvp"):
     if args.width is not None:
         check_int("--width", args.width, 1)
     check_int("--head-blocks", args.head_blocks, 0)
+    check_aug_max(getattr(args, "aug_max", DEFAULT_AUG_MAX))
     check_run_args(args)
 
 
@@ -346,8 +355,16 @@ def distill(args) -> Path:
     ema_head, opt, step, wall = head_state(model, state, ckpt_path, args.lr)
 
     x_train, y_train = load_fashion_mnist("train", root=args.data_root)
+    x_train = fit_images(x_train, unet.config)  # a cascade's base model: the images average-pooled
     gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step + 7)
     num_classes = unet.config.num_classes
+    make_cond, aug_max = None, None
+    if unet.config.low_res_size:
+        aug_max = check_aug_max(getattr(args, "aug_max", DEFAULT_AUG_MAX))
+        if state is not None and state.get("aug_max", aug_max) != aug_max:
+            raise ValueError(f"{ckpt_path} was distilled with --aug-max {state['aug_max']}, not {aug_max}: resume "
+                             f"it with that, or start over with another --out or --overwrite")
+        make_cond = lambda x0: low_res_cond(x0, unet.config, aug_max, schedule, gen)  # noqa: E731
     batches = infinite_batches(x_train, args.batch, gen, labels=y_train if num_classes else None)
     meta = {"head_config": head_cfg.to_dict(), "head_params": count_parameters(model.head),
             "unet_params": count_parameters(unet), "args": jsonable_args(args)}
@@ -357,10 +374,11 @@ def distill(args) -> Path:
         save_checkpoint(ckpt_path, {"head_config": head_cfg.to_dict(), "head": model.head.state_dict(),
                                     "ema_head": ema_head.state_dict(), "opt": opt.state_dict(),
                                     "step": step, "wall_s": wall, "unet_ckpt": str(args.unet_ckpt),
-                                    "target": args.target, "span_t": args.span_t})
+                                    "target": args.target, "span_t": args.span_t,
+                                    **({"aug_max": aug_max} if aug_max is not None else {})})
 
     step, wall = train_head(args, model, ema_head, opt, step, wall, batches, gen, num_classes, checkpoint, ckpt_path,
-                            log, "distill")
+                            log, "distill", make_cond=make_cond)
     log.write(f"# done step={step} wall_s={wall:.0f}\n")
     log.close()
     return ckpt_path

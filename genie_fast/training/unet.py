@@ -7,6 +7,10 @@ interval (step, loss, steps/s, wall time) goes to ``<out>/log.txt``. That loop, 
 one every training run uses (``genie_fast.training.run``; ``genie_fast.distill`` and ``distill --diffusers``
 give it their head loss).
 
+The cascade's stages (issue 32, `genie_fast.training.cascade`): a config of smaller ``image_size``
+(``fmnist16_cond``) trains on the images average-pooled to it; a super-resolution config
+(``fmnist_sr``) on (image, its noised low-resolution version, the noise level), ``--aug-max``.
+
     python -m genie_fast.train --out runs/fmnist --steps 8000 --resume
 """
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 from ..data import infinite_batches, load_fashion_mnist
 from ..models.unet import CONFIGS, UNet, UNetConfig, count_parameters
 from ..schedule import VPSchedule, q_sample
+from .cascade import DEFAULT_AUG_MAX, check_aug_max, fit_images, init_low_res_from, low_res_cond
 from .run import (TRAIN_KEYS, add_run_args, check_run_args, drop_labels, jsonable_args, load_checkpoint, load_state,
                   open_run_log, run_steps, save_checkpoint)
 
@@ -31,10 +36,11 @@ __all__ = ["diffusion_loss", "null_teacher_loss", "load_null_teacher", "build_pa
 
 
 def diffusion_loss(model, x0: torch.Tensor, schedule: VPSchedule, generator: torch.Generator | None = None,
-                   labels: torch.Tensor | None = None):
-    """Mean squared eps error at t ~ U[t_end, 1] (labels: for a class-conditional model)."""
+                   labels: torch.Tensor | None = None, cond: dict | None = None):
+    """Mean squared eps error at t ~ U[t_end, 1] (labels: for a class-conditional model; cond: further
+    inputs, e.g. a super-resolution network's low_res and aug_level, `training.cascade.low_res_cond`)."""
     x_t, t, z = q_sample(x0, schedule, generator)
-    kw = {} if labels is None else {"labels": labels}
+    kw = ({} if labels is None else {"labels": labels}) | (cond or {})
     return (model(x_t, t, **kw) - z).pow(2).mean()
 
 
@@ -61,6 +67,9 @@ def load_null_teacher(stem: str | os.PathLike, config: UNetConfig) -> torch.nn.M
     """The U-Net of exported model ``stem`` as a frozen teacher for the null class (`null_teacher_loss`)."""
     from ..models.default import load_model
 
+    if config.low_res_size:
+        raise ValueError("--null-teacher: a super-resolution config's null class is conditioned on its "
+                         "low-resolution input, which an unconditional teacher does not see")
     if config.num_classes <= 0:
         raise ValueError("--null-teacher trains a class-conditional config's null class; "
                          f"this config has no classes ({config.to_dict()})")
@@ -93,6 +102,10 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--null-teacher", default=None, metavar="STEM",
                    help="class-conditional configs: null-label samples regress onto the eps of this "
                         "unconditional exported model instead of the noise (keeps the null class as good)")
+    p.add_argument("--aug-max", type=float, default=DEFAULT_AUG_MAX,
+                   help="super-resolution configs (fmnist_sr): the low-resolution input is noised at a level "
+                        "s ~ U[0, AUG_MAX] (VP time) that the network is told (noise-conditioning augmentation; "
+                        f"default {DEFAULT_AUG_MAX})")
     return p
 
 
@@ -110,10 +123,15 @@ def init_from_checkpoint(model: UNet, path: str | os.PathLike) -> int:
 
 
 def init_from_model(model: UNet, stem: str | os.PathLike) -> None:
-    """Load the U-Net of an exported model into ``model``; only a label embedding may be new."""
+    """Load the U-Net of an exported model into ``model``; only a label embedding may be new (and,
+    for a super-resolution config from a network without a low-resolution input, that input:
+    `training.cascade.init_low_res_from`)."""
     from ..models.default import load_model
 
     src = load_model(stem).unet.state_dict()
+    if model.config.low_res_size and "aug_emb.2.weight" not in src:
+        init_low_res_from(model, src, f"--init-model {stem}")
+        return
     ours = model.state_dict()
     new = sorted(set(ours) - set(src))
     if any(not k.startswith("label_emb.") for k in new) or set(src) - set(ours) or any(
@@ -125,6 +143,7 @@ def init_from_model(model: UNet, stem: str | os.PathLike) -> None:
 
 def train(args) -> Path:
     check_run_args(args, {"--label-lr-mult": (getattr(args, "label_lr_mult", 1.0), 0.0, math.inf)})
+    aug_max = check_aug_max(getattr(args, "aug_max", DEFAULT_AUG_MAX))
     if args.config not in CONFIGS:
         raise ValueError(f"--config {args.config!r} is not a U-Net config; choose one of {sorted(CONFIGS)}")
     if getattr(args, "init_from", None) and getattr(args, "init_model", None):
@@ -142,6 +161,9 @@ def train(args) -> Path:
         ema = copy.deepcopy(model)
         load_state(ema, state, "ema", ckpt_path)
         step, wall = state["step"], state["wall_s"]
+        if config.low_res_size and state.get("aug_max", aug_max) != aug_max:
+            raise ValueError(f"{ckpt_path} was trained with --aug-max {state['aug_max']}, not {aug_max}: resume it "
+                             f"with that, or start over with another --out or --overwrite")
     else:
         if args.resume:
             print(f"--resume: no checkpoint at {ckpt_path}, starting fresh")
@@ -170,6 +192,7 @@ def train(args) -> Path:
         opt.load_state_dict(state["opt"])
 
     x_train, y_train = load_fashion_mnist("train", root=args.data_root)
+    x_train = fit_images(x_train, config)  # the cascade's base model: the images average-pooled
     # A fresh data/noise stream per resume, seeded by the step, keeps runs reproducible per segment.
     gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
     conditional = config.num_classes > 0
@@ -182,15 +205,19 @@ def train(args) -> Path:
     def checkpoint(step, wall):
         save_checkpoint(ckpt_path, {"config": config.to_dict(), "model": model.state_dict(),
                                     "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
-                                    "wall_s": wall, "schedule": meta["schedule"]})
+                                    "wall_s": wall, "schedule": meta["schedule"],
+                                    **({"aug_max": aug_max} if config.low_res_size else {})})
 
     def step_loss():
         if not conditional:
-            return diffusion_loss(model, next(batches), schedule, gen), {}
+            x0 = next(batches)
+            cond = low_res_cond(x0, config, aug_max, schedule, gen) if config.low_res_size else None
+            return diffusion_loss(model, x0, schedule, gen, cond=cond), {}
         x0, y = next(batches)
         labels = drop_labels(y, config.num_classes, args.label_dropout, gen)
         if teacher is None:
-            return diffusion_loss(model, x0, schedule, gen, labels), {}
+            cond = low_res_cond(x0, config, aug_max, schedule, gen) if config.low_res_size else None
+            return diffusion_loss(model, x0, schedule, gen, labels, cond), {}
         loss, null_part = null_teacher_loss(model, teacher, x0, labels, config.num_classes, schedule, gen)
         return loss, {"null_part": null_part.item()}
 
