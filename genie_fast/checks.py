@@ -123,3 +123,17 @@ def check_out_file(path, extensions: tuple[str, ...], name: str = "--out") -> Pa
         raise ValueError(f"{name} {path}: unknown extension {path.suffix!r}; allowed: {', '.join(extensions)}")
     check_out_dir(path.parent, name, shown=path)
     return path
+
+
+def check_json_object(name: str, text: str | None) -> dict:
+    """A flag's JSON object (e.g. --provenance): {} for None or "", else the parsed dict, or a
+    ValueError naming the flag."""
+    import json
+
+    try:
+        value = json.loads(text) if text else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{name} is not valid JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a JSON object, got {text!r}")
+    return value

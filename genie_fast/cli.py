@@ -62,10 +62,9 @@ def _cmd_distill(args):
 
 
 def _cmd_export(args):
-    from .checks import check_out_dir
+    from .checks import check_json_object, check_out_dir
     from .distill import model_from_ckpts
     from .models.default import _check_head_error, _stem, save_model
-    import json
 
     stem = _stem(args.out)
     if stem.is_dir():
@@ -75,12 +74,7 @@ def _cmd_export(args):
     existing = [f for f in (Path(f"{stem}.safetensors"), Path(f"{stem}.json")) if f.exists()]
     if existing and not args.overwrite:
         raise ValueError(f"{existing[0]} exists; pass --overwrite to replace it")
-    try:
-        prov = json.loads(args.provenance) if args.provenance else {}
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--provenance is not valid JSON ({e}): {args.provenance!r}") from None
-    if not isinstance(prov, dict):
-        raise ValueError(f"--provenance must be a JSON object, got {args.provenance!r}")
+    prov = check_json_object("--provenance", args.provenance)
     model = model_from_ckpts(args.unet_ckpt, args.head_ckpt)
     if args.head_error is not None:
         model.head_error = _check_head_error(args.head_error, "--head-error")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .checks import check_int, check_number, check_out_file
+from .checks import check_int, check_json_object, check_number, check_out_file
 
 __all__ = ["SR_FLAGS", "add_cascade_args", "check_cascade_args", "stage_options", "add_bundle_args", "bundle"]
 
@@ -99,12 +99,7 @@ def bundle(args):
     check_out_file(out, (".json",), "--out")
     if out.exists() and not args.overwrite:
         raise ValueError(f"{out} exists; pass --overwrite to replace it")
-    try:
-        prov = json.loads(args.provenance) if args.provenance else {}
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--provenance is not valid JSON ({e}): {args.provenance!r}") from None
-    if not isinstance(prov, dict):
-        raise ValueError(f"--provenance must be a JSON object, got {args.provenance!r}")
+    prov = check_json_object("--provenance", args.provenance)
     level = DEFAULT_AUG_LEVEL if args.aug_level is None else check_number("--aug-level", args.aug_level, 0.0, 1.0)
     path = save_cascade(out, args.base, args.upsampler, level, prov)
     print(f"wrote {path} (base {args.base}, upsampler {args.upsampler}, aug level {level:g})")

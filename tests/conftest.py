@@ -32,3 +32,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def data_root(tmp_path):
+    """A tiny Fashion-MNIST folder (16 random train images and labels) for the training commands."""
+    import numpy as np
+
+    from _helpers import write_idx
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "data"
+    root.mkdir()
+    write_idx(root / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (16, 28, 28)))
+    write_idx(root / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, (16,)))
+    return root

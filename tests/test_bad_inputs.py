@@ -56,16 +56,6 @@ def stem(tmp_path):
 from _helpers import write_idx as _write_idx
 
 
-@pytest.fixture
-def data_root(tmp_path):
-    rng = np.random.default_rng(0)
-    root = tmp_path / "data"
-    root.mkdir()
-    _write_idx(root / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (16, 28, 28)))
-    _write_idx(root / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, (16,)))
-    return root
-
-
 def _common(data_root):
     return ["--data-root", str(data_root), "--batch", "4", "--threads", "1", "--log-every", "1"]
 

@@ -8,7 +8,6 @@ kill -9), the command line, and bad inputs refused by name.
 """
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -24,7 +23,7 @@ from genie_fast.schedule import VPSchedule
 from genie_fast.train import load_checkpoint
 from genie_fast.training.cascade import fit_images, init_low_res_from, low_res_cond
 
-from _helpers import randomize, write_idx
+from _helpers import randomize
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -267,16 +266,6 @@ def test_bad_inputs_are_named():
 
 
 # --------------------------------------------------------------------------- training and the command line
-
-
-@pytest.fixture
-def data_root(tmp_path):
-    rng = np.random.default_rng(0)
-    root = tmp_path / "data"
-    root.mkdir()
-    write_idx(root / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (16, 28, 28)))
-    write_idx(root / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, (16,)))
-    return root
 
 
 def _common(data_root):
