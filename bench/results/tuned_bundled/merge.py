@@ -1,5 +1,7 @@
 """Merge the grids files the tuning runs wrote (null class, guided) into the bundled model's
-genie_fast/assets/fmnist_genie.grids.json (every grid checked; one weights hash for all):
+genie_fast/assets/fmnist_genie.grids.json (every grid checked; one weights hash for all). A grid
+whose held-out median error is above the best fixed grid's at its budget is left out: grid="auto"
+would otherwise run something worse than the fixed grid it replaces.
 
     PYTHONPATH=. python bench/results/tuned_bundled/merge.py
 """
@@ -15,6 +17,15 @@ tables = [load_table(HERE / name) for name in ("fmnist_genie.grids.json", "guide
 weights = {t.weights for t in tables if t.records}
 if len(weights) != 1:
     raise GridFileError(f"the tuning runs' grids are for {len(weights)} sets of weights: {weights}")
-merged = GridTable(OUT, weights.pop(), [r for t in tables for r in t.records.values()])
+def worse(r):
+    held = r.get("held_out") or {}
+    return held.get("best_fixed_median") is not None and held["median"] > held["best_fixed_median"]
+
+
+records = [r for t in tables for r in t.records.values()]
+for r in filter(worse, records):
+    print(f"left out: {r['solver']} {r['steps']} steps, guidance {r['guidance_scale']}: held-out "
+          f"{r['held_out']['median']:.4g} > best fixed {r['held_out']['best_fixed_median']:.4g}")
+merged = GridTable(OUT, weights.pop(), [r for r in records if not worse(r)])
 OUT.write_text(json.dumps(merged.to_json(), indent=1) + "\n")
 print(f"wrote {OUT}: {len(merged.records)} grids: {merged.describe()}")
