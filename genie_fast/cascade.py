@@ -72,12 +72,12 @@ class Cascade:
         self.aug_level = check_aug_level(self.aug_level, "Cascade.aug_level")
 
 
-def check_aug_level(value, name: str = "aug_level") -> float:
-    """The augmentation level of the low-resolution input: a number in [0, 1] (VP time)."""
+def check_aug_level(value, name: str = "aug_level", what: str = "the noise level of the low-resolution input") -> float:
+    """An augmentation level of the low-resolution input (`what` it is, for the message): a number in
+    [0, 1] (VP time), else a ValueError naming `name`."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} (the noise level of the low-resolution input, a VP time) must be a number in "
-                         f"[0, 1], got {value!r}")
+        raise ValueError(f"{name} ({what}, a VP time) must be a number in [0, 1], got {value!r}")
     return float(value)
 
 

@@ -16,10 +16,10 @@ Diffusion Models").
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
+from ..cascade import check_aug_level
 from ..models.unet import UNet, UNetConfig, augment_low_res, downsample
 from ..schedule import VPSchedule
 
@@ -32,11 +32,7 @@ DEFAULT_AUG_MAX = 0.3
 
 def check_aug_max(value, name: str = "--aug-max") -> float:
     """The largest augmentation level of training: a number in [0, 1] (VP time; 0: no augmentation)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} (the largest noise level of the low-resolution input, a VP time) must be a "
-                         f"number in [0, 1], got {value!r}")
-    return float(value)
+    return check_aug_level(value, name, "the largest noise level of the low-resolution input")
 
 
 def fit_images(x: torch.Tensor, config: UNetConfig) -> torch.Tensor:
