@@ -53,6 +53,7 @@ def run_fd(args, result, save):
     from genie_fast.cascade import load_cascade, sample_cascade
     from genie_fast.data import load_fashion_mnist
     from genie_fast.models.default import load_default, load_model
+    from genie_fast.models.unet import downsample
     from genie_fast.solvers.options import DEFAULT_SOLVER
 
     cascade = load_cascade(args.cascade)
@@ -68,15 +69,17 @@ def run_fd(args, result, save):
     for what, solver, nfe, seed in jobs:
         if (what, solver, nfe, seed) in done:
             continue
-        t0 = time.time()
+        t0, extra = time.time(), {}
         if what == "single":
             noise = torch.randn(args.n, *single.image_shape, generator=torch.Generator().manual_seed(seed))
             x, used = genie_fast.sample(single, noise=noise, solver=solver, nfe=int(nfe))
         else:
             n_base, n_up = (int(v) for v in nfe.split("+"))
-            x, used = sample_cascade(cascade, n=args.n, seed=seed, base={"solver": solver, "nfe": n_base},
-                                     upsampler={"solver": solver, "nfe": n_up})
-        row = {"what": what, "solver": solver, "nfe": nfe, "nfe_used": int(used), "seed": seed, "n": args.n,
+            x, used, x_low = sample_cascade(cascade, n=args.n, seed=seed, base={"solver": solver, "nfe": n_base},
+                                            upsampler={"solver": solver, "nfe": n_up}, return_low_res=True)
+            # does the upsampler follow its input: its samples pooled back to 16x16 against the base samples
+            extra["low_res_rms"] = _median_rms(downsample(x.clamp(-1, 1), x_low.shape[-1]), x_low.clamp(-1, 1))
+        row = {**extra, "what": what, "solver": solver, "nfe": nfe, "nfe_used": int(used), "seed": seed, "n": args.n,
                "fd": frechet_distance(features(clf, x), f_test), "seconds": round(time.time() - t0, 1)}
         rows.append(row)
         print(row, flush=True)
@@ -137,13 +140,14 @@ def table(result) -> str:
     lines = []
     fd = result.get("fd", [])
     if fd:
-        lines += ["| sampler | solver | NFE | FD per seed | FD sum |", "|---|---|---|---|---:|"]
+        lines += ["| sampler | solver | NFE | FD per seed | FD sum | low-res RMS |", "|---|---|---|---|---:|---:|"]
         keys = sorted({(r["what"], r["solver"], r["nfe"]) for r in fd},
                       key=lambda k: (k[0] != "single", -sum(map(int, k[2].split("+"))), SOLVERS.index(k[1]) if k[1] in SOLVERS else 9))
         for what, solver, nfe in keys:
-            vals = [r["fd"] for r in fd if (r["what"], r["solver"], r["nfe"]) == (what, solver, nfe)]
+            same = [r for r in fd if (r["what"], r["solver"], r["nfe"]) == (what, solver, nfe)]
+            vals, low = [r["fd"] for r in same], [r["low_res_rms"] for r in same if "low_res_rms" in r]
             lines.append(f"| {what} | {solver} | {nfe} | {' / '.join(f'{v:.1f}' for v in vals)} | "
-                         f"{sum(vals):.1f} |")
+                         f"{sum(vals):.1f} | {f'{statistics.mean(low):.3f}' if low else ''} |")
     for name, stage in result.get("ode", {}).items():
         rows = stage["rows"]
         nfes = sorted({r["nfe"] for r in rows})
