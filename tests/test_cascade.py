@@ -348,3 +348,21 @@ def test_training_flags_refused_by_name(tmp_path, data_root, capsys):
         rc = main(["sample", *argv, "--out", str(tmp_path / "g.png")])
         err = capsys.readouterr().err
         assert rc == 2 and match in err and len(err.strip().splitlines()) == 1, err
+
+
+# --------------------------------------------------------------------------- the bundled cascade
+
+def test_bundled_cascade_samples_and_its_upsampler_follows_its_input():
+    """The bundled Fashion-MNIST cascade (16x16 base, 16 -> 32 upsampler): sample_cascade() with no
+    file loads it; each 32x32 sample, average-pooled back to 16x16, is much closer to the base sample
+    it was conditioned on than to the other base samples (an upsampler that ignored its input would
+    be as close to any of them)."""
+    cascade = load_cascade()
+    assert cascade.base.image_shape == (1, 16, 16) and cascade.upsampler.image_shape == (1, 32, 32)
+    x, nfe, x_low = sample_cascade(n=6, seed=3, base={"nfe": 5}, upsampler={"nfe": 5}, return_low_res=True)
+    assert x.shape == (6, 1, 32, 32) and x_low.shape == (6, 1, 16, 16) and nfe == 10
+    pooled = downsample(x.clamp(-1, 1), 16).flatten(1)
+    dist = torch.cdist(pooled, x_low.clamp(-1, 1).flatten(1))  # [i, j]: sample i pooled vs base sample j
+    own = dist.diagonal()
+    others = (dist.sum(1) - own) / (len(own) - 1)
+    assert bool((own < 0.5 * others).all()), (own, others)

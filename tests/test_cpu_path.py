@@ -156,6 +156,30 @@ def test_channels_last_copies_leave_the_model_alone():
     assert rel_err(ref2, ref) > 1e-3 and rel_err(x2, ref2) < 1e-5
 
 
+def test_loaded_float32_models_are_channels_last_and_the_same_model():
+    """load_model / load_default on the CPU in float32: 4-D weights in channels-last order (oneDNN's fast
+    layout), run as is by the engine (no copy), the same weights id (tuned grids still apply) and samples
+    within 1e-5 of the stored NCHW layout; float64 keeps the stored layout (accuracy work)."""
+    from genie_fast.grid_store import model_weights_id
+    from genie_fast.models.default import load_default
+
+    model = load_default()
+    convs = [p for p in model.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert not all(p.is_contiguous() for p in convs)  # the stored (NCHW) layout differs for some
+    nchw = load_default().to(memory_format=torch.contiguous_format)
+    assert all(p.is_contiguous() for p in nchw.parameters())
+    assert model_weights_id(model) == model_weights_id(nchw)
+    engine = SamplingEngine(model, device="cpu")
+    z = torch.randn(3, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    x, _ = engine.sample(z, nfe=5)
+    assert engine._weights.nets[torch.float32] is model  # as is: read live
+    x_ref, _ = SamplingEngine(nchw, device="cpu", channels_last=False).sample(z, nfe=5)
+    assert x.is_contiguous() and rel_err(x, x_ref) < 1e-5
+    f64 = load_default(dtype=torch.float64)
+    assert all(p.is_contiguous() for p in f64.parameters())
+
+
 def test_channels_last_with_several_channels():
     """eps of a 3-channel network comes back channels-last; the step ops read it as such."""
     torch.manual_seed(0)
