@@ -56,7 +56,7 @@ def run_fd(args, result, save):
     from genie_fast.models.unet import downsample
     from genie_fast.solvers.options import DEFAULT_SOLVER
 
-    cascade = load_cascade(args.cascade)
+    cascade = load_cascade(args.cascade) if args.budgets else None  # --budgets "": the single-stage rows only
     single = load_default() if args.single is None else load_model(args.single)
     clf, _ = get_classifier()
     f_test = features(clf, load_fashion_mnist("test")[0])
@@ -64,8 +64,8 @@ def run_fd(args, result, save):
     done = {(r["what"], r["solver"], r["nfe"], r["seed"]) for r in rows}
     jobs = [("single", DEFAULT_SOLVER, str(nfe), seed) for nfe in args.single_nfes.split(",")
             for seed in args.seeds]
-    jobs += [("cascade", solver, budget, seed) for budget in args.budgets.split(",") for solver in args.solvers
-             for seed in args.seeds]
+    jobs += [("cascade", solver, budget, seed) for budget in filter(None, args.budgets.split(","))
+             for solver in args.solvers for seed in args.seeds]
     for what, solver, nfe, seed in jobs:
         if (what, solver, nfe, seed) in done:
             continue
