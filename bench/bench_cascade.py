@@ -136,6 +136,46 @@ def run_ode(args, result, save):
                 save()
 
 
+@torch.no_grad()
+def run_head(args, result, save):
+    """Each stage's head against the exact JVP on held-out test images (the measure `head_error` stores:
+    pooled over samples and pixels, gamma-weighted): x_t of test images at the stage's size (the
+    upsampler's low-resolution input drawn as in its training), t stratified over [t_end, 1], half the
+    samples with their label, half the null class."""
+    from genie_fast.cascade import load_cascade
+    from genie_fast.data import load_fashion_mnist
+    from genie_fast.ops import head_combine_ref
+    from genie_fast.training.cascade import fit_images, low_res_cond
+    from genie_fast.training.distill import distill_target
+
+    cascade = load_cascade(args.cascade)
+    x_test, y_test = load_fashion_mnist("test")
+    g = torch.Generator().manual_seed(args.ode_seed)
+    out = result.setdefault("head", {})
+    for name, model in (("base", cascade.base), ("upsampler", cascade.upsampler)):
+        cfg, sched, n = model.unet.config, model.schedule, args.n_head
+        x0 = fit_images(x_test[:n], cfg)
+        labels = torch.where(torch.arange(n) % 2 == 0, y_test[:n], torch.full((n,), model.num_classes))
+        t = sched.t_end + (1 - sched.t_end) * (torch.arange(n) + torch.rand(n, generator=g)) / n
+        z = torch.randn(x0.shape, generator=g)
+        x_t = sched.alpha(t.double()).float().view(-1, 1, 1, 1) * x0 + sched.sigma(t.double()).float().view(-1, 1, 1, 1) * z
+        cond = low_res_cond(x0, cfg, args.aug_max, sched, g) if cfg.low_res_size else {}
+        num = den = 0.0
+        for i in range(0, n, 32):
+            sl = slice(i, i + 32)
+            c = {k: v[sl] for k, v in cond.items()}
+            eps, feats, temb = model.unet(x_t[sl], t[sl], return_features=True, labels=labels[sl], **c)
+            _, goal = distill_target(lambda x, tt: model.unet(x, tt, labels=labels[sl], **c), x_t[sl], t[sl], sched,
+                                     eps=eps)
+            gamma = sched.gamma(t[sl].double()).float().view(-1, 1, 1, 1)
+            deps = head_combine_ref(model.head(x_t[sl], eps, feats, temb), gamma)
+            num += float((gamma * (deps - goal)).pow(2).sum())
+            den += float((gamma * goal).pow(2).sum())
+        out[name] = {"n": n, "pooled_gamma_weighted": (num / den) ** 0.5}
+        print(name, out[name], flush=True)
+        save()
+
+
 def table(result) -> str:
     lines = []
     fd = result.get("fd", [])
@@ -148,6 +188,9 @@ def table(result) -> str:
             vals, low = [r["fd"] for r in same], [r["low_res_rms"] for r in same if "low_res_rms" in r]
             lines.append(f"| {what} | {solver} | {nfe} | {' / '.join(f'{v:.1f}' for v in vals)} | "
                          f"{sum(vals):.1f} | {f'{statistics.mean(low):.3f}' if low else ''} |")
+    for name, h in result.get("head", {}).items():
+        lines.append(f"\n{name} head: {h['pooled_gamma_weighted']:.3f} off the exact JVP (pooled, gamma-weighted, "
+                     f"{h['n']} test images)")
     for name, stage in result.get("ode", {}).items():
         rows = stage["rows"]
         nfes = sorted({r["nfe"] for r in rows})
@@ -163,7 +206,7 @@ def table(result) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", choices=("fd", "ode"), action="append", help="what to measure (repeatable)")
+    p.add_argument("--part", choices=("fd", "ode", "head"), action="append", help="what to measure (repeatable)")
     p.add_argument("--cascade", default=None, help="cascade file (default: the bundled one)")
     p.add_argument("--single", default=None, help="single-stage model stem (default: the bundled model)")
     p.add_argument("--n", type=int, default=512)
@@ -175,6 +218,8 @@ def main(argv=None):
     p.add_argument("--ode-seed", type=int, default=7)
     p.add_argument("--nfes", default="5,10", help="--part ode: NFEs per stage")
     p.add_argument("--ref-steps", type=int, default=100)
+    p.add_argument("--n-head", type=int, default=256, help="--part head: test images per stage")
+    p.add_argument("--aug-max", type=float, default=0.3, help="--part head: the upsampler's training --aug-max")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--table", action="store_true", help="print the table of --out and stop")
@@ -192,8 +237,8 @@ def main(argv=None):
     def save():
         out.write_text(json.dumps(result, indent=1) + "\n")
 
-    for part in args.part or ("fd", "ode"):
-        (run_fd if part == "fd" else run_ode)(args, result, save)
+    for part in args.part or ("fd", "ode", "head"):
+        {"fd": run_fd, "ode": run_ode, "head": run_head}[part](args, result, save)
     print(table(result))
 
 
