@@ -118,12 +118,21 @@ def run_ode(args, result, save):
         return torch.load(Path(args.out).with_name(f"ode_ref_{name}.pt"))
 
     ref_low = reference("base", cascade.base, z_low, None)
+    stage_list = [("base", cascade.base, z_low, ref_low, None)]
+    if "upsampler" not in args.stages:
+        return _ode_rows(args, stages, stage_list, save)
     level = torch.full((args.n_ode,), cascade.aug_level, dtype=torch.float64)
     y = augment_low_res(ref_low.clamp(-1, 1), level, cascade.upsampler.schedule, noise=z_aug)
     cond = {"low_res": y, "aug_level": level.float()}
     ref_up = reference("upsampler", cascade.upsampler, z_up, cond)
-    for name, model, noise, ref, c in (("base", cascade.base, z_low, ref_low, None),
-                                       ("upsampler", cascade.upsampler, z_up, ref_up, cond)):
+    stage_list.append(("upsampler", cascade.upsampler, z_up, ref_up, cond))
+    _ode_rows(args, stages, [s for s in stage_list if s[0] in args.stages], save)
+
+
+def _ode_rows(args, stages, stage_list, save):
+    import genie_fast
+
+    for name, model, noise, ref, c in stage_list:
         rows = stages[name]["rows"]
         done = {(r["solver"], r["nfe"]) for r in rows}
         for nfe in (int(v) for v in args.nfes.split(",")):
@@ -217,6 +226,8 @@ def main(argv=None):
     p.add_argument("--n-ode", type=int, default=64)
     p.add_argument("--ode-seed", type=int, default=7)
     p.add_argument("--nfes", default="5,10", help="--part ode: NFEs per stage")
+    p.add_argument("--stages", type=lambda v: v.split(","), default=["base", "upsampler"],
+                   help="--part ode: the stages to measure (the upsampler's inputs come from the base's reference)")
     p.add_argument("--ref-steps", type=int, default=100)
     p.add_argument("--n-head", type=int, default=256, help="--part head: test images per stage")
     p.add_argument("--aug-max", type=float, default=0.3, help="--part head: the upsampler's training --aug-max")
