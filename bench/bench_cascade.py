@@ -62,7 +62,7 @@ def run_fd(args, result, save):
     f_test = features(clf, load_fashion_mnist("test")[0])
     rows = result.setdefault("fd", [])
     done = {(r["what"], r["solver"], r["nfe"], r["seed"]) for r in rows}
-    jobs = [("single", DEFAULT_SOLVER, str(nfe), seed) for nfe in args.single_nfes.split(",")
+    jobs = [("single", DEFAULT_SOLVER, nfe, seed) for nfe in filter(None, args.single_nfes.split(","))
             for seed in args.seeds]
     jobs += [("cascade", solver, budget, seed) for budget in filter(None, args.budgets.split(","))
              for solver in args.solvers for seed in args.seeds]
