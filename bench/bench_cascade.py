@@ -102,7 +102,8 @@ def run_ode(args, result, save):
     stages = result.setdefault("ode", {})
 
     def reference(name, model, noise, cond):
-        if name not in stages:
+        path = Path(args.out).with_name(f"ode_ref_{name}.pt")  # a cache beside the JSON (not kept in git)
+        if name not in stages or not path.exists():
             t0 = time.time()
             net = conditioned(model, None, None, len(noise), cond=cond) if cond else model
 
@@ -111,11 +112,11 @@ def run_ode(args, result, save):
             sched = model.schedule
             ref = rk4_solve(eps, noise, sched, 1.0, sched.t_end, args.ref_steps).float()
             half = rk4_solve(eps, noise, sched, 1.0, sched.t_end, args.ref_steps // 2).float()
-            stages[name] = {"ref_steps": args.ref_steps, "ref_vs_half_median": _median_rms(ref, half),
-                            "ref_seconds": round(time.time() - t0, 1), "rows": []}
-            torch.save(ref, Path(args.out).with_name(f"ode_ref_{name}.pt"))
+            stages.setdefault(name, {"rows": []}).update(
+                ref_steps=args.ref_steps, ref_vs_half_median=_median_rms(ref, half), ref_seconds=round(time.time() - t0, 1))
+            torch.save(ref, path)
             save()
-        return torch.load(Path(args.out).with_name(f"ode_ref_{name}.pt"))
+        return torch.load(path)
 
     ref_low = reference("base", cascade.base, z_low, None)
     stage_list = [("base", cascade.base, z_low, ref_low, None)]
