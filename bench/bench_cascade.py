@@ -75,8 +75,11 @@ def run_fd(args, result, save):
             x, used = genie_fast.sample(single, noise=noise, solver=solver, nfe=int(nfe))
         else:
             n_base, n_up = (int(v) for v in nfe.split("+"))
-            x, used, x_low = sample_cascade(cascade, n=args.n, seed=seed, base={"solver": solver, "nfe": n_base},
-                                            upsampler={"solver": solver, "nfe": n_up}, return_low_res=True)
+            name, _, grid = solver.partition("@")  # "solver@grid": that grid in both stages (else each stage's auto)
+            base, up = {"solver": name, "nfe": n_base}, {"solver": name, "nfe": n_up}
+            if grid:
+                base["grid"] = up["grid"] = grid
+            x, used, x_low = sample_cascade(cascade, n=args.n, seed=seed, base=base, upsampler=up, return_low_res=True)
             # does the upsampler follow its input: its samples pooled back to 16x16 against the base samples
             extra["low_res_rms"] = _median_rms(downsample(x.clamp(-1, 1), x_low.shape[-1]), x_low.clamp(-1, 1))
         row = {**extra, "what": what, "solver": solver, "nfe": nfe, "nfe_used": int(used), "seed": seed, "n": args.n,
@@ -192,7 +195,7 @@ def table(result) -> str:
     if fd:
         lines += ["| sampler | solver | NFE | FD per seed | FD sum | low-res RMS |", "|---|---|---|---|---:|---:|"]
         keys = sorted({(r["what"], r["solver"], r["nfe"]) for r in fd},
-                      key=lambda k: (k[0] != "single", -sum(map(int, k[2].split("+"))), SOLVERS.index(k[1]) if k[1] in SOLVERS else 9))
+                      key=lambda k: (k[0] != "single", -sum(map(int, k[2].split("+"))), SOLVERS.index(k[1].partition("@")[0]), k[1]))
         for what, solver, nfe in keys:
             same = [r for r in fd if (r["what"], r["solver"], r["nfe"]) == (what, solver, nfe)]
             vals, low = [r["fd"] for r in same], [r["low_res_rms"] for r in same if "low_res_rms" in r]
@@ -223,7 +226,8 @@ def main(argv=None):
     p.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1])
     p.add_argument("--single-nfes", default="20,10")
     p.add_argument("--budgets", default="10+10,5+5", help="base+upsampler NFE, comma-separated")
-    p.add_argument("--solvers", type=lambda s: s.split(","), default=list(SOLVERS))
+    p.add_argument("--solvers", type=lambda s: s.split(","), default=list(SOLVERS),
+                   help="comma-separated; --part fd takes solver@grid too (that grid in both stages)")
     p.add_argument("--n-ode", type=int, default=64)
     p.add_argument("--ode-seed", type=int, default=7)
     p.add_argument("--nfes", default="5,10", help="--part ode: NFEs per stage")
