@@ -158,6 +158,7 @@ def run_head(args, result, save):
     from genie_fast.cascade import load_cascade
     from genie_fast.data import load_fashion_mnist
     from genie_fast.ops import head_combine_ref
+    from genie_fast.schedule import q_sample
     from genie_fast.training.cascade import fit_images, low_res_cond
     from genie_fast.training.distill import distill_target
 
@@ -170,8 +171,7 @@ def run_head(args, result, save):
         x0 = fit_images(x_test[:n], cfg)
         labels = torch.where(torch.arange(n) % 2 == 0, y_test[:n], torch.full((n,), model.num_classes))
         t = sched.t_end + (1 - sched.t_end) * (torch.arange(n) + torch.rand(n, generator=g)) / n
-        z = torch.randn(x0.shape, generator=g)
-        x_t = sched.alpha(t.double()).float().view(-1, 1, 1, 1) * x0 + sched.sigma(t.double()).float().view(-1, 1, 1, 1) * z
+        x_t, t, _ = q_sample(x0, sched, g, t=t)
         cond = low_res_cond(x0, cfg, args.aug_max, sched, g) if cfg.low_res_size else {}
         num = den = 0.0
         for i in range(0, n, 32):
