@@ -4,10 +4,10 @@
 
 The file::
 
-    {"format": "genie_fast.grids", "version": 1,
-     "weights": "<sha256 of the network and head weights, float32>",
+    {"format": "genie_fast.grids", "version": 2,
+     "weights": "<sha256 of the network and head weights, float32: the model last written for>",
      "grids": [{"solver": "genie_multistep", "steps": 5, "nfe": 5, "afs": true, "denoise": false,
-                "guidance_scale": null, "times": [1.0, ..., 0.001],
+                "guidance_scale": null, "times": [1.0, ..., 0.001], "weights": "<sha256>",
                 "tuned": {"method": "search", "n": 64, "seed": 0, "labels": "none", "seconds": 412.0, ...},
                 "error": {"tuned": 0.051, "fixed": {"uniform": 0.09, ...}}}, ...]}
 
@@ -15,8 +15,11 @@ A grid is found by its key: (solver, steps, afs, denoise, guidance_scale). guida
 a run without labels (an unconditional model, or a class-conditional one's null class) and the scale
 s of a run with labels (1: the conditional model alone); a guided grid is tuned with labels drawn
 uniformly and serves every label. The budget a key spends follows from it (`solvers.nfe_of`) and is
-stored for reading. Grids serve only the weights they were tuned for: a file whose hash differs from
-the model's is refused for ``grid="tuned"`` and ignored, with a warning, by ``grid="auto"``.
+stored for reading. Grids serve only the weights they were tuned for: each record carries the hash of
+what its solver reads, the network and head for a solver of `solvers.HEAD_SOLVERS`, the network alone
+for the others (so a new head keeps the head-free solvers' grids); a record whose hash differs from
+the model's is refused for ``grid="tuned"`` and ignored, with a warning, by ``grid="auto"``. Version 1
+files (one top-level hash for every record) are read as if each record carried that hash.
 
 A model's file is read once per model object (the first run that asks) and then kept with it;
 `save_tuned_grid` updates the file and that model's copy, so a grid tuned in this process is used at
@@ -37,7 +40,7 @@ from .files import weights_hash
 __all__ = ["FORMAT", "VERSION", "GridFileError", "GridTable", "grids_path", "model_weights_id", "load_table",
            "table_of", "grid_context", "stored_times", "tuned_for", "save_tuned_grid"]
 
-FORMAT, VERSION = "genie_fast.grids", 1
+FORMAT, VERSION, _READS = "genie_fast.grids", 2, (1, 2)
 _KEY_FIELDS = ("solver", "steps", "afs", "denoise", "guidance_scale")
 
 
@@ -62,6 +65,34 @@ def model_weights_id(model) -> str:
         t = t.detach().cpu()
         mod.register_buffer(f"b{i}", t.float() if t.is_floating_point() else t)
     return weights_hash(mod)
+
+
+def _ids(model) -> tuple[str, str]:
+    """(network and head id, network-only id) of `model`, computed once per model object. The network
+    alone: every tensor of its state but the head's (names under ``head.``)."""
+    ids = model.__dict__.get("_genie_weights_ids")
+    if ids is None:
+        net = _NoHead(model)
+        ids = model.__dict__["_genie_weights_ids"] = (model_weights_id(model), model_weights_id(net))
+    return ids
+
+
+class _NoHead:
+    """`model` seen without its head's tensors (for `model_weights_id`)."""
+
+    def __init__(self, model):
+        self._model = model
+
+    def state_dict(self):
+        return {k: v for k, v in self._model.state_dict().items() if not k.startswith("head.")}
+
+
+def _needed_id(model, solver: str) -> str:
+    """The id a grid of `solver` must have been tuned for on `model`."""
+    from .solvers import HEAD_SOLVERS
+
+    full, net = _ids(model)
+    return full if solver in HEAD_SOLVERS else net
 
 
 def _key(solver, steps, afs, denoise, scale) -> tuple:
@@ -121,11 +152,17 @@ def load_table(path) -> GridTable:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise GridFileError(f"{path}: not a readable JSON grids file ({e})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != VERSION:
-        raise GridFileError(f"{path}: expected format {FORMAT!r} version {VERSION}")
+    if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") not in _READS:
+        raise GridFileError(f"{path}: expected format {FORMAT!r} version {' or '.join(map(str, _READS))}")
     if not isinstance(data.get("grids"), list) or not isinstance(data.get("weights"), (str, type(None))):
         raise GridFileError(f"{path}: expected 'weights' (a string) and 'grids' (a list)")
-    return GridTable(path, data["weights"], [_check_record(path, i, r) for i, r in enumerate(data["grids"])])
+    records = [_check_record(path, i, r) for i, r in enumerate(data["grids"])]
+    for i, rec in enumerate(records):
+        if data["version"] == 1:
+            rec.setdefault("weights", data["weights"])
+        if not isinstance(rec.get("weights"), str):
+            raise GridFileError(f"{path}: grids[{i}].weights must be the hash of the weights it was tuned for")
+    return GridTable(path, data["weights"], records)
 
 
 def table_of(model) -> GridTable | None:
@@ -149,21 +186,22 @@ def grid_context(model):
     return None if table is None else (table, scale, inner)
 
 
-def _matches(table: GridTable, inner, tuned_required: bool) -> bool:
-    """Whether the table was tuned for `inner`'s weights (hash computed once per model object)."""
-    ident = inner.__dict__.get("_genie_weights_id")
-    if ident is None:
-        ident = inner.__dict__["_genie_weights_id"] = model_weights_id(inner)
-    if table.weights == ident:
-        return True
-    msg = (f"the tuned grids in {table.path} were made for other weights ({str(table.weights)[:12]}..., this "
-           f"model's are {ident[:12]}...): re-tune them (genie-fast tune-grid)")
+def _valid(rec: dict, inner) -> bool:
+    """Whether a stored grid was tuned for what its solver reads of `inner` (ids computed once per model)."""
+    return rec["weights"] == _needed_id(inner, rec["solver"])
+
+
+def _stale(table: GridTable, rec: dict, inner, tuned_required: bool) -> None:
+    """Refuse (grid="tuned") or warn once per model (grid="auto") about a grid made for other weights."""
+    ident = _needed_id(inner, rec["solver"])
+    what = "network and head" if ident == _ids(inner)[0] else "network"
+    msg = (f"the tuned {rec['solver']} grid in {table.path} was made for other weights ({rec['weights'][:12]}..., "
+           f"this model's {what} are {ident[:12]}...): re-tune it (genie-fast tune-grid)")
     if tuned_required:
         raise GridFileError(msg)
     if not inner.__dict__.get("_genie_grid_warned"):
         inner.__dict__["_genie_grid_warned"] = True
         warnings.warn(msg + "; grid='auto' uses the fixed grids", stacklevel=4)
-    return False
 
 
 def stored_times(context, solver, steps, afs, denoise, *, required: bool, nfe=None) -> torch.Tensor | None:
@@ -175,8 +213,6 @@ def stored_times(context, solver, steps, afs, denoise, *, required: bool, nfe=No
                                 "loaded from files; make them with genie-fast tune-grid or genie_fast.tune_grid)")
         return None
     table, scale, inner = context
-    if not _matches(table, inner, required):
-        return None
     rec = table.records.get(_key(solver, steps, afs, denoise, scale))
     if rec is None:
         if required:
@@ -184,6 +220,9 @@ def stored_times(context, solver, steps, afs, denoise, *, required: bool, nfe=No
             budget = "" if nfe is None else f" ({nfe} NFE)"
             raise GridFileError(f"no tuned grid in {table.path} for {solver} at {steps} steps{budget} with "
                                 f"afs={afs}, denoise={denoise}, {s}; stored: {table.describe()}")
+        return None
+    if not _valid(rec, inner):
+        _stale(table, rec, inner, required)
         return None
     times = torch.tensor(rec["times"], dtype=torch.float64)
     times.afs = bool(rec["afs"])
@@ -219,18 +258,21 @@ def save_tuned_grid(model, grid: torch.Tensor, solver: str, *, guidance_scale=No
     if not isinstance(afs, bool):
         raise ValueError("grid must come from tune_grid (a tensor with a boolean .afs attribute)")
     times = [float(t) for t in grid.detach().double().cpu()]
-    ident = model_weights_id(model)
+    model.__dict__.pop("_genie_weights_ids", None)  # weights may have changed since the last run
     table = load_table(path)
-    if table.weights is not None and table.weights != ident and table.records:
-        raise GridFileError(f"{path} holds grids tuned for other weights ({table.weights[:12]}...); this model's "
-                            f"are {ident[:12]}...: remove the file to tune for this model")
+    stale = [r["solver"] for r in table.records.values() if not _valid(r, model)]
+    if stale:
+        raise GridFileError(f"{path} holds grids tuned for other weights ({', '.join(sorted(set(stale)))}); this "
+                            f"model's are {_ids(model)[0][:12]}...: remove the file (or those grids) to tune for "
+                            f"this model")
     steps = len(times) - 1
     evals = 1 if guidance_scale is None or float(guidance_scale) == 1.0 else 2
     rec = {"solver": solver, "steps": steps, "nfe": nfe_of(solver, steps, afs, denoise, evals), "afs": afs,
            "denoise": bool(denoise), "guidance_scale": None if guidance_scale is None else float(guidance_scale),
            "times": times}
     rec.update(info or {})
-    table = GridTable(path, ident, [*table.records.values(), _check_record(path, 0, rec)])
+    rec["weights"] = _needed_id(model, solver)
+    table = GridTable(path, _ids(model)[0], [*table.records.values(), _check_record(path, 0, rec)])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(table.to_json(), indent=1) + "\n")

@@ -123,6 +123,34 @@ def test_grids_for_other_weights_are_refused_by_tuned_and_ignored_by_auto(saved,
         save_tuned_grid(model, grid, "genie_multistep")
 
 
+def test_a_new_head_keeps_the_head_free_solvers_grids(saved, tmp_path):
+    """A grid records what its solver reads: unipc's survives a new head, genie_multistep's does not; a
+    version-1 file (one hash for every record) still reads, each record under that hash."""
+    stem, _, path = saved
+    model = load_model(save_model(load_model(stem), tmp_path / "h"))
+    (tmp_path / "h.grids.json").write_text(path.read_text())
+    g = time_grid(model.schedule, 4, "logsnr")
+    g.afs = True
+    save_tuned_grid(model, g, "unipc")
+    recs = {r["solver"]: r["weights"] for r in json.loads((tmp_path / "h.grids.json").read_text())["grids"]}
+    assert recs["genie_multistep"] == model_weights_id(model) != recs["unipc"]
+    with torch.no_grad():
+        next(model.head.parameters()).add_(1e-3)
+    model = load_model(save_model(model, tmp_path / "h"))  # same network, new head, same grids file
+    z = _noise()
+    a, _ = genie_fast.sample(model, noise=z, solver="unipc", nfe=3, grid="tuned")
+    b, _ = genie_fast.sample(model, noise=z, solver="unipc", nfe=3, grid=g.clone(), afs=True)
+    assert torch.equal(a, b)
+    with pytest.raises(GridFileError, match="genie_multistep grid .* made for other weights.*network and head"):
+        genie_fast.sample(model, noise=z, nfe=4, grid="tuned")
+    v1 = json.loads(path.read_text())
+    v1["version"] = 1
+    for r in v1["grids"]:
+        r.pop("weights")
+    (tmp_path / "v1.grids.json").write_text(json.dumps(v1))
+    assert all(r["weights"] == v1["weights"] for r in load_table(tmp_path / "v1.grids.json").records.values())
+
+
 def test_the_weights_hash_ignores_dtype_and_a_model_without_files_has_no_grids(saved):
     stem, grid, _ = saved
     model = load_model(stem)
