@@ -189,6 +189,7 @@ def genie_multistep(model, x, ts, schedule, *, afs=False, denoise=False, backend
     x_n = x if x.dtype == run.net_dtype else x.to(run.net_dtype)
     x_pred = torch.empty_like(x_n)
     for m in run.steps():
+        x_pred = torch.empty_like(x_n)
         if run.afs_step(m):  # eps = x_T, d eps / d gamma = 0
             eps = run.x_T.to(run.net_dtype)
             head_out = eps.new_zeros((x.shape[0], 3 * x.shape[1], *x.shape[2:]))
