@@ -187,8 +187,9 @@ def grid_context(model):
 
 
 def _valid(rec: dict, inner) -> bool:
-    """Whether a stored grid was tuned for what its solver reads of `inner` (ids computed once per model)."""
-    return rec["weights"] == _needed_id(inner, rec["solver"])
+    """Whether a stored grid was tuned for what its solver reads of `inner` (ids computed once per model);
+    a head-free solver's grid recorded under the whole model's id (a version-1 file) is valid too."""
+    return rec["weights"] in (_needed_id(inner, rec["solver"]), _ids(inner)[0])
 
 
 def _stale(table: GridTable, rec: dict, inner, tuned_required: bool) -> None:

@@ -188,8 +188,10 @@ def genie_multistep(model, x, ts, schedule, *, afs=False, denoise=False, backend
     x_bar, x_bar_pred = run.x_bar, torch.empty_like(run.x_bar)
     x_n = x if x.dtype == run.net_dtype else x.to(run.net_dtype)
     x_pred = torch.empty_like(x_n)
+    grad = torch.is_grad_enabled()  # a differentiable run (head fine-tuning): no buffer autograd saved is reused
     for m in run.steps():
-        x_pred = torch.empty_like(x_n)
+        if grad:
+            x_pred = torch.empty_like(x_n)
         if run.afs_step(m):  # eps = x_T, d eps / d gamma = 0
             eps = run.x_T.to(run.net_dtype)
             head_out = eps.new_zeros((x.shape[0], 3 * x.shape[1], *x.shape[2:]))
