@@ -1,38 +1,24 @@
-"""Solver-aware fine-tuning of the bundled head (issue 27, stage c): the network frozen, the head
-trained so that `genie_multistep` at a few steps lands on a high-accuracy teacher's end point from
-the same noise (AMED-Plugin / LD3-style: the loss is the sample's error, back-propagated through the
-solver's own loop, `backend="torch"`, and through the network to the head's earlier outputs).
+"""Held-out check of a fine-tuned head (issue 27, stage c; the fine-tune is `genie-fast finetune-head`,
+genie_fast/training/finetune.py): the median per-sample RMS error against bench_grids' RK4
+references on noise seed 2026 (never used to fit anything), for `genie_multistep` on the bundled
+model's stored grids (null class NFE 3-10, quadratic at 15; guided s = 2 at its stored budgets) and
+`genie` on uniform grids (NFE 5, 10), with the bundled head and each checkpoint's head (and EMA head).
 
-    L="ulimit -v 12000000; nice -n 5 .venv/bin/python"
-    $L bench/head_finetune.py teacher                 # training noises + RK4 end points (cached)
-    $L bench/head_finetune.py train --iters 400       # resumable (state every 10 iterations)
-    $L bench/head_finetune.py eval [--state PATH]     # held-out noise (bench/results/grids_cond6/null.json)
+    .venv/bin/python bench/head_finetune.py --nfes 3,4,5,6,8,10,15 --state runs/head_ft/ckpt.pt
 
-Training noise: seed 11 (never used elsewhere), half null class, half random labels unguided.
-Grids: the bundled model's stored (tuned) grid per NFE, read once from its grids file.
+The first prototype runs (a-d in bench/RESULTS.md) trained with this script's earlier `train`
+(git show f9e0c02:bench/head_finetune.py).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import sys
-import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_quality import rk4_reference  # noqa: E402
-
-from genie_fast.grid_store import grids_path, load_table  # noqa: E402
-from genie_fast.guidance import conditioned  # noqa: E402
-from genie_fast.models import load_default  # noqa: E402
-from genie_fast.solvers.genie_multistep import genie_multistep  # noqa: E402
-from genie_fast.solvers.taylor import genie  # noqa: E402
-from genie_fast.schedule import time_grid  # noqa: E402
-
-OUT = "runs/head_ft"
+from genie_fast.grid_store import grids_path, load_table
+from genie_fast.models import load_default
+from genie_fast.schedule import time_grid
 
 
 def stored_grids(model, solver="genie_multistep", guidance_scale=None):
@@ -51,118 +37,16 @@ def grid_for(model, grids, nfe):
     return time_grid(model.schedule, nfe + 1, "quadratic")  # AFS: nfe + 1 steps for nfe NFE
 
 
-def teacher(args):
-    model = load_default()
-    g = torch.Generator().manual_seed(11)
-    noise = torch.randn(args.n, *model.image_shape, generator=g)
-    labels = torch.randint(0, model.num_classes, (args.n,), generator=g)
-    labels[: args.n // 2] = model.num_classes  # the null class
-    path = f"{OUT}/teacher.pt"
-    os.makedirs(OUT, exist_ok=True)
-    old = torch.load(path) if os.path.exists(path) else {"ref": []}
-    refs = list(old["ref"])
-    bs = 32
-    t0 = time.time()
-    for i in range(len(refs) * bs, args.n, bs):
-        fn = conditioned(model, labels[i:i + bs], 1.0, batch=len(labels[i:i + bs]))
-        with torch.no_grad():
-            refs.append(rk4_reference(fn, model.schedule, noise[i:i + bs], args.steps))
-        torch.save({"noise": noise, "labels": labels, "ref": refs, "steps": args.steps}, path)
-        print(f"teacher {i + bs}/{args.n} {time.time() - t0:.0f}s", flush=True)
-    if args.check:
-        fn = conditioned(model, labels[:8], 1.0, batch=8)
-        with torch.no_grad():
-            fine = rk4_reference(fn, model.schedule, noise[:8], 4 * args.steps)
-        err = (torch.cat(refs)[:8] - fine).pow(2).flatten(1).mean(1).sqrt()
-        print("teacher vs 4x steps, per-sample RMS:", [f"{e:.2e}" for e in err.tolist()])
-
-
-def run(model, fn, x, ts, head_error, solver="genie_multistep"):
-    if solver == "genie":
-        out, _ = genie(fn, x, ts, model.schedule, afs=True, backend="torch")
-    else:
-        out, _ = genie_multistep(fn, x, ts, model.schedule, afs=True, backend="torch", head_error=head_error)
-    return out
-
-
-# the bundled head's held-out median error per budget (eval above): the loss divides by it, so each
-# budget's relative error counts the same
-SCALE = {("genie_multistep", 5): 0.0609, ("genie_multistep", 6): 0.0461, ("genie_multistep", 8): 0.0223,
-         ("genie_multistep", 10): 0.0178, ("genie_multistep", 15): 0.0106, ("genie", 5): 0.0976,
-         ("genie", 10): 0.0463}
-
-
-def train(args):
-    torch.set_num_threads(args.threads)
-    model = load_default()
-    head_error = model.head_error
-    for p in model.parameters():
-        p.requires_grad_(False)
-    params = list(model.head.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    data = torch.load(f"{OUT}/teacher.pt")
-    noise, labels, ref = data["noise"], data["labels"], torch.cat(data["ref"])
-    n = len(ref)
-    grids = stored_grids(model)
-    nfes = [int(v) for v in args.nfes.split(",")]
-    opt = torch.optim.Adam(params, lr=args.lr)
-    state_path = args.state or f"{OUT}/state.pt"
-    step, log = 0, []
-    ema = {k: v.detach().clone() for k, v in model.head.state_dict().items()}
-    if os.path.exists(state_path):
-        st = torch.load(state_path)
-        model.head.load_state_dict(st["head"])
-        opt.load_state_dict(st["opt"])
-        step, log, ema = st["step"], st["log"], st.get("ema", ema)
-        print(f"resumed at {step}", flush=True)
-    gen = torch.Generator().manual_seed(1234 + step)
-    t0 = time.time()
-    while step < args.iters:
-        idx = torch.randperm(n, generator=gen)[: args.batch]
-        nfe = nfes[int(torch.randint(len(nfes), (1,), generator=gen))]
-        solver = "genie" if float(torch.rand((), generator=gen)) < args.genie_share else "genie_multistep"
-        if solver == "genie":
-            nfe = (5, 10)[int(torch.randint(2, (1,), generator=gen))]
-        lab = labels[idx]
-        fn = conditioned(model, lab, 1.0, batch=len(idx))
-        ts = grid_for(model, grids, nfe) if solver == "genie_multistep" else \
-            time_grid(model.schedule, nfe + 1, "uniform")
-        with torch.enable_grad():
-            x0 = run(model, fn, noise[idx], ts, head_error, solver)
-            per = (x0 - ref[idx]).pow(2).flatten(1).mean(1)
-            loss = per.sqrt().mean() if args.loss == "rms" else per.mean()
-            if args.norm:
-                loss = loss / SCALE[(solver, nfe)]
-        opt.zero_grad()
-        loss.backward()
-        warm = min(1.0, (step + 1) / 20)
-        decay = 0.5 * (1 + math.cos(math.pi * step / args.iters)) if args.cosine else 1.0
-        for group in opt.param_groups:
-            group["lr"] = args.lr * warm * decay
-        opt.step()
-        with torch.no_grad():
-            for k, v in model.head.state_dict().items():
-                ema[k].mul_(args.ema).add_(v, alpha=1 - args.ema)
-        step += 1
-        log.append((step, nfe, float(per.detach().sqrt().median()), solver))
-        if step % 10 == 0 or step == args.iters:
-            recent = [r[2] for r in log[-10:]]
-            print(f"step {step} nfe {nfe} median-rms(last10) {sum(recent) / len(recent):.4f} "
-                  f"{time.time() - t0:.0f}s", flush=True)
-            tmp = state_path + ".tmp"
-            torch.save({"head": model.head.state_dict(), "ema": ema, "opt": opt.state_dict(), "step": step,
-                        "log": log, "args": vars(args)}, tmp)
-            os.replace(tmp, state_path)
-
-
 def evaluate(args):
     """Median per-sample RMS error against the RK4 references of bench_grids' held-out noise (seed
-    2026, 32 samples): genie_multistep on the stored grids (null and guided s = 2), genie on uniform."""
+    2026, 32 samples; the reference is the network's alone, so it serves every head): genie_multistep
+    on the stored grids and on each fixed grid of --grids (null class; guided s = 2 at the stored
+    guided budgets, labels 0..9 in turn), genie on uniform grids (NFE 5, 10)."""
     import genie_fast
 
     torch.set_num_threads(args.threads)
     model = load_default()
+    fixed = [g for g in args.grids.split(",") if g]
     cases = []
     for setting in ("null", "guided"):
         with open(f"bench/results/grids_cond6/{setting}.json") as f:
@@ -171,55 +55,53 @@ def evaluate(args):
         grids = stored_grids(model, guidance_scale=scale)
         labels = None if scale is None else torch.arange(len(ref)) % model.num_classes
         for nfe in map(int, args.nfes.split(",")) if scale is None else sorted(k for k in grids if k >= 4):
-            cases.append((setting, "genie_multistep", nfe, grid_for(model, grids, nfe), labels, scale, ref))
+            cases.append((setting, "genie_multistep", nfe, "stored" if nfe in grids else "quadratic",
+                          grid_for(model, grids, nfe), labels, scale, ref))
+            cases += [(setting, "genie_multistep", nfe, g, g, labels, scale, ref) for g in fixed]
         if scale is None:
             for nfe in (5, 10):
-                cases.append((setting, "genie", nfe, time_grid(model.schedule, nfe + 1, "uniform"), None, None, ref))
+                cases.append((setting, "genie", nfe, "uniform", "uniform", None, None, ref))
     noise = torch.randn(32, *model.image_shape, generator=torch.Generator().manual_seed(2026))
-    heads = {"bundled": None}
+    heads = {} if args.no_bundled else {"bundled": None}
     for p in args.state or []:
         st = torch.load(p)
         heads[p] = st["head"]
-        if "ema" in st:
-            heads[p + ":ema"] = st["ema"]
+        if "ema" in st or "ema_head" in st:
+            heads[p + ":ema"] = st.get("ema", st.get("ema_head"))
     base = {k: v.clone() for k, v in model.head.state_dict().items()}
     res = {}
     for name, sd in heads.items():
         model.head.load_state_dict(base if sd is None else sd)
         model.__dict__.pop("_genie_weights_ids", None)
         row = {}
-        for setting, solver, nfe, ts, labels, scale, ref in cases:
-            x0, _ = genie_fast.sample(model, noise=noise, solver=solver, grid=ts, afs=True, labels=labels,
-                                      guidance_scale=scale, **({"head_error": args.head_error}
-                                                               if args.head_error is not None and solver == "genie_multistep" else {}))
-            row[f"{setting} {solver} {nfe}"] = float((x0 - ref).pow(2).flatten(1).mean(1).sqrt().median())
+        for setting, solver, nfe, gname, ts, labels, scale, ref in cases:
+            kw = {"head_error": args.head_error} if args.head_error is not None and solver == "genie_multistep" else {}
+            if isinstance(ts, str):  # a fixed grid: sample() picks its steps for this budget
+                x0, _ = genie_fast.sample(model, noise=noise, solver=solver, nfe=nfe, grid=ts, afs=True,
+                                          labels=labels, guidance_scale=scale, **kw)
+            else:
+                x0, _ = genie_fast.sample(model, noise=noise, solver=solver, grid=ts, afs=True, labels=labels,
+                                          guidance_scale=scale, **kw)
+            row[f"{setting} {solver} {nfe} {gname}"] = float((x0 - ref).pow(2).flatten(1).mean(1).sqrt().median())
         res[name] = row
         print(name, "; ".join(f"{k}: {v:.4f}" for k, v in row.items()), flush=True)
     return res
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["teacher", "train", "eval"])
-    p.add_argument("--n", type=int, default=256)
-    p.add_argument("--steps", type=int, default=25, help="teacher RK4 steps")
-    p.add_argument("--check", action="store_true")
-    p.add_argument("--iters", type=int, default=400)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--nfes", default="5,6,8,10")
-    p.add_argument("--loss", choices=["rms", "mse"], default="rms")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--nfes", default="3,4,5,6,8,10,15", help="null-class budgets of genie_multistep")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--ema", type=float, default=0.99)
-    p.add_argument("--cosine", action="store_true")
-    p.add_argument("--norm", action="store_true", help="divide each budget's loss by the bundled head's error")
-    p.add_argument("--genie-share", type=float, default=0.0, help="share of iterations that run genie")
-    p.add_argument("--state", nargs="*", default=None)
-    p.add_argument("--head-error", type=float, default=None, help="eval: genie_multistep's blend value")
+    p.add_argument("--state", nargs="*", default=None, help="checkpoints (finetune-head's ckpt.pt)")
+    p.add_argument("--head-error", type=float, default=None, help="genie_multistep's blend value (default: the model's)")
+    p.add_argument("--json", default=None, help="write the table here")
+    p.add_argument("--grids", default="", help="fixed grids to run too, e.g. uniform,quadratic,logsnr,edm")
+    p.add_argument("--no-bundled", action="store_true", help="only the checkpoints' heads")
     args = p.parse_args()
-    if args.what == "train" and args.state:
-        args.state = args.state[0]
-    {"teacher": teacher, "train": train, "eval": evaluate}[args.what](args)
+    res = evaluate(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
-"""``genie-fast`` command line: ``train``, ``distill``, ``export``, ``sample``, ``encode``, ``generate``,
+"""``genie-fast`` command line: ``train``, ``distill``, ``finetune-head``, ``export``, ``sample``, ``encode``, ``generate``,
 ``tune-grid``, ``cascade``.
 
     genie-fast train   --out runs/fmnist --steps 8000 --resume
     genie-fast distill --unet-ckpt runs/fmnist/ckpt.pt --out runs/distill --steps 2000 --resume
     genie-fast export  --unet-ckpt runs/fmnist/ckpt.pt --head-ckpt runs/distill/ckpt.pt --out model
+    genie-fast finetune-head --out runs/head_ft --steps 600 --resume   (then export --model bundled --head-ckpt)
     genie-fast sample  --n 64 --out grid.png [--model STEM] [--solver genie] [--nfe 10 | --steps 5]
     genie-fast sample  --labels 0,3,5 --guidance-scale 2 --n 8 --out classes.png    (one row per class)
     genie-fast encode  --test-index 0,1,2 --steps 20 --out latents.safetensors --reconstruct recon.png
@@ -75,7 +76,16 @@ def _cmd_export(args):
     if existing and not args.overwrite:
         raise ValueError(f"{existing[0]} exists; pass --overwrite to replace it")
     prov = check_json_object("--provenance", args.provenance)
-    model = model_from_ckpts(args.unet_ckpt, args.head_ckpt)
+    if (args.unet_ckpt is None) == (args.model is None):
+        raise ValueError("give --unet-ckpt (a training run's network) or --model (a model file's network, e.g. "
+                         "for a head from finetune-head), not both or neither")
+    if args.model is not None:
+        from .models.default import load_default, load_model
+        from .training.finetune import head_from_ckpt
+        model = head_from_ckpt(load_default() if args.model == "bundled" else load_model(args.model), args.head_ckpt)
+        prov = {**(getattr(model, "provenance", None) or {}), **(prov or {})}  # the network's record kept
+    else:
+        model = model_from_ckpts(args.unet_ckpt, args.head_ckpt)
     if args.head_error is not None:
         model.head_error = _check_head_error(args.head_error, "--head-error")
     stem = save_model(model, args.out, provenance=prov)
@@ -262,8 +272,10 @@ def _distill_args(p):
 
 
 def _export_args(p):
-    p.add_argument("--unet-ckpt", required=True,
+    p.add_argument("--unet-ckpt", default=None,
                    help="training checkpoint (EMA weights); several, comma-separated: their average")
+    p.add_argument("--model", default=None, help="instead of --unet-ckpt: the network (and schedule) of this model "
+                   "file, 'bundled' for the bundled one (a head from finetune-head)")
     p.add_argument("--head-ckpt", required=True)
     p.add_argument("--out", required=True, help="output stem (writes STEM.safetensors, STEM.json)")
     p.add_argument("--provenance", default=None, help="JSON object stored in the config")
@@ -272,6 +284,16 @@ def _export_args(p):
                         "bench/bench_quality.py's head fidelity), stored as head_error; genie_multistep's blend "
                         "reads it (unset: its default)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing STEM.safetensors / STEM.json")
+
+
+def _finetune_args(p):
+    from .training import finetune
+    finetune.build_parser(p)
+
+
+def _cmd_finetune(args):
+    from .training.finetune import finetune_head
+    finetune_head(args)
 
 
 def _sample_args(p):
@@ -337,6 +359,8 @@ def _tune_grid_args(p):
 COMMANDS = {
     "train": ("train the score network on Fashion-MNIST", _train_args, _cmd_train),
     "distill": ("distil the GENIE head (target: exact JVPs, or secants along the ODE)", _distill_args, _cmd_distill),
+    "finetune-head": ("fine-tune a model's head so its solver lands on a teacher's end points (network frozen)",
+                      _finetune_args, _cmd_finetune),
     "export": ("write a safetensors + JSON model from checkpoints", _export_args, _cmd_export),
     "sample": ("sample a PNG grid (default: the bundled model)", _sample_args, _cmd_sample),
     "encode": ("images -> latents by the probability-flow ODE (t_end -> 1)", _encode_args, _cmd_encode),
