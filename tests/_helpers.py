@@ -20,6 +20,17 @@ def randomize(model: torch.nn.Module, std: float = 0.1, seed: int = 0) -> torch.
     return model
 
 
+def tiny_cond_model(seed: int = 0):
+    """A tiny class-conditional GenieModel (1x8x8, 3 classes), random weights of std 0.05."""
+    from genie_fast.models.head import GenieModel
+    from genie_fast.models.unet import UNet, UNetConfig
+
+    torch.manual_seed(seed)
+    cfg = UNetConfig(in_channels=1, image_size=8, nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
+                     num_classes=3)
+    return randomize(GenieModel(UNet(cfg)).eval(), 0.05)
+
+
 def write_idx(path, arr, gz: bool = True):
     """Write a uint8 array as an IDX file (gzipped unless gz=False), the format of Fashion-MNIST."""
     import gzip

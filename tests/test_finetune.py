@@ -6,24 +6,17 @@ import json
 import pytest
 import torch
 
-from _helpers import randomize
+from _helpers import tiny_cond_model
 from genie_fast import cli
 from genie_fast.models import load_model, save_model
-from genie_fast.models.head import GenieModel
-from genie_fast.models.unet import UNet, UNetConfig
 from genie_fast.schedule import time_grid
 from genie_fast.solvers import genie, genie_multistep
 from genie_fast.training import finetune
 from genie_fast.training.run import load_checkpoint
 
-TINY = UNetConfig(in_channels=1, image_size=8, nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
-                  num_classes=3)
-
-
 @pytest.fixture(scope="module")
 def stem(tmp_path_factory):
-    torch.manual_seed(0)
-    model = randomize(GenieModel(UNet(TINY)).eval(), 0.05)
+    model = tiny_cond_model()
     model.head_error = 0.5
     return save_model(model, tmp_path_factory.mktemp("ft") / "m")
 

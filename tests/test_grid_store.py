@@ -8,25 +8,18 @@ import pytest
 import torch
 
 import genie_fast
-from _helpers import randomize
+from _helpers import tiny_cond_model
 from genie_fast import cli
 from genie_fast.generate import generate
 from genie_fast.grid_store import GridFileError, load_table, model_weights_id, save_tuned_grid
 from genie_fast.models import load_model, save_model
-from genie_fast.models.head import GenieModel
-from genie_fast.models.unet import UNet, UNetConfig
 from genie_fast.schedule import time_grid
 from genie_fast.solvers import AUTO_GRID, resolve
-
-TINY = UNetConfig(in_channels=1, image_size=8, nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
-                  num_classes=3)
-
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A tiny class-conditional model on disk and one tuned grid stored beside it (genie_multistep, NFE 4)."""
-    torch.manual_seed(0)
-    model = randomize(GenieModel(UNet(TINY)).eval(), 0.05)
+    model = tiny_cond_model()
     stem = save_model(model, tmp_path_factory.mktemp("grids") / "m")
     model = load_model(stem)
     grid = genie_fast.tune_grid(model, solver="genie_multistep", nfe=4, n=4, fine=4, method="dp", progress=False)
