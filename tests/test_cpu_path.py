@@ -159,7 +159,7 @@ def test_channels_last_copies_leave_the_model_alone():
 def test_loaded_float32_models_are_channels_last_and_the_same_model():
     """load_model / load_default on the CPU in float32: 4-D weights in channels-last order (oneDNN's fast
     layout), run as is by the engine (no copy), the same weights id (tuned grids still apply) and samples
-    within 1e-5 of the stored NCHW layout; float64 keeps the stored layout (accuracy work)."""
+    within float32 round-off (5e-5 relative) of the stored NCHW layout; float64 keeps the stored layout (accuracy work)."""
     from genie_fast.grid_store import model_weights_id
     from genie_fast.models.default import load_default
 
@@ -175,7 +175,9 @@ def test_loaded_float32_models_are_channels_last_and_the_same_model():
     x, _ = engine.sample(z, nfe=5)
     assert engine._weights.nets[torch.float32] is model  # as is: read live
     x_ref, _ = SamplingEngine(nchw, device="cpu", channels_last=False).sample(z, nfe=5)
-    assert x.is_contiguous() and rel_err(x, x_ref) < 1e-5
+    # float32 round-off of another convolution order, carried through the ODE: 3e-6 to 1.1e-5 with the
+    # bundled grids measured so far; a layout mistake would be O(1)
+    assert x.is_contiguous() and rel_err(x, x_ref) < 5e-5
     f64 = load_default(dtype=torch.float64)
     assert all(p.is_contiguous() for p in f64.parameters())
 
