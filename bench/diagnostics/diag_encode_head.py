@@ -8,34 +8,18 @@ the round trip, and of the latent against a RK4 latent (100 steps, t_end -> 1) o
 and its `.json` the same way)
 """
 import argparse
-import math
-
 import torch
 
 import genie_fast
 from genie_fast.data import load_fashion_mnist
 from genie_fast.models import load_model
+from genie_fast.reference import rk4_solve
 
 
 def rk4_latent(model, x0, steps=100):
-    """x at t = 1 of the ODE from x0 at t_end: RK4 in log gamma, float64 state."""
+    """x at t = 1 of the ODE from x0 at t_end: RK4 in log gamma (`reference.rk4_solve`), float64 state."""
     s = model.schedule
-    u0, u1 = math.log(s.gamma(s.t_end)), math.log(s.gamma(1.0))
-    du = (u1 - u0) / steps
-
-    def f(xb, u):
-        g = math.exp(u)
-        t = torch.full((len(xb),), s.t_of_gamma(g), dtype=torch.float32)
-        return g * model((xb / math.sqrt(1 + g * g)).float(), t).double()
-
-    xb, u = x0.double() * math.sqrt(1 + math.exp(2 * u0)), u0
-    for _ in range(steps):
-        k1 = f(xb, u)
-        k2 = f(xb + du / 2 * k1, u + du / 2)
-        k3 = f(xb + du / 2 * k2, u + du / 2)
-        k4 = f(xb + du * k3, u + du)
-        xb, u = xb + du / 6 * (k1 + 2 * k2 + 2 * k3 + k4), u + du
-    return (xb / math.sqrt(1 + math.exp(2 * u1))).float()
+    return rk4_solve(lambda x, t: model(x.float(), t.float()), x0, s, s.t_end, 1.0, steps).float()
 
 
 def median_rms(a, b):
