@@ -5,6 +5,7 @@ model's stored grids (null class NFE 3-10, quadratic at 15; guided s = 2 at its 
 `genie` on uniform grids (NFE 5, 10), with the bundled head and each checkpoint's head (and EMA head).
 
     .venv/bin/python bench/head_finetune.py --nfes 3,4,5,6,8,10,15 --state runs/head_ft/ckpt.pt
+    .venv/bin/python bench/head_finetune.py --default --nfes 5,10,15   # sample()'s defaults, null and guided
 
 The first prototype runs (a-d in bench/RESULTS.md) trained with this script's earlier `train`
 (git show f9e0c02:bench/head_finetune.py).
@@ -88,6 +89,26 @@ def evaluate(args):
     return res
 
 
+def default_rows(args):
+    """The bundled model's default sampling (`sample()` with no grid: its stored tuned grid, else the fixed
+    auto grid) on the same held-out noise and references: null class and guided (s = 2) at --nfes."""
+    import genie_fast
+
+    torch.set_num_threads(args.threads)
+    model = load_default()
+    noise = torch.randn(32, *model.image_shape, generator=torch.Generator().manual_seed(2026))
+    res = {}
+    for setting, scale in (("null", None), ("guided", 2.0)):
+        with open(f"bench/results/grids_cond6/{setting}.json") as f:
+            ref = torch.tensor(json.load(f)["ref_x0"])
+        labels = None if scale is None else torch.arange(len(ref)) % model.num_classes
+        for nfe in map(int, args.nfes.split(",")):
+            x0, spent = genie_fast.sample(model, noise=noise, nfe=nfe, labels=labels, guidance_scale=scale)
+            res[f"{setting} default {nfe} ({spent} run)"] = float((x0 - ref).pow(2).flatten(1).mean(1).sqrt().median())
+    print("; ".join(f"{k}: {v:.4f}" for k, v in res.items()), flush=True)
+    return {"default": res}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--nfes", default="3,4,5,6,8,10,15", help="null-class budgets of genie_multistep")
@@ -97,8 +118,9 @@ def main():
     p.add_argument("--json", default=None, help="write the table here")
     p.add_argument("--grids", default="", help="fixed grids to run too, e.g. uniform,quadratic,logsnr,edm")
     p.add_argument("--no-bundled", action="store_true", help="only the checkpoints' heads")
+    p.add_argument("--default", action="store_true", help="only the bundled model's default sampling at --nfes")
     args = p.parse_args()
-    res = evaluate(args)
+    res = default_rows(args) if args.default else evaluate(args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)

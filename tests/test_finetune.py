@@ -28,7 +28,7 @@ def test_the_solver_loop_is_differentiable_in_the_head(stem, solver):
     model = load_model(stem, dtype=torch.float64)
     for p in model.parameters():
         p.requires_grad_(False)
-    w = model.head.conv_out.weight if hasattr(model.head, "conv_out") else list(model.head.parameters())[-2]
+    w = model.head.conv_out.weight
     w.requires_grad_(True)
     x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     ts = time_grid(model.schedule, 4, "logsnr")
